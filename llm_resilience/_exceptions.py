@@ -1,0 +1,108 @@
+"""Every exception llm-resilience raises, in one place.
+
+Exception tree::
+
+    LLMResilienceError                      base of everything raised by this package
+    ├── PolicyError (ValueError)            a policy file or dict is invalid: names file, line and field
+    ├── UnknownPromptClass (ValueError)     the caller passed prompt_class=... that the policy lacks
+    ├── AllAttemptsFailed                   every model in the chain failed or was skipped
+    │     (litellm.ServiceUnavailableError) ... so ``except litellm.exceptions.ServiceUnavailableError``
+    │                                       and ``except openai.APIError`` keep working
+    └── StreamInterrupted                   a stream failed after chunks reached the caller
+          (litellm.exceptions.MidStreamFallbackError)  ... litellm's own exception for the same situation
+
+Errors from the provider that must not fall back (an ordinary 400, say) are raised
+unchanged: the caller's existing ``except litellm.BadRequestError`` stays correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._env import litellm
+from litellm.exceptions import MidStreamFallbackError
+
+if TYPE_CHECKING:
+    from ._outcomes import AttemptRecord
+
+
+class LLMResilienceError(Exception):
+    """Base class of every exception defined by llm-resilience."""
+
+
+class PolicyError(LLMResilienceError, ValueError):
+    """A policy is invalid.
+
+    The message names the file, the line and the field, and says what was expected::
+
+        policies/prod.yaml:14: routes.chat.chain[1]: unknown model 'medium' (defined: big, small)
+
+    ``.problems`` lists every problem found, not only the first.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems) if self.problems else "invalid policy")
+
+
+class UnknownPromptClass(LLMResilienceError, ValueError):
+    """``prompt_class=`` named a class the policy does not define."""
+
+
+def _summarize(attempts: Sequence[AttemptRecord]) -> str:
+    parts = [f"{a.model}: {a.outcome}" + (f" ({a.reason})" if a.reason else "") for a in attempts]
+    return "; ".join(parts) if parts else "no model was eligible"
+
+
+class AllAttemptsFailed(LLMResilienceError, litellm.ServiceUnavailableError):  # type: ignore[misc]
+    """Every option of the route was exhausted.
+
+    ``.attempts`` is the list of :class:`AttemptRecord` (model, outcome, reason, latency),
+    ``.route`` and ``.prompt_class`` say what was being served. The last provider error,
+    if any, is chained as ``__cause__``.
+    """
+
+    def __init__(self, route: str, prompt_class: str, attempts: Sequence[AttemptRecord]) -> None:
+        self.route = route
+        self.prompt_class = prompt_class
+        self.attempts = list(attempts)
+        last_model = self.attempts[-1].model if self.attempts else route
+        super().__init__(
+            message=f"all attempts failed for route '{route}' (class '{prompt_class}'): "
+            f"{_summarize(self.attempts)}",
+            llm_provider="llm_resilience",
+            model=last_model,
+        )
+        self.message = self.message.replace("litellm.ServiceUnavailableError", "llm_resilience.AllAttemptsFailed", 1)
+
+
+class StreamInterrupted(LLMResilienceError, MidStreamFallbackError):  # type: ignore[misc]
+    """A stream broke after the caller had received chunks.
+
+    It cannot be replaced silently by another model without duplicating or mixing
+    output, so it is raised. ``.chunks_delivered`` and ``.chars_delivered`` say how
+    much reached the caller; ``.generated_content`` is that text.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        chunks_delivered: int,
+        generated_content: str,
+        reason: str,
+        original_exception: BaseException | None = None,
+    ) -> None:
+        self.chunks_delivered = chunks_delivered
+        self.chars_delivered = len(generated_content)
+        self.reason = reason
+        original: Any = original_exception
+        super().__init__(
+            message=f"stream from '{model}' interrupted after {chunks_delivered} chunks "
+            f"({len(generated_content)} characters delivered): {reason}",
+            model=model,
+            llm_provider="llm_resilience",
+            original_exception=original,
+            generated_content=generated_content,
+        )
+        self.message = self.message.replace("litellm.MidStreamFallbackError", "llm_resilience.StreamInterrupted", 1)

@@ -1,0 +1,144 @@
+"""What can happen to one attempt, and what a provider error *is*.
+
+The vocabulary is shared by the policy (``errors.fall_back_on``, ``breakers.*.count``),
+the planner, the spans and the review log, so it lives in one small module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from ._env import litellm
+
+# Hard error kinds: what a provider exception means.
+TIMEOUT: Final = "timeout"
+CONNECTION: Final = "connection"
+RATE_LIMIT: Final = "rate_limit"
+SERVER_ERROR: Final = "server_error"
+AUTH: Final = "auth"
+NOT_FOUND: Final = "not_found"
+CONTEXT_WINDOW: Final = "context_window"
+CONTENT_POLICY: Final = "content_policy"
+BAD_REQUEST: Final = "bad_request"
+UNKNOWN: Final = "unknown"
+
+# Soft failures: the provider answered, but not usefully.
+SOFT_TIMEOUT: Final = "soft_timeout"
+EMPTY: Final = "empty"
+TRUNCATED: Final = "truncated"
+INVALID_JSON: Final = "invalid_json"
+CONTENT_FILTER: Final = "content_filter"
+
+# Reasons a model is skipped without sending a request.
+BREAKER_OPEN: Final = "breaker_open"
+PROBE_IN_FLIGHT: Final = "probe_in_flight"
+CONTEXT_TOO_SMALL: Final = "context_too_small"
+DEADLINE: Final = "deadline_exceeded"
+MISSING_API_KEY: Final = "missing_api_key"
+
+ERROR_KINDS: Final = (
+    TIMEOUT, CONNECTION, RATE_LIMIT, SERVER_ERROR, AUTH, NOT_FOUND,
+    CONTEXT_WINDOW, CONTENT_POLICY, BAD_REQUEST, UNKNOWN,
+)
+SOFT_KINDS: Final = (SOFT_TIMEOUT, EMPTY, TRUNCATED, INVALID_JSON, CONTENT_FILTER)
+
+Outcome = Literal["success", "flagged", "failure", "soft_failure", "skipped", "cancelled"]
+
+
+def classify_error(exc: BaseException) -> str:
+    """Map a provider exception to an error kind.
+
+    Order matters: litellm's context-window and content-policy errors are subclasses
+    of ``BadRequestError``, and its ``Timeout`` is an ``APIConnectionError`` in openai's
+    tree, so the specific checks come first.
+    """
+    if isinstance(exc, litellm.Timeout | TimeoutError):
+        return TIMEOUT
+    if isinstance(exc, litellm.ContextWindowExceededError):
+        return CONTEXT_WINDOW
+    if isinstance(exc, litellm.ContentPolicyViolationError):
+        return CONTENT_POLICY
+    if isinstance(exc, litellm.RateLimitError):
+        return RATE_LIMIT
+    if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError):
+        return AUTH
+    if isinstance(exc, litellm.NotFoundError):
+        return NOT_FOUND
+    if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError):
+        return BAD_REQUEST
+    if isinstance(exc, litellm.APIConnectionError | ConnectionError):
+        return CONNECTION
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        if status == 408:
+            return TIMEOUT
+        if status == 429:
+            return RATE_LIMIT
+        if status in (401, 403):
+            return AUTH
+        if status >= 500:
+            return SERVER_ERROR
+        if 400 <= status < 500:
+            return BAD_REQUEST
+    if isinstance(exc, litellm.APIError | litellm.ServiceUnavailableError | litellm.InternalServerError):
+        return SERVER_ERROR
+    return UNKNOWN
+
+
+@dataclass
+class AttemptRecord:
+    """One step of a call: a request sent to a model, or a model skipped.
+
+    Attached to the response (``response._hidden_params["llm_resilience"]["attempts"]``)
+    and to :class:`AllAttemptsFailed` as ``.attempts``.
+    """
+
+    index: int
+    model: str
+    """The policy's name for the model (or the litellm model string for an ad-hoc route)."""
+    litellm_model: str
+    outcome: Outcome | None = None
+    reason: str | None = None
+    """Error kind, validator name or skip reason; ``None`` on success."""
+    latency_s: float = 0.0
+    timeout_s: float | None = None
+    breaker_state: str = "closed"
+    hedged: bool = False
+    retry_of: int | None = None
+    tokens_before: int | None = None
+    tokens_after: int | None = None
+    truncated: bool = False
+    time_to_first_chunk_s: float | None = None
+    chunks: int = 0
+    error: BaseException | None = field(default=None, repr=False)
+    breaker_transitions: list[tuple[str, str]] = field(default_factory=list)
+    started_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (no exception object, no prompt text)."""
+        d: dict[str, Any] = {
+            "index": self.index,
+            "model": self.model,
+            "litellm_model": self.litellm_model,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "latency_s": round(self.latency_s, 6),
+            "timeout_s": self.timeout_s,
+            "breaker_state": self.breaker_state,
+        }
+        if self.hedged:
+            d["hedged"] = True
+        if self.retry_of is not None:
+            d["retry_of"] = self.retry_of
+        if self.tokens_before is not None:
+            d["tokens_before"] = self.tokens_before
+            d["tokens_after"] = self.tokens_after
+            d["truncated"] = self.truncated
+        if self.time_to_first_chunk_s is not None:
+            d["time_to_first_chunk_s"] = round(self.time_to_first_chunk_s, 6)
+            d["chunks"] = self.chunks
+        if self.breaker_transitions:
+            d["breaker_transitions"] = [list(t) for t in self.breaker_transitions]
+        return d

@@ -1,0 +1,670 @@
+"""The policy: what ops wrote in YAML, validated, with defaults filled in.
+
+Loading is strict because a policy mistake shows up during an outage, not when it
+is written. Every problem is reported at once, each as ``file:line: field: what is
+wrong, what was expected`` (see :class:`PolicyError`). The schema is declared once,
+with pydantic (already a litellm dependency); the JSON Schema that editors use is
+generated from the same declaration (``llm-resilience schema``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import _outcomes as k
+from ._exceptions import PolicyError
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+ErrorKind = Literal[
+    "timeout", "connection", "rate_limit", "server_error", "auth", "not_found",
+    "context_window", "content_policy", "bad_request", "unknown",
+    "soft_timeout", "empty", "truncated", "invalid_json", "content_filter",
+]  # fmt: skip
+ValidatorAction = Literal["fall_back", "flag", "off"]
+
+ENV_PREFIX = "os.environ/"
+
+DEFAULT_FALL_BACK_ON: tuple[str, ...] = (
+    k.TIMEOUT, k.CONNECTION, k.RATE_LIMIT, k.SERVER_ERROR, k.AUTH, k.NOT_FOUND, k.CONTEXT_WINDOW,
+)
+DEFAULT_BREAKER_COUNTS: tuple[str, ...] = (
+    k.TIMEOUT, k.CONNECTION, k.RATE_LIMIT, k.SERVER_ERROR, k.AUTH, k.SOFT_TIMEOUT,
+)
+# A summary-sized default: calls the policy says nothing about still get a bound,
+# but a generous one, so that adopting the library never breaks a working call.
+BUILTIN_DEFAULT_CLASS: dict[str, Any] = {"timeout_s": 60.0, "deadline_s": 180.0}
+
+
+class _UnknownKey(ValueError):
+    def __init__(self, key: str, allowed: Sequence[str]) -> None:
+        self.key = key
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        super().__init__(f"unknown key '{key}' (expected one of: {', '.join(allowed)}){hint}")
+
+
+class _Strict(BaseModel):
+    """Base of every policy section: frozen, and unknown keys are errors with a hint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            allowed = [f.alias or name for name, f in cls.model_fields.items()]
+            for key in data:
+                if key not in allowed:
+                    raise _UnknownKey(str(key), allowed)
+        return data
+
+
+class ModelConfig(_Strict):
+    """One model a route can use. ``litellm_params`` are passed to ``litellm.completion``."""
+
+    litellm_params: dict[str, Any] = Field(
+        description="Arguments for litellm.completion: model, api_base, api_key (write secrets as "
+        "'os.environ/VAR'), and any provider option. They override the caller's arguments of the same name."
+    )
+    context_window: PositiveInt | None = Field(
+        None, description="Max input tokens, for models litellm does not know (overrides litellm's map)."
+    )
+    max_output_tokens: PositiveInt | None = Field(None, description="Max output tokens of this model.")
+    input_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per input token.")
+    output_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per output token.")
+
+    @field_validator("litellm_params")
+    @classmethod
+    def _needs_model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("model"), str) or not v["model"]:
+            raise ValueError("litellm_params needs 'model', a litellm model string such as 'openai/gpt-4o'")
+        for name, value in v.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX) and not value[len(ENV_PREFIX) :]:
+                raise ValueError(f"litellm_params.{name}: 'os.environ/' must be followed by a variable name")
+        return v
+
+
+class MatchRule(_Strict):
+    """A classification rule; every condition given must hold."""
+
+    last_user_regex: str | None = Field(
+        None, description="Python regex searched in the text of the last user message."
+    )
+    metadata: dict[str, str] | None = Field(
+        None, description="Key/values that must all be present in the caller's `metadata=` argument."
+    )
+
+    @field_validator("last_user_regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> MatchRule:
+        if self.last_user_regex is None and self.metadata is None:
+            raise ValueError("a match rule needs 'last_user_regex' or 'metadata'")
+        return self
+
+
+class SoftTimeoutConfig(_Strict):
+    """Adaptive soft timeout: an attempt slower than the model's recent percentile is a soft failure."""
+
+    percentile: Annotated[float, Field(gt=0, le=100)] = Field(95.0, description="Percentile of recent latency.")
+    warmup_s: PositiveFloat | None = Field(
+        None, description="Soft timeout used until min_samples exist (default: the class timeout_s)."
+    )
+    min_samples: PositiveInt = Field(20, description="Samples needed before the percentile is trusted.")
+    floor_s: NonNegativeFloat = Field(0.05, description="Never lower than this.")
+    ceiling_s: PositiveFloat | None = Field(None, description="Never higher than this (default: timeout_s).")
+    multiplier: PositiveFloat = Field(1.0, description="Scale applied to the learned percentile.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shorthand(cls, data: Any) -> Any:
+        # `soft_timeout: p95` is the documented shorthand for {percentile: 95}.
+        if isinstance(data, str):
+            m = re.fullmatch(r"p(\d+(?:\.\d+)?)", data.strip())
+            if not m:
+                raise ValueError(f"expected a percentile such as 'p95' or a mapping, got '{data}'")
+            return {"percentile": float(m.group(1))}
+        return data
+
+
+class PromptClass(_Strict):
+    """Timing for one kind of request (summaries must be quick, code generation may take longer)."""
+
+    timeout_s: PositiveFloat = Field(description="Per-attempt timeout, seconds.")
+    deadline_s: PositiveFloat = Field(description="Whole-request deadline across all attempts, seconds.")
+    first_token_timeout_s: PositiveFloat | None = Field(
+        None, description="Streams: time allowed until the first content chunk (default: timeout_s)."
+    )
+    idle_timeout_s: PositiveFloat | None = Field(
+        None, description="Streams: longest gap allowed between chunks (default: timeout_s)."
+    )
+    soft_timeout: SoftTimeoutConfig | None = Field(
+        None, description="Adaptive soft timeout, e.g. 'p95' or {percentile: 95, warmup_s: 1.0}."
+    )
+    max_output_tokens: PositiveInt | None = Field(
+        None, description="Output tokens reserved when the caller sets no max_tokens (truncation budget)."
+    )
+    match: list[MatchRule] = Field(
+        default_factory=list, description="Rules that select this class when the caller passes none."
+    )
+
+    @model_validator(mode="after")
+    def _timeout_within_deadline(self) -> PromptClass:
+        if self.timeout_s > self.deadline_s:
+            raise ValueError(
+                f"timeout_s ({self.timeout_s}) is longer than deadline_s ({self.deadline_s}); "
+                "an attempt can never use it all"
+            )
+        return self
+
+
+class HedgeConfig(_Strict):
+    """Start the next model in parallel when the current one is slow."""
+
+    after: float | str = Field(
+        "p95", description="Seconds, or a percentile of the model's recent latency such as 'p95'."
+    )
+    max_extra: PositiveInt = Field(1, description="Extra parallel requests per call.")
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="Hedged requests may not exceed this share of recent requests."
+    )
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, v: float | str) -> float | str:
+        if isinstance(v, str):
+            if not re.fullmatch(r"p\d+(?:\.\d+)?", v):
+                raise ValueError(f"expected seconds or a percentile such as 'p95', got '{v}'")
+        elif v <= 0:
+            raise ValueError("must be greater than 0")
+        return v
+
+
+class RetryConfig(_Strict):
+    """Same-model retries (off by default: the chain is the retry)."""
+
+    max_retries: Annotated[int, Field(ge=0)] = Field(0, description="Retries per model per call.")
+    on: list[ErrorKind] = Field(
+        default_factory=lambda: [k.RATE_LIMIT, k.SERVER_ERROR, k.CONNECTION],
+        description="Error kinds that may be retried on the same model (never 'timeout').",
+    )
+    backoff_base_s: PositiveFloat = Field(0.1, description="First backoff; doubles each retry, with jitter.")
+    backoff_max_s: PositiveFloat = Field(2.0, description="Backoff cap.")
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2, description="Retries may not exceed this share of recent requests."
+    )
+    min_per_s: NonNegativeFloat = Field(1.0, description="Retries always allowed per second, budget aside.")
+
+    @field_validator("on")
+    @classmethod
+    def _never_timeout(cls, v: list[str]) -> list[str]:
+        if k.TIMEOUT in v or k.SOFT_TIMEOUT in v:
+            raise ValueError("a timeout is never retried on the same model; remove it from 'on'")
+        return v
+
+
+class TruncationConfig(_Strict):
+    """How to make a prompt fit a smaller context window."""
+
+    strategy: Literal["drop_oldest", "off"] = Field(
+        "drop_oldest",
+        description="drop_oldest: keep system messages and the last user turn, drop the oldest turns "
+        "(tool call/result pairs together), then shorten the longest message from its middle. "
+        "off: never truncate (a model too small is skipped).",
+    )
+    marker: str = Field("\n[... truncated ...]\n", description="Inserted where text was cut.")
+    reserve_output_tokens: PositiveInt = Field(
+        1024, description="Output tokens reserved when neither caller nor class sets max_tokens."
+    )
+
+
+class RouteOptions(_Strict):
+    """Per prompt class overrides inside a route."""
+
+    chain: list[str] | None = Field(None, description="Models to try, in order, for this class.")
+    validators: dict[str, ValidatorAction] | None = Field(
+        None, description="Validator name -> fall_back | flag | off (merged over the route's)."
+    )
+    on_all_invalid: Literal["raise", "return_best"] | None = None
+    hedge: HedgeConfig | None = None
+    retries: RetryConfig | None = None
+
+
+class Route(_Strict):
+    """A name the application calls (``completion(model="chat")``) and the models behind it."""
+
+    chain: list[str] = Field(min_length=1, description="Models to try, in order (expensive -> fast).")
+    classes: dict[str, RouteOptions] = Field(
+        default_factory=dict, description="Prompt class name -> overrides (e.g. a cheap-first chain)."
+    )
+    validators: dict[str, ValidatorAction] = Field(
+        default_factory=dict,
+        description="Validator name -> fall_back | flag | off. Built-ins: empty, truncated, invalid_json, "
+        "content_filter; plus any registered with llm_resilience.register_validator.",
+    )
+    on_all_invalid: Literal["raise", "return_best"] = Field(
+        "raise", description="When every answer failed validation: raise, or return the best one flagged."
+    )
+    hedge: HedgeConfig | None = None
+    retries: RetryConfig | None = None
+    truncation: TruncationConfig = Field(default_factory=TruncationConfig)
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker settings; under ``default`` or a model name (which overrides the default)."""
+
+    fail_max: PositiveInt | None = Field(None, description="Consecutive failures that open the breaker.")
+    reset_timeout_s: PositiveFloat | None = Field(None, description="Seconds open before a probe.")
+    success_threshold: PositiveInt | None = Field(None, description="Probe successes needed to close.")
+    count: list[ErrorKind] | None = Field(None, description="Outcome kinds that count as failures.")
+
+
+class ErrorsConfig(_Strict):
+    """Which error kinds move on to the next model. Anything else is raised to the caller at once."""
+
+    fall_back_on: list[ErrorKind] = Field(default_factory=lambda: list(DEFAULT_FALL_BACK_ON))
+
+
+class ReviewLogConfig(_Strict):
+    """Where fallbacks and validator failures are appended, one JSON line each."""
+
+    path: str | None = Field(None, description="A file path (relative paths: to the policy file).")
+    logger: str | None = Field(None, description="A Python logger name (INFO records).")
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> ReviewLogConfig:
+        if self.path is None and self.logger is None:
+            raise ValueError("review_log needs 'path' or 'logger'")
+        return self
+
+
+class TelemetryConfig(_Strict):
+    """What spans and logs may contain."""
+
+    record_content: bool = Field(
+        False, description="Opt in to prompt and answer text in spans (off: never recorded)."
+    )
+
+
+class PolicyDocument(_Strict):
+    """The top level of a policy file."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, title="llm-resilience policy",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )  # fmt: skip
+
+    version: Literal[1] = 1
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    routes: dict[str, Route] = Field(default_factory=dict)
+    prompt_classes: dict[str, PromptClass] = Field(default_factory=dict)
+    breakers: dict[str, BreakerConfig] = Field(
+        default_factory=dict, description="'default' and/or model names."
+    )
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
+    review_log: ReviewLogConfig | None = None
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+
+# ---------------------------------------------------------------------------
+# The resolved policy the engine uses.
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    fail_max: int = 5
+    reset_timeout_s: float = 30.0
+    success_threshold: int = 1
+    count: frozenset[str] = frozenset(DEFAULT_BREAKER_COUNTS)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as the engine sees it. ``repr`` never shows secrets."""
+
+    name: str
+    litellm_params: Mapping[str, Any] = field(repr=False)
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    input_cost_per_token: float | None = None
+    output_cost_per_token: float | None = None
+    adhoc: bool = False
+
+    @property
+    def litellm_model(self) -> str:
+        return str(self.litellm_params["model"])
+
+    def resolved_params(self) -> tuple[dict[str, Any], str | None]:
+        """litellm kwargs with ``os.environ/VAR`` resolved now (so rotated keys are picked up).
+
+        Returns the params and the name of the first variable that is not set, if any.
+        """
+        out: dict[str, Any] = {}
+        missing: str | None = None
+        for name, value in self.litellm_params.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX):
+                var = value[len(ENV_PREFIX) :]
+                resolved = os.environ.get(var)
+                if resolved is None:
+                    missing = missing or var
+                    continue
+                value = resolved
+            out[name] = value
+        return out, missing
+
+
+@dataclass(frozen=True)
+class ResolvedRoute:
+    """A route for one prompt class: chain and per-call options, overrides applied."""
+
+    name: str
+    chain: tuple[ModelSpec, ...]
+    validators: Mapping[str, str]
+    on_all_invalid: str
+    hedge: HedgeConfig | None
+    retries: RetryConfig | None
+    truncation: TruncationConfig
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build with :meth:`from_file`, :meth:`from_dict` or :meth:`defaults`."""
+
+    document: PolicyDocument
+    source: str = "<dict>"
+    models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    by_litellm_model: Mapping[str, ModelSpec] = field(default_factory=dict)
+    classes: Mapping[str, PromptClass] = field(default_factory=dict)
+    class_rules: tuple[tuple[str, MatchRule, re.Pattern[str] | None], ...] = ()
+    breaker_default: BreakerSettings = BreakerSettings()
+    breaker_overrides: Mapping[str, BreakerSettings] = field(default_factory=dict)
+    fall_back_on: frozenset[str] = frozenset(DEFAULT_FALL_BACK_ON)
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def defaults(cls) -> Policy:
+        """The built-in policy used when ``LLM_RESILIENCE_POLICY`` is not set."""
+        return cls.from_dict({}, source="<built-in defaults>")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Policy:
+        """Load and validate a YAML policy file. Raises :class:`PolicyError`."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+        return cls.from_yaml(text, source=str(p))
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> Policy:
+        """Validate a policy given as YAML text."""
+        data, lines, problems = _parse_yaml(text, source)
+        if problems and not lines:  # not YAML at all: nothing more to check
+            raise PolicyError(problems)
+        try:
+            policy = cls._build({} if data is None else data, source, lines)
+        except PolicyError as e:
+            raise PolicyError([*problems, *e.problems]) from None
+        if problems:  # duplicate keys: the rest was fine, but the file does not mean what it says
+            raise PolicyError(problems)
+        return policy
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+        """Validate a policy given as a Python mapping (same shape as the YAML)."""
+        return cls._build(data, source, {})
+
+    @classmethod
+    def _build(cls, data: Any, source: str, lines: Mapping[tuple[Any, ...], int]) -> Policy:
+        def where(path: Sequence[Any]) -> str:
+            return _locate(source, lines, tuple(path))
+
+        if not isinstance(data, Mapping):
+            raise PolicyError([f"{where(())}: the policy must be a mapping of sections, got {_kind(data)}"])
+        try:
+            doc = PolicyDocument.model_validate(data)
+        except ValidationError as e:
+            raise PolicyError([_format_pydantic_error(err, where) for err in e.errors()]) from None
+        problems = _cross_check(doc)
+        if problems:
+            raise PolicyError([f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in problems])
+        return cls._resolve(doc, source)
+
+    @classmethod
+    def _resolve(cls, doc: PolicyDocument, source: str) -> Policy:
+        models = {
+            name: ModelSpec(
+                name=name,
+                litellm_params=dict(m.litellm_params),
+                context_window=m.context_window,
+                max_output_tokens=m.max_output_tokens,
+                input_cost_per_token=m.input_cost_per_token,
+                output_cost_per_token=m.output_cost_per_token,
+            )
+            for name, m in doc.models.items()
+        }
+        by_litellm: dict[str, ModelSpec] = {}
+        for spec in models.values():
+            by_litellm.setdefault(spec.litellm_model, spec)
+        classes = dict(doc.prompt_classes)
+        classes.setdefault("default", PromptClass.model_validate(BUILTIN_DEFAULT_CLASS))
+        rules = tuple(
+            (name, rule, re.compile(rule.last_user_regex) if rule.last_user_regex else None)
+            for name, pc in doc.prompt_classes.items()
+            for rule in pc.match
+        )
+        base = BreakerSettings()
+        default_cfg = doc.breakers.get("default")
+        breaker_default = _merge_breaker(base, default_cfg) if default_cfg else base
+        overrides = {
+            name: _merge_breaker(breaker_default, cfg) for name, cfg in doc.breakers.items() if name != "default"
+        }
+        return cls(
+            document=doc,
+            source=source,
+            models=models,
+            by_litellm_model=by_litellm,
+            classes=classes,
+            class_rules=rules,
+            breaker_default=breaker_default,
+            breaker_overrides=overrides,
+            fall_back_on=frozenset(doc.errors.fall_back_on),
+        )
+
+    # -- questions the engine asks --------------------------------------------
+
+    def breaker_settings(self, model: str) -> BreakerSettings:
+        return self.breaker_overrides.get(model, self.breaker_default)
+
+    def route_for(self, model: str, prompt_class: str) -> ResolvedRoute:
+        """The route serving ``completion(model=...)``.
+
+        ``model`` may be a route name, a model name from ``models:``, a litellm model
+        string used by one of them, or any other litellm model string (an ad-hoc
+        one-model route with the policy defaults, so the drop-in never breaks a call).
+        """
+        route = self.document.routes.get(model)
+        if route is not None:
+            over = route.classes.get(prompt_class)
+            chain_names = over.chain if over and over.chain else route.chain
+            validators = dict(route.validators)
+            if over and over.validators:
+                validators.update(over.validators)
+            return ResolvedRoute(
+                name=model,
+                chain=tuple(self.models[n] for n in chain_names),
+                validators=validators,
+                on_all_invalid=(over.on_all_invalid if over and over.on_all_invalid else route.on_all_invalid),
+                hedge=over.hedge if over and over.hedge else route.hedge,
+                retries=over.retries if over and over.retries else route.retries,
+                truncation=route.truncation,
+            )
+        spec = self.models.get(model) or self.by_litellm_model.get(model)
+        if spec is None:
+            spec = ModelSpec(name=model, litellm_params={"model": model}, adhoc=True)
+        return ResolvedRoute(
+            name=model, chain=(spec,), validators={}, on_all_invalid="raise",
+            hedge=None, retries=None, truncation=TruncationConfig(),
+        )  # fmt: skip
+
+
+def _merge_breaker(base: BreakerSettings, cfg: BreakerConfig) -> BreakerSettings:
+    return BreakerSettings(
+        fail_max=cfg.fail_max if cfg.fail_max is not None else base.fail_max,
+        reset_timeout_s=cfg.reset_timeout_s if cfg.reset_timeout_s is not None else base.reset_timeout_s,
+        success_threshold=(
+            cfg.success_threshold if cfg.success_threshold is not None else base.success_threshold
+        ),
+        count=frozenset(cfg.count) if cfg.count is not None else base.count,
+    )
+
+
+def _cross_check(doc: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
+    """References between sections, which a per-field schema cannot express."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    defined = ", ".join(doc.models) or "none"
+
+    def check_chain(path: tuple[Any, ...], chain: Sequence[str]) -> None:
+        for i, name in enumerate(chain):
+            if name not in doc.models:
+                problems.append(((*path, i), f"unknown model '{name}' (defined under models: {defined})"))
+        seen = [n for i, n in enumerate(chain) if n in chain[:i]]
+        if seen:
+            problems.append((path, f"model '{seen[0]}' appears twice in the chain"))
+
+    for rname, route in doc.routes.items():
+        check_chain(("routes", rname, "chain"), route.chain)
+        for cname, over in route.classes.items():
+            if cname not in doc.prompt_classes and cname != "default":
+                known = ", ".join(doc.prompt_classes) or "none"
+                problems.append(
+                    (("routes", rname, "classes", cname), f"unknown prompt class '{cname}' (defined: {known})")
+                )
+            if over.chain is not None:
+                check_chain(("routes", rname, "classes", cname, "chain"), over.chain)
+    for bname in doc.breakers:
+        if bname != "default" and bname not in doc.models:
+            problems.append(
+                (("breakers", bname), f"'{bname}' is neither 'default' nor a model (defined: {defined})")
+            )
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# YAML with line numbers, and error messages people can act on.
+
+
+def _parse_yaml(
+    text: str, source: str
+) -> tuple[Any, dict[tuple[Any, ...], int], list[str]]:
+    """Parse YAML, remembering the line of every key and list item; report duplicate keys."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}, []
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else 0
+        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or e}"]
+    except yaml.YAMLError as e:
+        return None, {}, [f"{source}: not valid YAML: {e}"]
+    finally:
+        loader.dispose()
+    lines: dict[tuple[Any, ...], int] = {(): node.start_mark.line + 1}
+    problems: list[str] = []
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in n.value:
+                key = key_node.value
+                sub = (*path, key)
+                if key in seen:
+                    problems.append(
+                        f"{source}:{key_node.start_mark.line + 1}: {_dotted(sub)}: duplicate key "
+                        "(YAML would silently keep only the last one)"
+                    )
+                seen.add(key)
+                lines[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    walk(node, ())
+    return data, lines, problems
+
+
+def _locate(source: str, lines: Mapping[tuple[Any, ...], int], path: tuple[Any, ...]) -> str:
+    for end in range(len(path), -1, -1):
+        line = lines.get(path[:end])
+        if line is not None:
+            return f"{source}:{line}"
+    return source
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )
+
+
+_SECRETISH = re.compile(r"key|secret|token|password", re.I)
+
+
+def _format_pydantic_error(err: Any, where: Any) -> str:
+    # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or p in ("str", "float")))
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _UnknownKey):
+        path = (*loc, ctx_err.key)
+        return f"{where(path)}: {_dotted(path)}: {ctx_err}"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "missing":
+        return f"{where(loc)}: {_dotted(loc)}: required field is missing"
+    if kind in ("value_error", "assertion_error") and ctx_err is not None:
+        msg = str(ctx_err)
+    else:
+        msg = err["msg"][:1].lower() + err["msg"][1:]
+        if any(isinstance(p, str) and _SECRETISH.search(p) for p in loc):
+            shown = "<redacted>"
+        else:
+            shown = repr(value) if not isinstance(value, dict | list) else _kind(value)
+        msg = f"{msg} (got {shown})"
+    return f"{where(loc)}: {_dotted(loc)}: {msg}"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of policy files, for editors and CI linting of ops' YAML."""
+    return PolicyDocument.model_json_schema()

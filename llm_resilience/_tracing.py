@@ -1,0 +1,229 @@
+"""OpenTelemetry spans: one parent span per call, one child span per attempt.
+
+Attempt spans follow the GenAI semantic conventions (``chat {model}``, kind CLIENT,
+``gen_ai.*`` attributes); what the conventions have no name for (route, prompt class,
+fallback reason, breaker state...) lives under ``llm_resilience.*``. Prompt and answer
+text are recorded only when the policy sets ``telemetry.record_content: true``; API
+keys never are.
+
+Provider choice: the application's global TracerProvider if it set one; else, when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, a private provider exporting OTLP in a
+background batch (a dead collector never slows a call); else nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._hooks import Hook
+from ._outcomes import AttemptRecord
+from ._planner import Call
+
+log = logging.getLogger("llm_resilience")
+
+NS = "llm_resilience"
+
+
+def default_tracer_provider() -> trace.TracerProvider:
+    """The provider spans go to, chosen as described in the module docstring."""
+    current = trace.get_tracer_provider()
+    if not isinstance(current, trace.ProxyTracerProvider):
+        return current  # the application configured OpenTelemetry: use its choice
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return current  # a proxy: follows a provider the application may set later
+    return _otlp_provider()
+
+
+_otlp: trace.TracerProvider | None = None
+
+
+def _otlp_provider() -> trace.TracerProvider:
+    global _otlp
+    if _otlp is None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+        )
+        exporter: Any
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+            exporter = GrpcExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            exporter = HttpExporter()
+        service = os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        _otlp = provider
+    return _otlp
+
+
+def provider_name(litellm_model: str, params: Any = None) -> str:
+    """``gen_ai.provider.name``: litellm's provider prefix (``openai/gpt-4o`` -> ``openai``)."""
+    if params and params.get("custom_llm_provider"):
+        return str(params["custom_llm_provider"])
+    head, sep, _ = litellm_model.partition("/")
+    return head if sep else "openai"
+
+
+class TracingHook(Hook):
+    """Emits the spans. One instance per engine."""
+
+    def __init__(self, provider: trace.TracerProvider | None = None, record_content: bool = False) -> None:
+        from . import __version__
+
+        self.tracer = (provider or default_tracer_provider()).get_tracer("llm_resilience", __version__)
+        self.record_content = record_content
+
+    def call_started(self, call: Call) -> None:
+        span = self.tracer.start_span(
+            f"{NS}.completion {call.route.name}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": call.request.model,
+                f"{NS}.route": call.route.name,
+                f"{NS}.prompt_class": call.prompt_class,
+                f"{NS}.stream": call.request.stream,
+                f"{NS}.deadline_s": call.klass.deadline_s,
+            },
+        )
+        if self.record_content:
+            span.set_attribute(f"{NS}.prompt", _messages_text(call.request.messages))
+        call.hook_data[self] = (span, trace.set_span_in_context(span), {})
+
+    def attempt_started(self, call: Call, record: AttemptRecord) -> None:
+        data = call.hook_data.get(self)
+        if data is None:
+            return
+        _parent, context, spans = data
+        spec = next((s for s in call.route.chain if s.name == record.model), None)
+        params = spec.litellm_params if spec is not None else {}
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": provider_name(record.litellm_model, params),
+            "gen_ai.request.model": record.litellm_model,
+            f"{NS}.model": record.model,
+            f"{NS}.route": call.route.name,
+            f"{NS}.prompt_class": call.prompt_class,
+            f"{NS}.attempt.index": record.index,
+            f"{NS}.breaker.state": record.breaker_state,
+        }
+        if record.timeout_s is not None:
+            attrs[f"{NS}.timeout_s"] = record.timeout_s
+        api_base = params.get("api_base") if params else None
+        if isinstance(api_base, str) and not api_base.startswith("os.environ/"):
+            parts = urlsplit(api_base)
+            if parts.hostname:
+                attrs["server.address"] = parts.hostname
+                if parts.port:
+                    attrs["server.port"] = parts.port
+        if record.hedged:
+            attrs[f"{NS}.hedged"] = True
+        if record.retry_of is not None:
+            attrs[f"{NS}.retry_of"] = record.retry_of
+        spans[record.index] = self.tracer.start_span(
+            f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
+        )
+
+    def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
+        data = call.hook_data.get(self)
+        if data is None:
+            return
+        span = data[2].pop(record.index, None)
+        if span is None:
+            return
+        span.set_attribute(f"{NS}.outcome", record.outcome or "unknown")
+        span.set_attribute(f"{NS}.latency_s", record.latency_s)
+        if record.reason:
+            span.set_attribute(f"{NS}.reason", record.reason)
+            if record.outcome in ("failure", "soft_failure", "skipped"):
+                span.set_attribute(f"{NS}.fallback_reason", record.reason)
+        for key in ("probe", "missing_env", "failed_checks", "retry_after_s"):
+            if key in record.extra:
+                value = record.extra[key]
+                span.set_attribute(f"{NS}.{key}", list(value) if isinstance(value, list) else value)
+        if record.tokens_before is not None:
+            span.set_attribute(f"{NS}.tokens.before", record.tokens_before)
+            if record.tokens_after is not None:
+                span.set_attribute(f"{NS}.tokens.after", record.tokens_after)
+            span.set_attribute(f"{NS}.truncated", record.truncated)
+        if record.time_to_first_chunk_s is not None:
+            span.set_attribute("gen_ai.response.time_to_first_chunk", record.time_to_first_chunk_s)
+            span.set_attribute(f"{NS}.stream.chunks", record.chunks)
+        for old, new in record.breaker_transitions:
+            span.add_event(f"{NS}.breaker.transition", {"from": old, "to": new, f"{NS}.model": record.model})
+        if response is not None:
+            _response_attributes(span, response, record, self.record_content)
+        if record.outcome in ("failure", "soft_failure"):
+            error_type = type(record.error).__name__ if record.error is not None else (record.reason or "error")
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR, record.reason or error_type))
+        span.end()
+
+    def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
+        data = call.hook_data.pop(self, None)
+        if data is None:
+            return
+        span, _context, spans = data
+        for leftover in spans.values():  # defensive: never leak an open span
+            leftover.end()
+        answered = call.answered_by
+        span.set_attribute(f"{NS}.attempts", len(call.records))
+        span.set_attribute(f"{NS}.fallbacks", sum(1 for r in call.records if r is not answered))
+        if answered is not None:
+            span.set_attribute(f"{NS}.answered_by", answered.model)
+            span.set_attribute("gen_ai.response.model", answered.litellm_model)
+            span.set_attribute(f"{NS}.outcome", answered.outcome or "success")
+        if error is not None:
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_attribute(f"{NS}.outcome", "error")
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
+
+
+def _response_attributes(span: Any, response: Any, record: AttemptRecord, record_content: bool) -> None:
+    model = getattr(response, "model", None)
+    if model:
+        span.set_attribute("gen_ai.response.model", str(model))
+    rid = getattr(response, "id", None)
+    if rid:
+        span.set_attribute("gen_ai.response.id", str(rid))
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        if getattr(usage, "prompt_tokens", None) is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", int(usage.prompt_tokens))
+        if getattr(usage, "completion_tokens", None) is not None:
+            span.set_attribute("gen_ai.usage.output_tokens", int(usage.completion_tokens))
+    choices = getattr(response, "choices", None) or []
+    reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
+    if reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+    cost = record.extra.get("cost_usd")
+    if cost is None:
+        hidden = getattr(response, "_hidden_params", None) or {}
+        cost = hidden.get("response_cost")
+    if isinstance(cost, int | float):
+        span.set_attribute(f"{NS}.cost_usd", float(cost))
+    if record_content and choices:
+        message = getattr(choices[0], "message", None)
+        text = getattr(message, "content", None)
+        if text:
+            span.set_attribute(f"{NS}.completion", str(text))
+
+
+def _messages_text(messages: Any) -> str:
+    from ._planner import content_text
+
+    return "\n".join(f"{m.get('role')}: {content_text(m.get('content'))}" for m in messages)

@@ -1,0 +1,11 @@
+"""Test helpers shipped with llm-resilience: a scriptable fake OpenAI-compatible provider."""
+
+from llm_resilience.testing._fake_provider import (
+    DEFAULT_CONTENT,
+    Behavior,
+    BodyMode,
+    FakeProvider,
+    RecordedRequest,
+)
+
+__all__ = ["DEFAULT_CONTENT", "Behavior", "BodyMode", "FakeProvider", "RecordedRequest"]
