@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
             if isinstance(action, Launch):
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:
-                    _settle(call, attempt, clock, lambda a=attempt: litellm.completion(**a.kwargs))
+                    _settle(call, attempt, clock, functools.partial(litellm.completion, **attempt.kwargs))
                 else:
                     running[_thread_pool().submit(litellm.completion, **attempt.kwargs)] = attempt
             elif isinstance(action, Wait):

@@ -98,9 +98,7 @@ class Resilience:
     def _start(self, model: str, messages: Sequence[Mapping[str, Any]], kwargs: dict[str, Any]) -> Call:
         prompt_class = kwargs.pop("prompt_class", None)
         stream = bool(kwargs.pop("stream", False))
-        request = CallRequest(
-            model=model, messages=messages, kwargs=kwargs, prompt_class=prompt_class, stream=stream
-        )
+        request = CallRequest(model=model, messages=messages, kwargs=kwargs, prompt_class=prompt_class, stream=stream)
         return self._planner.start(request, self._clock())
 
     def completion(self, model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:

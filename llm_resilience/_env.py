@@ -16,7 +16,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import litellm  # noqa: E402  (must follow the environment set-up above)
+import litellm
 
 litellm.suppress_debug_info = True
 litellm.disable_hf_tokenizer_download = True

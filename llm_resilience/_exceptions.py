@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._env import litellm
-from litellm.exceptions import MidStreamFallbackError
+from litellm.exceptions import MidStreamFallbackError, ServiceUnavailableError
+
+from . import _env  # noqa: F401  (litellm must be imported offline-safe first)
 
 if TYPE_CHECKING:
     from ._outcomes import AttemptRecord
@@ -55,7 +56,7 @@ def _summarize(attempts: Sequence[AttemptRecord]) -> str:
     return "; ".join(parts) if parts else "no model was eligible"
 
 
-class AllAttemptsFailed(LLMResilienceError, litellm.ServiceUnavailableError):  # type: ignore[misc]
+class AllAttemptsFailed(LLMResilienceError, ServiceUnavailableError):  # type: ignore[misc]
     """Every option of the route was exhausted.
 
     ``.attempts`` is the list of :class:`AttemptRecord` (model, outcome, reason, latency),
@@ -69,8 +70,7 @@ class AllAttemptsFailed(LLMResilienceError, litellm.ServiceUnavailableError):  #
         self.attempts = list(attempts)
         last_model = self.attempts[-1].model if self.attempts else route
         super().__init__(
-            message=f"all attempts failed for route '{route}' (class '{prompt_class}'): "
-            f"{_summarize(self.attempts)}",
+            message=f"all attempts failed for route '{route}' (class '{prompt_class}'): {_summarize(self.attempts)}",
             llm_provider="llm_resilience",
             model=last_model,
         )

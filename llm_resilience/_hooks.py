@@ -51,9 +51,7 @@ class HookSet:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        self._by_event = {
-            m: [getattr(h, m) for h in self.hooks if _overrides(h, m)] for m in _METHODS
-        }
+        self._by_event = {m: [getattr(h, m) for h in self.hooks if _overrides(h, m)] for m in _METHODS}
 
     def add(self, hook: object) -> None:
         self.hooks.append(hook)

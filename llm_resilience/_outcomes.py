@@ -11,6 +11,8 @@ from typing import Any, Final, Literal
 
 from ._env import litellm
 
+lx = litellm.exceptions  # explicit module: what mypy sees as exported
+
 # Hard error kinds: what a provider exception means.
 TIMEOUT: Final = "timeout"
 CONNECTION: Final = "connection"
@@ -38,8 +40,16 @@ DEADLINE: Final = "deadline_exceeded"
 MISSING_API_KEY: Final = "missing_api_key"
 
 ERROR_KINDS: Final = (
-    TIMEOUT, CONNECTION, RATE_LIMIT, SERVER_ERROR, AUTH, NOT_FOUND,
-    CONTEXT_WINDOW, CONTENT_POLICY, BAD_REQUEST, UNKNOWN,
+    TIMEOUT,
+    CONNECTION,
+    RATE_LIMIT,
+    SERVER_ERROR,
+    AUTH,
+    NOT_FOUND,
+    CONTEXT_WINDOW,
+    CONTENT_POLICY,
+    BAD_REQUEST,
+    UNKNOWN,
 )
 SOFT_KINDS: Final = (SOFT_TIMEOUT, EMPTY, TRUNCATED, INVALID_JSON, CONTENT_FILTER)
 
@@ -53,21 +63,21 @@ def classify_error(exc: BaseException) -> str:
     of ``BadRequestError``, and its ``Timeout`` is an ``APIConnectionError`` in openai's
     tree, so the specific checks come first.
     """
-    if isinstance(exc, litellm.Timeout | TimeoutError):
+    if isinstance(exc, lx.Timeout | TimeoutError):
         return TIMEOUT
-    if isinstance(exc, litellm.ContextWindowExceededError):
+    if isinstance(exc, lx.ContextWindowExceededError):
         return CONTEXT_WINDOW
-    if isinstance(exc, litellm.ContentPolicyViolationError):
+    if isinstance(exc, lx.ContentPolicyViolationError):
         return CONTENT_POLICY
-    if isinstance(exc, litellm.RateLimitError):
+    if isinstance(exc, lx.RateLimitError):
         return RATE_LIMIT
-    if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError):
+    if isinstance(exc, lx.AuthenticationError | lx.PermissionDeniedError):
         return AUTH
-    if isinstance(exc, litellm.NotFoundError):
+    if isinstance(exc, lx.NotFoundError):
         return NOT_FOUND
-    if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError):
+    if isinstance(exc, lx.BadRequestError | lx.UnprocessableEntityError):
         return BAD_REQUEST
-    if isinstance(exc, litellm.APIConnectionError | ConnectionError):
+    if isinstance(exc, lx.APIConnectionError | ConnectionError):
         return CONNECTION
     status = getattr(exc, "status_code", None)
     if isinstance(status, int):
@@ -81,7 +91,7 @@ def classify_error(exc: BaseException) -> str:
             return SERVER_ERROR
         if 400 <= status < 500:
             return BAD_REQUEST
-    if isinstance(exc, litellm.APIError | litellm.ServiceUnavailableError | litellm.InternalServerError):
+    if isinstance(exc, lx.APIError | lx.ServiceUnavailableError | lx.InternalServerError):
         return SERVER_ERROR
     return UNKNOWN
 

@@ -33,13 +33,33 @@ ErrorKind = Literal[
 ]  # fmt: skip
 ValidatorAction = Literal["fall_back", "flag", "off"]
 
+
+def _default_fall_back_on() -> list[ErrorKind]:
+    return ["timeout", "connection", "rate_limit", "server_error", "auth", "not_found", "context_window"]
+
+
+def _default_retry_on() -> list[ErrorKind]:
+    return ["rate_limit", "server_error", "connection"]
+
+
 ENV_PREFIX = "os.environ/"
 
 DEFAULT_FALL_BACK_ON: tuple[str, ...] = (
-    k.TIMEOUT, k.CONNECTION, k.RATE_LIMIT, k.SERVER_ERROR, k.AUTH, k.NOT_FOUND, k.CONTEXT_WINDOW,
+    k.TIMEOUT,
+    k.CONNECTION,
+    k.RATE_LIMIT,
+    k.SERVER_ERROR,
+    k.AUTH,
+    k.NOT_FOUND,
+    k.CONTEXT_WINDOW,
 )
 DEFAULT_BREAKER_COUNTS: tuple[str, ...] = (
-    k.TIMEOUT, k.CONNECTION, k.RATE_LIMIT, k.SERVER_ERROR, k.AUTH, k.SOFT_TIMEOUT,
+    k.TIMEOUT,
+    k.CONNECTION,
+    k.RATE_LIMIT,
+    k.SERVER_ERROR,
+    k.AUTH,
+    k.SOFT_TIMEOUT,
 )
 # A summary-sized default: calls the policy says nothing about still get a bound,
 # but a generous one, so that adopting the library never breaks a working call.
@@ -98,9 +118,7 @@ class ModelConfig(_Strict):
 class MatchRule(_Strict):
     """A classification rule; every condition given must hold."""
 
-    last_user_regex: str | None = Field(
-        None, description="Python regex searched in the text of the last user message."
-    )
+    last_user_regex: str | None = Field(None, description="Python regex searched in the text of the last user message.")
     metadata: dict[str, str] | None = Field(
         None, description="Key/values that must all be present in the caller's `metadata=` argument."
     )
@@ -204,7 +222,7 @@ class RetryConfig(_Strict):
 
     max_retries: Annotated[int, Field(ge=0)] = Field(0, description="Retries per model per call.")
     on: list[ErrorKind] = Field(
-        default_factory=lambda: [k.RATE_LIMIT, k.SERVER_ERROR, k.CONNECTION],
+        default_factory=_default_retry_on,
         description="Error kinds that may be retried on the same model (never 'timeout').",
     )
     backoff_base_s: PositiveFloat = Field(0.1, description="First backoff; doubles each retry, with jitter.")
@@ -281,7 +299,7 @@ class BreakerConfig(_Strict):
 class ErrorsConfig(_Strict):
     """Which error kinds move on to the next model. Anything else is raised to the caller at once."""
 
-    fall_back_on: list[ErrorKind] = Field(default_factory=lambda: list(DEFAULT_FALL_BACK_ON))
+    fall_back_on: list[ErrorKind] = Field(default_factory=_default_fall_back_on)
 
 
 class ReviewLogConfig(_Strict):
@@ -300,9 +318,7 @@ class ReviewLogConfig(_Strict):
 class TelemetryConfig(_Strict):
     """What spans and logs may contain."""
 
-    record_content: bool = Field(
-        False, description="Opt in to prompt and answer text in spans (off: never recorded)."
-    )
+    record_content: bool = Field(False, description="Opt in to prompt and answer text in spans (off: never recorded).")
 
 
 class PolicyDocument(_Strict):
@@ -317,9 +333,7 @@ class PolicyDocument(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     routes: dict[str, Route] = Field(default_factory=dict)
     prompt_classes: dict[str, PromptClass] = Field(default_factory=dict)
-    breakers: dict[str, BreakerConfig] = Field(
-        default_factory=dict, description="'default' and/or model names."
-    )
+    breakers: dict[str, BreakerConfig] = Field(default_factory=dict, description="'default' and/or model names.")
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     review_log: ReviewLogConfig | None = None
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
@@ -533,9 +547,7 @@ def _merge_breaker(base: BreakerSettings, cfg: BreakerConfig) -> BreakerSettings
     return BreakerSettings(
         fail_max=cfg.fail_max if cfg.fail_max is not None else base.fail_max,
         reset_timeout_s=cfg.reset_timeout_s if cfg.reset_timeout_s is not None else base.reset_timeout_s,
-        success_threshold=(
-            cfg.success_threshold if cfg.success_threshold is not None else base.success_threshold
-        ),
+        success_threshold=(cfg.success_threshold if cfg.success_threshold is not None else base.success_threshold),
         count=frozenset(cfg.count) if cfg.count is not None else base.count,
     )
 
@@ -559,15 +571,16 @@ def _cross_check(doc: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
             if cname not in doc.prompt_classes and cname != "default":
                 known = ", ".join(doc.prompt_classes) or "none"
                 problems.append(
-                    (("routes", rname, "classes", cname), f"unknown prompt class '{cname}' (defined: {known})")
+                    (
+                        ("routes", rname, "classes", cname),
+                        f"unknown prompt class '{cname}' (defined: {known})",
+                    )
                 )
             if over.chain is not None:
                 check_chain(("routes", rname, "classes", cname, "chain"), over.chain)
     for bname in doc.breakers:
         if bname != "default" and bname not in doc.models:
-            problems.append(
-                (("breakers", bname), f"'{bname}' is neither 'default' nor a model (defined: {defined})")
-            )
+            problems.append((("breakers", bname), f"'{bname}' is neither 'default' nor a model (defined: {defined})"))
     return problems
 
 
@@ -575,9 +588,7 @@ def _cross_check(doc: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
 # YAML with line numbers, and error messages people can act on.
 
 
-def _parse_yaml(
-    text: str, source: str
-) -> tuple[Any, dict[tuple[Any, ...], int], list[str]]:
+def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int], list[str]]:
     """Parse YAML, remembering the line of every key and list item; report duplicate keys."""
     loader = yaml.SafeLoader(text)
     try:
@@ -644,7 +655,7 @@ _SECRETISH = re.compile(r"key|secret|token|password", re.I)
 
 def _format_pydantic_error(err: Any, where: Any) -> str:
     # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or p in ("str", "float")))
+    loc = tuple(p for p in err["loc"] if not ((isinstance(p, str) and p[:1].isupper()) or p in ("str", "float")))
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _UnknownKey):
         path = (*loc, ctx_err.key)

@@ -53,8 +53,7 @@ _BODY_MODES: frozenset[str] = frozenset(get_args(BodyMode))
 
 DEFAULT_CONTENT = "Hello from the fake provider."
 CONTEXT_LENGTH_MESSAGE = (
-    "This model's maximum context length is 4096 tokens. "
-    "However, your messages resulted in 5000 tokens."
+    "This model's maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens."
 )
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
@@ -68,8 +67,11 @@ _ERROR_DEFAULTS: dict[int, tuple[str, str, str | None]] = {
     400: ("invalid_request_error", "Invalid request.", None),
     401: ("invalid_request_error", "Incorrect API key provided: sk-****.", "invalid_api_key"),
     403: ("permission_error", "You are not allowed to access this resource.", None),
-    404: ("invalid_request_error", "The model does not exist or you do not have access to it.",
-          "model_not_found"),
+    404: (
+        "invalid_request_error",
+        "The model does not exist or you do not have access to it.",
+        "model_not_found",
+    ),
     408: ("timeout", "Request timed out.", None),
     409: ("invalid_request_error", "Conflict.", None),
     422: ("invalid_request_error", "Unprocessable entity.", None),
@@ -217,7 +219,8 @@ class FakeProvider:
         self._host = host
         self._requested_port = port
         self._lock = threading.Condition()
-        self._scripts = _Scripts(default=behavior or Behavior())
+        self._initial_behavior = behavior or Behavior()
+        self._scripts = _Scripts(default=self._initial_behavior)
         self._requests: list[RecordedRequest] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -294,13 +297,16 @@ class FakeProvider:
                 self._scripts.per_model_queue.setdefault(model, deque()).extend(behaviors)
 
     def reset(self, *, behaviors: bool = False) -> None:
-        """Forget recorded requests and pending scripts; with ``behaviors=True`` also the defaults."""
+        """Forget recorded requests and pending scripts.
+
+        With ``behaviors=True`` also drop per-model defaults and restore the constructor's default.
+        """
         with self._lock:
             self._requests.clear()
             self._scripts.queue.clear()
             self._scripts.per_model_queue.clear()
             if behaviors:
-                self._scripts.default = Behavior()
+                self._scripts.default = self._initial_behavior
                 self._scripts.per_model.clear()
 
     @property
