@@ -11,15 +11,18 @@ Example::
     from llm_resilience.testing import Behavior, FakeProvider
 
     with FakeProvider() as provider:
-        provider.set(Behavior.ok("fine"))                           # default for every request
-        provider.set(Behavior.slow(5.0), model="slow-model")       # only for model "slow-model"
-        provider.script(Behavior.error(503), Behavior.error(429, retry_after_s=1))  # next two requests
+        provider.set(Behavior.ok("fine"))                      # default for every request
+        provider.set(Behavior.slow(5.0), model="slow-model")  # only for model "slow-model"
+        provider.script(Behavior.error(503))                   # only the next request
 
-        response = litellm.completion(
-            model="openai/fast-model", api_base=provider.base_url, api_key="sk-test",
-            messages=[{"role": "user", "content": "hi"}], num_retries=0, max_retries=0,
-        )
-        assert provider.request_count == 1
+        call = dict(api_base=provider.base_url, api_key="sk-test", num_retries=0, max_retries=0,
+                    messages=[{"role": "user", "content": "hi"}], timeout=2)
+        try:
+            litellm.completion(model="openai/fast-model", **call)
+        except litellm.ServiceUnavailableError:
+            pass
+        assert litellm.completion(model="openai/fast-model", **call).choices[0].message.content == "fine"
+        assert [r.model for r in provider.requests] == ["fast-model", "fast-model"]
 
 Behaviour lookup for each request, first match wins: the per-model script queue, the global script
 queue, the per-model default, the global default.  Note that ``model`` here is the name on the wire,
@@ -59,6 +62,7 @@ _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
 _REDACTED = "<redacted>"
+_HeaderItems = Iterable[tuple[str, str]]
 # Keep the accept loop responsive so stop() does not wait out socketserver's 0.5 s default.
 _POLL_INTERVAL_S = 0.05
 
@@ -336,9 +340,10 @@ class FakeProvider:
         Useful after a client-side timeout: the server only notices the disconnect a moment later.
         """
         with self._lock:
-            return self._lock.wait_for(
-                lambda: all(r.finished_at is not None for r in self._requests), timeout
-            )
+            return self._lock.wait_for(self._all_finished, timeout)
+
+    def _all_finished(self) -> bool:
+        return all(r.finished_at is not None for r in self._requests)
 
     async def wait_idle_async(self, timeout: float = 5.0) -> bool:
         """:meth:`wait_idle` for coroutines.
@@ -350,9 +355,7 @@ class FakeProvider:
 
     # -- used by the request handler -------------------------------------------------------------
 
-    def _begin(
-        self, body: dict[str, Any], headers: Iterable[tuple[str, str]], stream: bool
-    ) -> RecordedRequest:
+    def _begin(self, body: dict[str, Any], headers: _HeaderItems, stream: bool) -> RecordedRequest:
         model = body.get("model")
         model = model if isinstance(model, str) else None
         messages = body.get("messages")
@@ -495,12 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         if path in _MODELS_PATHS:
-            names = self._srv.provider.models or ["fake-model"]
             created = int(time.time())
-            data = [
-                {"id": name, "object": "model", "created": created, "owned_by": "fake-provider"}
-                for name in names
-            ]
+            names = self._srv.provider.models or ["fake-model"]
+            data = [{"id": n, "object": "model", "created": created, "owned_by": "fake"} for n in names]
             self._send_json(200, {"object": "list", "data": data})
         else:
             self._send_error_json(404, f"Unknown path {path!r}.", code="not_found")
@@ -801,14 +801,13 @@ def _completion(record: RecordedRequest, behavior: Behavior) -> dict[str, Any]:
         message["tool_calls"] = _tool_calls(behavior.tool_calls)
     else:
         message["content"] = "" if behavior.body == "empty" else behavior.content
+    finish_reason = _finish_reason(behavior)
     return {
         "id": _new_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": record.model or "fake-model",
         "system_fingerprint": "fp_fake",
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(behavior)}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": _usage(record, behavior),
     }
