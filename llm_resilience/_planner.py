@@ -369,6 +369,7 @@ class Call:
             record.extra["failed_checks"] = failed
         self._count(attempt, None)
         self.planner.hooks.attempt_ended(self, record, response)
+        self._abandon_in_flight(now)
         self._succeed(record, response)
 
     def on_error(self, attempt: Attempt, error: BaseException, now: float) -> None:
@@ -391,6 +392,7 @@ class Call:
         if kind == k.SOFT_TIMEOUT or kind in self.planner.policy.fall_back_on:
             return
         if self._final is None:
+            self._abandon_in_flight(now)
             self._final = Fail(error)  # e.g. an ordinary 400: the request itself is wrong
             self.planner.hooks.call_ended(self, None, error)
 
@@ -402,6 +404,13 @@ class Call:
         record.outcome = "cancelled"
         self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         self.planner.hooks.attempt_ended(self, record, None)
+
+    def _abandon_in_flight(self, now: float) -> None:
+        # The call is decided: attempts still running (hedges) lose. Recording that here,
+        # before call_ended, keeps their spans and records complete; the driver then only
+        # has to close their connections (its later on_cancelled calls are no-ops).
+        for attempt in list(self._in_flight):
+            self.on_cancelled(attempt, now)
 
     def _settle(self, attempt: Attempt, now: float) -> AttemptRecord:
         self._in_flight.remove(attempt)

@@ -412,6 +412,7 @@ class Policy:
     breaker_default: BreakerSettings = BreakerSettings()
     breaker_overrides: Mapping[str, BreakerSettings] = field(default_factory=dict)
     fall_back_on: frozenset[str] = frozenset(DEFAULT_FALL_BACK_ON)
+    _routes: dict[tuple[str, str], ResolvedRoute] = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction -------------------------------------------------------
 
@@ -518,6 +519,15 @@ class Policy:
         string used by one of them, or any other litellm model string (an ad-hoc
         one-model route with the policy defaults, so the drop-in never breaks a call).
         """
+        key = (model, prompt_class)
+        cached = self._routes.get(key)
+        if cached is None:
+            cached = self._resolve_route(model, prompt_class)
+            if len(self._routes) < 4096:  # ad-hoc model strings come from callers: stay bounded
+                self._routes[key] = cached
+        return cached
+
+    def _resolve_route(self, model: str, prompt_class: str) -> ResolvedRoute:
         route = self.document.routes.get(model)
         if route is not None:
             over = route.classes.get(prompt_class)
