@@ -24,6 +24,7 @@ from ._exceptions import (
 from ._hooks import Hook
 from ._outcomes import AttemptRecord
 from ._policy import Policy
+from ._validators import register_validator
 
 # A library logs, the application decides where logs go (nothing reaches stderr by default).
 logging.getLogger("llm_resilience").addHandler(logging.NullHandler())
@@ -47,5 +48,6 @@ __all__ = [
     "acompletion",
     "completion",
     "default_engine",
+    "register_validator",
     "set_default_engine",
 ]

@@ -6,16 +6,30 @@ thread only when attempts must overlap, i.e. hedging), the async one awaits in t
 calling task (a child task only when attempts overlap). Neither makes a decision, and
 the sync driver never starts an event loop, so it is safe from any thread, including
 threads of a running event loop's executor.
+
+Cancelling a losing hedge must close its connection, so the provider stops working on
+it (and billing it). Async: cancelling the task does that (httpx closes the connection
+of an interrupted request). Sync: a thread cannot be cancelled, and closing a socket
+another thread is blocked reading does not wake that read on Linux; so an attempt that
+may lose runs on an httpx client lent to it alone (:class:`_Lease`), whose sockets the
+driver shuts down (``shutdown(SHUT_RDWR)``: the read fails at once, the provider sees
+the disconnect). That needs litellm's ``client=`` argument, which for the ``openai``
+provider (every OpenAI-compatible endpoint reached as ``openai/...``) takes an
+``openai.OpenAI`` client. Other providers' losers are abandoned: their thread ends at
+the attempt's own timeout and the result is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import functools
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._env import litellm
@@ -49,9 +63,138 @@ def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any])
         call.on_response(attempt, response, clock())
 
 
+class _Lease:
+    """An httpx client lent to one sync attempt at a time; its sockets can be shut down from any thread."""
+
+    def __init__(self, key: str, http: Any) -> None:
+        self.key = key
+        self.aborted = False
+        self.client: Any = None  # the openai.OpenAI wrapper for the current attempt
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.http = http
+        http.event_hooks = {"request": [self._on_request]}
+
+    def _on_request(self, request: Any) -> None:
+        # httpcore reports each new TCP connection to a "trace" callback: that is how the
+        # sockets of this client (including a reused keep-alive one) are known.
+        request.extensions["trace"] = self._trace
+
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with self._lock:
+                self._sockets = [s for s in self._sockets if s.fileno() != -1]
+                self._sockets.append(sock)
+
+    def abort(self) -> None:
+        """Fail the attempt's read at once and close its connection (the provider sees the disconnect)."""
+        self.aborted = True
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.http.close()
+
+
+class _Leases:
+    """Idle :class:`_Lease` clients per API base, so hedged routes keep their keep-alive connections."""
+
+    def __init__(self, max_idle: int = 16) -> None:
+        self.max_idle = max_idle
+        self._idle: dict[str, list[_Lease]] = {}
+        self._lock = threading.Lock()
+
+    def lease(self, kwargs: Mapping[str, Any]) -> _Lease | None:
+        """A lease for this attempt, or ``None`` when its provider cannot take our client."""
+        try:
+            credentials = _openai_credentials(kwargs)
+            if credentials is None:
+                return None
+            base_url, api_key, organization = credentials
+            with self._lock:
+                idle = self._idle.get(base_url)
+                lease = idle.pop() if idle else None
+            if lease is None:
+                lease = _Lease(base_url, _new_http_client())
+            import openai
+
+            lease.client = openai.OpenAI(
+                api_key=api_key, base_url=base_url, organization=organization, http_client=lease.http, max_retries=0
+            )
+            return lease
+        except Exception:  # never let the cancellation machinery fail a call: send without it
+            return None
+
+    def give_back(self, lease: _Lease) -> None:
+        lease.client = None
+        if not lease.aborted:
+            with self._lock:
+                idle = self._idle.setdefault(lease.key, [])
+                if len(idle) < self.max_idle:
+                    idle.append(lease)
+                    return
+        lease.close()
+
+
+def _openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """(base_url, api_key, organization) as litellm would use them, if the attempt goes to litellm's
+    OpenAI client and nothing the application configured would be bypassed by passing our own."""
+    if kwargs.get("client") is not None or litellm.client_session is not None:
+        return None
+    if os.environ.get("EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER", "").lower() in ("1", "true", "yes"):
+        return None  # litellm then sends through its own HTTP handler, which takes another client type
+    _model, provider, dynamic_key, api_base = litellm.get_llm_provider(
+        model=kwargs["model"],
+        custom_llm_provider=kwargs.get("custom_llm_provider"),
+        api_base=kwargs.get("api_base") or kwargs.get("base_url"),
+        api_key=kwargs.get("api_key"),
+    )
+    if provider != "openai":
+        return None
+    from litellm.llms.openai.common_utils import get_openai_credentials
+
+    creds = get_openai_credentials(
+        api_base=api_base, api_key=kwargs.get("api_key") or dynamic_key, organization=kwargs.get("organization")
+    )
+    if not creds.api_key:
+        return None  # let litellm raise its own "no API key" error
+    return creds.api_base, creds.api_key, creds.organization
+
+
+def _new_http_client() -> Any:
+    import httpx
+
+    # The same transport settings litellm uses for its own sync OpenAI clients (its SSL
+    # context is cached, so a new client costs microseconds, not a CA bundle load).
+    from litellm.llms.custom_httpx.http_handler import get_ssl_configuration, http2_enabled
+
+    http2 = http2_enabled()
+    return httpx.Client(verify=get_ssl_configuration(http2=http2), follow_redirects=True, http2=http2)
+
+
+_leases = _Leases()
+
+
+def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
+    if lease is None:
+        return litellm.completion(**kwargs)
+    try:
+        return litellm.completion(**kwargs, client=lease.client)
+    finally:
+        _leases.give_back(lease)
+
+
 def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
     """Drive ``call`` with blocking ``litellm.completion`` calls."""
-    running: dict[cf.Future[Any], Attempt] = {}
+    running: dict[cf.Future[Any], tuple[Attempt, _Lease | None]] = {}
     try:
         while True:
             action = call.next_action(clock())
@@ -60,21 +203,29 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                 if attempt.hedge_at is None and not running:
                     _settle(call, attempt, clock, functools.partial(litellm.completion, **attempt.kwargs))
                 else:
-                    running[_thread_pool().submit(litellm.completion, **attempt.kwargs)] = attempt
+                    lease = _leases.lease(attempt.kwargs)
+                    running[_thread_pool().submit(_send_leased, attempt.kwargs, lease)] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())
+                if not running:  # a retry's backoff
+                    time.sleep(timeout or 0.0)
+                    continue
                 done, _ = cf.wait(running, timeout=timeout, return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    attempt = running.pop(future)
+                    attempt, _lease = running.pop(future)
                     _settle(call, attempt, clock, future.result)
             elif isinstance(action, Done):
                 return action.response
             elif isinstance(action, Fail):
                 raise action.error
     finally:
-        for future, attempt in running.items():
-            future.cancel()  # not started yet: never sent; already running: ends at its own timeout
+        for future, (attempt, lease) in running.items():
             call.on_cancelled(attempt, clock())
+            if future.cancel():  # never started: nothing was sent
+                if lease is not None:
+                    _leases.give_back(lease)
+            elif lease is not None:
+                lease.abort()  # its thread gets a connection error at once and returns the lease
 
 
 async def _send_async(attempt: Attempt) -> Any:
@@ -109,6 +260,9 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
                     running[asyncio.ensure_future(_send_async(attempt))] = attempt
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())
+                if not running:  # a retry's backoff
+                    await asyncio.sleep(timeout or 0.0)
+                    continue
                 done, _ = await asyncio.wait(running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     attempt = running.pop(task)

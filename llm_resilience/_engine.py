@@ -10,15 +10,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from ._breakers import BreakerRegistry
 from ._drivers import run_async, run_sync
 from ._hooks import Hook, HookSet
+from ._latency import LatencyStats
+from ._metrics import MetricsHook
 from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
 from ._policy import Policy
+from ._review_log import ReviewLogHook
 from ._tracing import TracingHook
+from ._truncation import TokenFitter
+from ._validators import ResponseValidator
 
 log = logging.getLogger("llm_resilience")
 
@@ -50,7 +55,8 @@ class Resilience:
 
     ``hooks`` are extra instrumentation objects (see :class:`llm_resilience.Hook`).
     ``tracer_provider`` overrides the OpenTelemetry provider choice (tests pass one with
-    an in-memory exporter).
+    an in-memory exporter); ``meter_provider`` does the same for metrics (e.g. one with an
+    ``InMemoryMetricReader``).
     """
 
     def __init__(
@@ -59,19 +65,29 @@ class Resilience:
         *,
         hooks: Iterable[object] = (),
         tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy or Policy.defaults()
         self._clock = clock
+        validator = ResponseValidator(self._policy)  # first: a policy naming an unknown validator fails here
         self.breakers = BreakerRegistry(self._breaker_settings)
+        tracing = TracingHook(tracer_provider, record_content=self._policy.document.telemetry.record_content)
+        review_log = ReviewLogHook.from_policy(self._policy, tracing)
+        self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         hook_list: list[object] = [
-            TracingHook(tracer_provider, record_content=self._policy.document.telemetry.record_content),
+            tracing,
+            MetricsHook(meter_provider, self.breakers),
             LoggingHook(),
+            *([review_log] if review_log is not None else []),
             *hooks,
         ]
         self.hooks = HookSet(hook_list)
         self.breakers.listeners.append(self.hooks.breaker_transition)
-        self._planner = Planner(policy=self._policy, breakers=self.breakers, hooks=self.hooks)
+        self._planner = Planner(
+            policy=self._policy, breakers=self.breakers, hooks=self.hooks, fitter=TokenFitter(), validator=validator,
+            latency=self.latency,
+        )  # fmt: skip
 
     # -- construction --------------------------------------------------------------
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import httpx
+import openai
+
 from ._env import litellm
 
 lx = litellm.exceptions  # explicit module: what mypy sees as exported
@@ -79,6 +82,9 @@ def classify_error(exc: BaseException) -> str:
         return BAD_REQUEST
     if isinstance(exc, lx.APIConnectionError | ConnectionError):
         return CONNECTION
+    transport = _transport_failure(exc)
+    if transport is not None:
+        return transport
     status = getattr(exc, "status_code", None)
     if isinstance(status, int):
         if status == 408:
@@ -94,6 +100,25 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, lx.APIError | lx.ServiceUnavailableError | lx.InternalServerError):
         return SERVER_ERROR
     return UNKNOWN
+
+
+def _transport_failure(exc: BaseException) -> str | None:
+    """TIMEOUT or CONNECTION when a transport error caused ``exc``, else None.
+
+    litellm 1.110.2 wraps a refused or reset connection in ``InternalServerError``
+    (status 500); only the cause chain (openai ``APIConnectionError`` -> httpx) tells it
+    apart from a real 500, and an operator reading spans needs that difference.
+    """
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TimeoutError | httpx.TimeoutException | openai.APITimeoutError):
+            return TIMEOUT
+        if isinstance(cause, openai.APIConnectionError | httpx.TransportError | ConnectionError):
+            return CONNECTION
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @dataclass

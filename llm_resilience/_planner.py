@@ -7,7 +7,8 @@ No I/O happens here. A driver (sync, async, streaming: ``_drivers.py``) runs a l
         action = call.next_action(now)
         Launch(attempt) -> send attempt.kwargs to litellm, then report
                            call.on_response(attempt, response, now) or call.on_error(attempt, exc, now)
-        Wait(until)     -> attempts are in flight: wait for one to finish, or until `until`
+        Wait(until)     -> attempts are in flight: wait for one to finish, or until `until`;
+                           nothing in flight (a retry's backoff): sleep until `until`
         Done(response)  -> cancel what is still in flight (call.on_cancelled), return response
         Fail(error)     -> cancel what is still in flight, raise error
 
@@ -19,15 +20,18 @@ tested without a server (``tests/test_planner.py``).
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _outcomes as k
-from ._breakers import Admission, BreakerRegistry, ProbeTicket
-from ._exceptions import AllAttemptsFailed, UnknownPromptClass
+from ._breakers import OPEN, Admission, BreakerRegistry, ProbeTicket
+from ._budget import Budgets
+from ._exceptions import AllAttemptsFailed, LLMResilienceError, UnknownPromptClass
 from ._hooks import HookSet
 from ._outcomes import AttemptRecord, classify_error
 from ._policy import ModelSpec, Policy, PromptClass, ResolvedRoute
@@ -69,6 +73,9 @@ class Attempt:
     hedge_at: float | None = None
     """Monotonic time after which, if no answer came, the next model may start in parallel."""
     soft_timeout_s: float | None = None
+    """Slower than this is a slow call for the breaker (``None``: no soft timeout configured)."""
+    soft_cut: bool = False
+    """The attempt is cut off at its soft timeout (``timeout_s``, or the first chunk for streams)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,10 @@ class Launch:
 @dataclass(frozen=True)
 class Wait:
     until: float | None
-    """Monotonic time to wake up and ask again even if nothing finished (None: wait for one)."""
+    """Monotonic time to wake up and ask again even if nothing finished (None: wait for one).
+
+    With nothing in flight (a retry waiting out its backoff), the driver sleeps until then.
+    """
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,11 @@ class Fitter(Protocol):
 class Validator(Protocol):
     """Judges a 200 response (``_validators.py``). Returns failed check names."""
 
-    def check(self, route: ResolvedRoute, request: CallRequest, response: Any) -> list[str]: ...
+    def check(
+        self, route: ResolvedRoute, request: CallRequest, response: Any, sent: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """``sent``: the litellm arguments of the attempt (the model's ``litellm_params`` included)."""
+        ...
 
 
 class PassThroughFitter:
@@ -142,7 +156,9 @@ class PassThroughFitter:
 
 
 class NoValidation:
-    def check(self, route: ResolvedRoute, request: CallRequest, response: Any) -> list[str]:
+    def check(
+        self, route: ResolvedRoute, request: CallRequest, response: Any, sent: Mapping[str, Any] | None = None
+    ) -> list[str]:
         return []
 
 
@@ -151,11 +167,18 @@ class LatencyView(Protocol):
 
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None: ...
 
+    def observe_censored(self, model: str, prompt_class: str, at_least_s: float) -> None:
+        """The attempt was cut off (timeout, cancelled hedge loser): its latency is only a lower bound."""
+        ...
+
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None: ...
 
 
 class NoLatency:
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None:
+        return None
+
+    def observe_censored(self, model: str, prompt_class: str, at_least_s: float) -> None:
         return None
 
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None:
@@ -172,6 +195,10 @@ class Planner:
     fitter: Fitter = field(default_factory=PassThroughFitter)
     validator: Validator = field(default_factory=NoValidation)
     latency: LatencyView = field(default_factory=NoLatency)
+    budgets: Budgets = field(default_factory=Budgets)
+    """Hedge and retry budgets (``_budget.py``): extra requests as a share of recent traffic."""
+    rng: random.Random = field(default_factory=random.Random)
+    """Jitter for retry backoff (seed it in tests)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
@@ -229,9 +256,16 @@ class Call:
         self._final: Done | Fail | None = None
         self._last_error: BaseException | None = None
         self._best_flagged: tuple[AttemptRecord, Any] | None = None
+        self._committed: Attempt | None = None  # a stream whose output reached the caller (see commit)
         self._shrink = 1.0  # < 1 after a provider said the prompt was too long
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
         self._base_kwargs.pop("timeout", None)
+        self._hedges = 0  # hedges launched by this call (route.hedge.max_extra caps it)
+        self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)
+        self._retry: tuple[ModelSpec, float, int] | None = None  # (model, not before, retry of index)
+        self._retries: dict[str, int] = {}  # retries sent per model in this call
+        if self.route.hedge is not None and not request.stream:
+            planner.budgets.hedges(self.route.name).record_request(now)
         planner.hooks.call_started(self)
 
     # -- what next -------------------------------------------------------------
@@ -240,7 +274,18 @@ class Call:
         if self._final is not None:
             return self._final
         if self._in_flight:
+            hedge = self._maybe_hedge(now)
+            if hedge is not None:
+                return Launch(hedge)
             return Wait(until=self._wake_at(now))
+        if self._retry is not None:
+            spec, not_before, retry_of = self._retry
+            if now < not_before:
+                return Wait(until=not_before)  # backoff: nothing in flight, the driver sleeps
+            self._retry = None
+            attempt = self._prepare(spec, now, retry_of=retry_of)
+            if attempt is not None:
+                return Launch(attempt)
         while self._position < len(self.route.chain):
             spec = self.route.chain[self._position]
             self._position += 1
@@ -250,13 +295,74 @@ class Call:
         return self._finish_exhausted()
 
     def _wake_at(self, now: float) -> float | None:
+        """The next hedge threshold among attempts in flight (``None``: wait for one to finish)."""
+        due = self._hedge_due
+        pending = [a.hedge_at for a in self._in_flight if a.hedge_at is not None and a.record.index not in due]
+        return min(pending) if pending else None
+
+    def _maybe_hedge(self, now: float) -> Attempt | None:
+        """An attempt in flight passed its hedge threshold: start the next model beside it, if allowed.
+
+        Starting a hedge is not a verdict on the slow attempt: it keeps running, and whichever
+        answers first wins. Why a hedge did not start is recorded on the slow attempt
+        (``hedge_skipped``: ``max_extra``, ``budget`` or ``no_model``).
+        """
+        cfg = self.route.hedge
+        if cfg is None:
+            return None
+        due = [a for a in self._in_flight if a.hedge_at is not None and a.hedge_at <= now]
+        due = [a for a in due if a.record.index not in self._hedge_due]
+        if not due:
+            return None
+        self._hedge_due.update(a.record.index for a in due)
+        slow = due[0].record
+        if self._hedges >= cfg.max_extra:
+            slow.extra["hedge_skipped"] = "max_extra"
+            return None
+        if self._position >= len(self.route.chain):
+            slow.extra["hedge_skipped"] = "no_model"
+            return None
+        budget = self.planner.budgets.hedges(self.route.name)
+        if not budget.try_spend(now, cfg.budget_ratio):
+            slow.extra["hedge_skipped"] = "budget"
+            return None
+        self._hedges += 1
+        while self._position < len(self.route.chain):
+            spec = self.route.chain[self._position]
+            self._position += 1
+            attempt = self._prepare(spec, now, hedged=True)
+            if attempt is not None:
+                slow.extra["hedged_by"] = attempt.record.index
+                return attempt
+        self._hedges -= 1
+        budget.refund(now)  # every remaining model was skipped: nothing was sent
+        slow.extra["hedge_skipped"] = "no_model"
         return None
 
-    def _prepare(self, spec: ModelSpec, now: float) -> Attempt | None:
+    def _hedge_after(self, spec: ModelSpec) -> float | None:
+        """Seconds after which an attempt on ``spec`` is hedged (``None``: not yet known)."""
+        cfg = self.route.hedge
+        if cfg is None:
+            return None
+        if not isinstance(cfg.after, str):
+            return float(cfg.after)
+        soft = self.klass.soft_timeout
+        learned = self.planner.latency.percentile(
+            spec.name, self.prompt_class, float(cfg.after[1:]), soft.min_samples if soft else 20
+        )
+        if learned is None:
+            # No latency history: hedge only at a bound ops chose, never at a guess.
+            return soft.warmup_s if soft is not None else None
+        return max(soft.floor_s if soft is not None else 0.0, learned)
+
+    def _prepare(
+        self, spec: ModelSpec, now: float, *, hedged: bool = False, retry_of: int | None = None
+    ) -> Attempt | None:
         """Turn the next model into an attempt, or record why it is skipped."""
         record = AttemptRecord(
-            index=len(self.records), model=spec.name, litellm_model=spec.litellm_model, started_at=now
-        )
+            index=len(self.records), model=spec.name, litellm_model=spec.litellm_model, started_at=now,
+            hedged=hedged, retry_of=retry_of,
+        )  # fmt: skip
         left = self.deadline_at - now
         if left < MIN_ATTEMPT_S:
             self._skip(record, k.DEADLINE)
@@ -292,10 +398,28 @@ class Call:
             return None
         timeout = min(self.klass.timeout_s, left)
         soft = self._soft_timeout(spec)
+        # The stream driver runs one attempt at a time: streams are cut at the soft timeout, never hedged.
+        hedge_cfg = None if self.request.stream else self.route.hedge
+        later = self._position < len(self.route.chain)  # a model to move on to
+        # The soft timeout cuts an attempt off only when there is somewhere to go: with hedging
+        # the next model starts beside it instead, and the last model is better slow than cut.
+        # Either way an attempt slower than its soft timeout counts as slow for the breaker.
+        soft_cut = soft is not None and soft < timeout and hedge_cfg is None and later
+        first_token = min(self.klass.first_token_timeout_s or timeout, timeout)
+        if soft_cut and soft is not None and self.request.stream:
+            first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
+        hedge_at: float | None = None
+        if hedge_cfg is not None and later and self._hedges < hedge_cfg.max_extra:
+            after = self._hedge_after(spec)
+            if after is not None and after < timeout:
+                hedge_at = now + after
+                record.extra["hedge_after_s"] = round(after, 6)
+        if soft is not None:
+            record.extra["soft_timeout_s"] = round(soft, 6)
         kwargs = dict(self._base_kwargs)
         kwargs.update(params)  # the policy's connection settings win over the caller's
         kwargs["messages"] = fit.messages
-        kwargs["timeout"] = timeout if soft is None else min(timeout, soft)
+        kwargs["timeout"] = soft if soft_cut and soft is not None and not self.request.stream else timeout
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
         if self.request.stream:
@@ -308,24 +432,31 @@ class Call:
             ticket=ticket,
             timeout_s=kwargs["timeout"],
             hard_timeout_s=timeout,
-            first_token_timeout_s=min(self.klass.first_token_timeout_s or timeout, timeout),
+            first_token_timeout_s=first_token,
             idle_timeout_s=self.klass.idle_timeout_s or self.klass.timeout_s,
+            hedge_at=hedge_at,
             soft_timeout_s=soft,
+            soft_cut=soft_cut,
         )
+        retries = self.route.retries
+        if retries is not None and retries.max_retries > 0 and retry_of is None:
+            self.planner.budgets.retries(spec.name).record_request(now)
         self.records.append(record)
         self._in_flight.append(attempt)
         self.planner.hooks.attempt_started(self, record)
         return attempt
 
     def _soft_timeout(self, spec: ModelSpec) -> float | None:
+        """``multiplier`` x the learned percentile, within [floor, ceiling]; the warm-up bound before that."""
         cfg = self.klass.soft_timeout
         if cfg is None:
             return None
+        hard = self.klass.timeout_s
         learned = self.planner.latency.percentile(spec.name, self.prompt_class, cfg.percentile, cfg.min_samples)
         if learned is None:
-            return cfg.warmup_s
-        ceiling = cfg.ceiling_s if cfg.ceiling_s is not None else self.klass.timeout_s
-        return max(cfg.floor_s, min(ceiling, learned * cfg.multiplier))
+            return min(cfg.warmup_s, hard) if cfg.warmup_s is not None else hard
+        ceiling = min(cfg.ceiling_s, hard) if cfg.ceiling_s is not None else hard
+        return min(ceiling, max(cfg.floor_s, learned * cfg.multiplier))
 
     def _skip(self, record: AttemptRecord, reason: str) -> None:
         record.outcome = "skipped"
@@ -348,12 +479,23 @@ class Call:
 
     # -- what an outcome means ---------------------------------------------------
 
+    def commit(self, attempt: Attempt) -> None:
+        """A stream delivered its first content to the caller: this attempt can no longer be replaced.
+
+        From now on a failure of it ends the call (the stream driver raises ``StreamInterrupted``)
+        instead of falling back, and a validator that says ``fall_back`` only flags the answer,
+        since the caller already has the text. Both still count toward the model's breaker.
+        """
+        self._committed = attempt
+
     def on_response(self, attempt: Attempt, response: Any, now: float) -> None:
         """A 200 came back (for streams: the assembled response)."""
+        if attempt not in self._in_flight:
+            return  # already abandoned: another attempt decided the call first
         record = self._settle(attempt, now)
-        failed = self.planner.validator.check(self.route, self.request, response)
+        failed = self.planner.validator.check(self.route, self.request, response, attempt.kwargs)
         fall_back = [name for name in failed if self.route.validators.get(name, "fall_back") == "fall_back"]
-        if fall_back:
+        if fall_back and attempt is not self._committed:
             record.outcome = "soft_failure"
             record.reason = fall_back[0]
             record.extra["failed_checks"] = failed
@@ -362,34 +504,49 @@ class Call:
                 self._best_flagged = (record, response)
             self.planner.hooks.attempt_ended(self, record, response)
             return
-        self.planner.latency.observe(attempt.spec.name, self.prompt_class, record.latency_s)
+        latency = self._latency_sample(attempt)
+        self.planner.latency.observe(attempt.spec.name, self.prompt_class, latency)
+        # A slow success (possible when hedging or the last model let it run past its soft
+        # timeout) is answered, but counts as a soft_timeout failure for the breaker: a latency
+        # spike without errors must open it, and a slow half-open probe must not close it.
+        slow = attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s
+        if slow:
+            record.extra["slow"] = True
         record.outcome = "flagged" if failed else "success"
         if failed:
             record.reason = failed[0]
             record.extra["failed_checks"] = failed
-        self._count(attempt, None)
+        # a committed stream's bad answer still counts
+        self._count(attempt, fall_back[0] if fall_back else (k.SOFT_TIMEOUT if slow else None))
         self.planner.hooks.attempt_ended(self, record, response)
         self._abandon_in_flight(now)
         self._succeed(record, response)
 
     def on_error(self, attempt: Attempt, error: BaseException, now: float) -> None:
         """The attempt raised."""
+        if attempt not in self._in_flight:
+            return  # already abandoned: another attempt decided the call first
         record = self._settle(attempt, now)
         kind = classify_error(error)
-        if kind == k.TIMEOUT and attempt.soft_timeout_s is not None and attempt.soft_timeout_s < attempt.hard_timeout_s:
+        if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
         if kind == k.TIMEOUT or kind == k.SOFT_TIMEOUT:
-            # The latency sample is censored at the timeout; still record it so a spike moves the window.
-            self.planner.latency.observe(attempt.spec.name, self.prompt_class, record.latency_s)
+            if self.request.stream and record.time_to_first_chunk_s is not None:
+                self.planner.latency.observe(attempt.spec.name, self.prompt_class, record.time_to_first_chunk_s)
+            else:  # cut off: only a lower bound (see _latency.py for why it still counts)
+                self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
         record.outcome = "failure"
         record.reason = kind
         record.error = error
         self._last_error = error
         self._count(attempt, kind)
+        retrying = attempt is not self._committed and self._final is None and self._schedule_retry(attempt, kind, now)
         self.planner.hooks.attempt_ended(self, record, None)
         if kind == k.CONTEXT_WINDOW:
             self._shrink *= 0.75  # the size estimate was wrong: ask the fitter for a smaller prompt
-        if kind == k.SOFT_TIMEOUT or kind in self.planner.policy.fall_back_on:
+        if retrying:
+            return
+        if attempt is not self._committed and (kind == k.SOFT_TIMEOUT or kind in self.planner.policy.fall_back_on):
             return
         if self._final is None:
             self._abandon_in_flight(now)
@@ -397,13 +554,85 @@ class Call:
             self.planner.hooks.call_ended(self, None, error)
 
     def on_cancelled(self, attempt: Attempt, now: float) -> None:
-        """The attempt was abandoned (a hedge lost, or the call ended): neither success nor failure."""
+        """The attempt was abandoned (a hedge lost, or the call ended): neither success nor failure...
+
+        ...unless it had already run past its soft timeout: then it was slow whoever won, and it
+        counts as a ``soft_timeout`` failure for its breaker (reason ``soft_timeout``, outcome
+        still ``cancelled``). Otherwise hedging would hide a latency spike from the breaker: the
+        hedge answers, the slow primary is cancelled, and nothing would ever open.
+        """
         if attempt not in self._in_flight:
             return
         record = self._settle(attempt, now)
         record.outcome = "cancelled"
-        self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+        ttfc = record.time_to_first_chunk_s
+        latency = ttfc if self.request.stream and ttfc is not None else record.latency_s
+        slow = attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s
+        if slow or record.index in self._hedge_due:
+            # Ran past the hedge threshold or the soft timeout: a censored sample of the slow tail.
+            # Dropping it would let hedging bias the percentile down (see _latency.py).
+            self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, latency)
+        if slow:
+            record.reason = k.SOFT_TIMEOUT
+            self._count(attempt, k.SOFT_TIMEOUT)  # also frees a probe slot
+        else:
+            self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         self.planner.hooks.attempt_ended(self, record, None)
+
+    def _latency_sample(self, attempt: Attempt) -> float:
+        """What the latency window learns from: time to first chunk for streams, else the whole call."""
+        record = attempt.record
+        if self.request.stream and record.time_to_first_chunk_s is not None:
+            return record.time_to_first_chunk_s
+        return record.latency_s
+
+    def _schedule_retry(self, attempt: Attempt, kind: str, now: float) -> bool:
+        """Retry the same model after a backoff, if the policy, the deadline and the budget allow.
+
+        Never while another attempt is in flight (a hedge already is the fallback), never for a
+        timeout (the policy schema forbids it), never sooner than the provider's ``Retry-After``,
+        and never past the deadline: then the chain moves on to the next model at once.
+        """
+        cfg = self.route.retries
+        if cfg is None or cfg.max_retries == 0 or kind not in cfg.on or self._in_flight:
+            return False
+        record, spec = attempt.record, attempt.spec
+        done = self._retries.get(spec.name, 0)
+        if done >= cfg.max_retries:
+            record.extra["retry_skipped"] = "max_retries"
+            return False
+        if self.planner.breakers.get(spec.name).state == OPEN:
+            record.extra["retry_skipped"] = "breaker_open"
+            return False
+        backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2**done)
+        wait = self.planner.rng.uniform(backoff / 2, backoff)  # "equal jitter": spread, but never ~0
+        retry_after = retry_after_s(record.error)
+        if retry_after is not None:
+            record.extra["retry_after_s"] = round(retry_after, 6)
+            wait = max(wait, retry_after)
+        if now + wait + MIN_ATTEMPT_S > self.deadline_at:
+            record.extra["retry_skipped"] = "deadline"
+            return False
+        if not self.planner.budgets.retries(spec.name).try_spend(now, cfg.budget_ratio, cfg.min_per_s):
+            record.extra["retry_skipped"] = "budget"
+            return False
+        self._retries[spec.name] = done + 1
+        self._retry = (spec, now + wait, record.index)
+        record.extra["retry_in_s"] = round(wait, 6)
+        return True
+
+    def cancel(self, now: float) -> None:
+        """The caller gave up (closed a stream early, cancelled its task): end the call without an outcome.
+
+        Attempts in flight are recorded as cancelled; hooks see ``call_ended(call, None, None)``.
+        """
+        if self._final is not None:
+            return
+        self._abandon_in_flight(now)
+        if self._committed is not None:
+            self.answered_by = self._committed.record  # it answered in part before the caller stopped reading
+        self._final = Fail(LLMResilienceError("the call was cancelled by the caller"))
+        self.planner.hooks.call_ended(self, None, None)
 
     def _abandon_in_flight(self, now: float) -> None:
         # The call is decided: attempts still running (hedges) lose. Recording that here,
@@ -446,9 +675,39 @@ class Call:
             "model": answered.model if answered else None,
             "litellm_model": answered.litellm_model if answered else None,
             "fallbacks": sum(1 for r in self.records if r is not answered and r.outcome != "cancelled"),
-            "flagged": answered.outcome == "flagged" if answered else False,
+            # return_best hands back an answer that failed validation: flagged as well
+            "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],
         }
+
+
+def retry_after_s(error: BaseException | None) -> float | None:
+    """Seconds the provider asked us to wait (``Retry-After`` / ``retry-after-ms``), if it said."""
+    headers: Any = None
+    for source in (getattr(error, "response", None), error):
+        try:
+            headers = getattr(source, "headers", None) or getattr(source, "litellm_response_headers", None)
+        except Exception:  # some SDK errors compute .response lazily and may raise
+            headers = None
+        if headers:
+            break
+    if not headers:
+        return None
+    lower = {str(key).lower(): str(value) for key, value in headers.items()}
+    try:
+        if "retry-after-ms" in lower:
+            return max(0.0, float(lower["retry-after-ms"]) / 1000.0)
+        value = lower.get("retry-after")
+        if value is None:
+            return None
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # the HTTP-date form
+        when = email.utils.parsedate_to_datetime(lower["retry-after"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _attach_summary(response: Any, call: Call) -> None:

@@ -103,6 +103,11 @@ class TracingHook(Hook):
             span.set_attribute(f"{NS}.prompt", _messages_text(call.request.messages))
         call.hook_data[self] = (span, trace.set_span_in_context(span), {})
 
+    def call_span(self, call: Call) -> trace.Span | None:
+        """The span of ``call`` while it is open (the review log reads its trace id)."""
+        data = call.hook_data.get(self)
+        return data[0] if data is not None else None
+
     def attempt_started(self, call: Call, record: AttemptRecord) -> None:
         data = call.hook_data.get(self)
         if data is None:
@@ -150,7 +155,10 @@ class TracingHook(Hook):
             span.set_attribute(f"{NS}.reason", record.reason)
             if record.outcome in ("failure", "soft_failure", "skipped"):
                 span.set_attribute(f"{NS}.fallback_reason", record.reason)
-        for key in ("probe", "missing_env", "failed_checks", "retry_after_s"):
+        for key in (
+            "probe", "missing_env", "failed_checks", "retry_after_s", "retry_in_s", "retry_skipped",
+            "soft_timeout_s", "slow", "hedge_after_s", "hedge_skipped", "hedged_by",
+        ):  # fmt: skip
             if key in record.extra:
                 value = record.extra[key]
                 span.set_attribute(f"{NS}.{key}", list(value) if isinstance(value, list) else value)

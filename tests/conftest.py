@@ -1,0 +1,226 @@
+"""Shared fixtures: three fake providers, a policy builder, and engines that record spans in memory.
+
+The providers are started once per session (starting and stopping servers for every test would
+cost more than the tests) and reset before each test, so every test sees fresh recordings and the
+default behaviour (answer at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import llm_resilience
+from llm_resilience import Resilience
+from llm_resilience.testing import FakeProvider
+
+PROMPT = "PROMPT-MARKER-7f3a: please summarise the quarterly otter census"
+MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": PROMPT}]
+API_KEYS = {name: f"sk-{name}-SECRET-KEY-9d2e41" for name in ("big", "small", "tiny")}
+WIRE_MODELS = {"big": "gpt-4o", "small": "gpt-4o-mini", "tiny": "tiny-model"}
+"""The model name each provider sees in the request body (litellm strips the ``openai/`` prefix)."""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hidden(response: Any) -> dict[str, Any]:
+    """The summary the engine attaches to a response."""
+    summary: dict[str, Any] = response._hidden_params["llm_resilience"]
+    return summary
+
+
+def outcomes(response_or_attempts: Any) -> list[tuple[str, str | None, str | None]]:
+    """(model, outcome, reason) per attempt, from a response or a list of records/dicts."""
+    attempts = (
+        hidden(response_or_attempts)["attempts"]
+        if hasattr(response_or_attempts, "_hidden_params")
+        else response_or_attempts
+    )
+    out = []
+    for a in attempts:
+        if isinstance(a, Mapping):
+            out.append((a["model"], a["outcome"], a["reason"]))
+        else:
+            out.append((a.model, a.outcome, a.reason))
+    return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pydantic warns about litellm's own TypedDicts on first use; not ours to fix, and it buries real warnings.
+    config.addinivalue_line("filterwarnings", "ignore:.*ReadOnly. qualifier:UserWarning")
+
+
+# -- providers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _servers() -> Iterator[dict[str, FakeProvider]]:
+    providers = {name: FakeProvider().start() for name in ("big", "small", "tiny")}
+    yield providers
+    for p in providers.values():
+        p.stop()
+
+
+def _fresh(provider: FakeProvider) -> FakeProvider:
+    # A timed-out request from an earlier test may still be winding down server-side; wait so it
+    # cannot finish inside this test's recordings.
+    provider.wait_idle(2.0)
+    provider.reset(behaviors=True)
+    return provider
+
+
+@pytest.fixture
+def big(_servers: dict[str, FakeProvider]) -> FakeProvider:
+    """The primary provider (``openai/gpt-4o``)."""
+    return _fresh(_servers["big"])
+
+
+@pytest.fixture
+def small(_servers: dict[str, FakeProvider]) -> FakeProvider:
+    """The first fallback (``openai/gpt-4o-mini``)."""
+    return _fresh(_servers["small"])
+
+
+@pytest.fixture
+def tiny(_servers: dict[str, FakeProvider]) -> FakeProvider:
+    """The last fallback (``openai/tiny-model``)."""
+    return _fresh(_servers["tiny"])
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+class PolicyBuilder(Protocol):
+    def __call__(
+        self,
+        chain: Sequence[str] = ...,
+        *,
+        timeout_s: float = ...,
+        deadline_s: float = ...,
+        fail_max: int = ...,
+        reset_timeout_s: float = ...,
+        prompt_classes: Mapping[str, Any] | None = ...,
+        breakers: Mapping[str, Any] | None = ...,
+        **sections: Any,
+    ) -> dict[str, Any]: ...
+
+
+def model_entry(name: str, api_base: str, api_key: str | None = None) -> dict[str, Any]:
+    """A ``models:`` entry for one of the fake providers."""
+    return {
+        "litellm_params": {
+            "model": f"openai/{WIRE_MODELS[name]}",
+            "api_base": api_base,
+            "api_key": api_key if api_key is not None else API_KEYS[name],
+        }
+    }
+
+
+@pytest.fixture
+def policy_dict(big: FakeProvider, small: FakeProvider, tiny: FakeProvider) -> PolicyBuilder:
+    """Builds a policy dict: models big/small/tiny on the fake providers, route ``chat``."""
+
+    def build(
+        chain: Sequence[str] = ("big", "small", "tiny"),
+        *,
+        timeout_s: float = 1.0,
+        deadline_s: float = 5.0,
+        fail_max: int = 3,
+        reset_timeout_s: float = 30.0,
+        prompt_classes: Mapping[str, Any] | None = None,
+        breakers: Mapping[str, Any] | None = None,
+        **sections: Any,
+    ) -> dict[str, Any]:
+        classes = {"default": {"timeout_s": timeout_s, "deadline_s": deadline_s}}
+        classes.update(prompt_classes or {})
+        breaker_section = {"default": {"fail_max": fail_max, "reset_timeout_s": reset_timeout_s}}
+        breaker_section.update(breakers or {})
+        policy: dict[str, Any] = {
+            "models": {
+                name: model_entry(name, p.base_url) for name, p in (("big", big), ("small", small), ("tiny", tiny))
+            },
+            "routes": {"chat": {"chain": list(chain)}},
+            "prompt_classes": classes,
+            "breakers": breaker_section,
+        }
+        policy.update(sections)
+        return policy
+
+    return build
+
+
+# -- engines and spans -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Collects every span of the engines built by ``make_engine``."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+EngineFactory = Callable[..., Resilience]
+
+
+@pytest.fixture
+def make_engine(tracer_provider: TracerProvider) -> EngineFactory:
+    """``make_engine(policy_dict, **options)``: an engine whose spans go to ``exporter``."""
+
+    def make(policy: Mapping[str, Any], **options: Any) -> Resilience:
+        options.setdefault("tracer_provider", tracer_provider)
+        return Resilience(llm_resilience.Policy.from_dict(policy), **options)
+
+    return make
+
+
+@pytest.fixture
+def engine(make_engine: EngineFactory, policy_dict: PolicyBuilder) -> Resilience:
+    """An engine on the default test policy: route ``chat`` = big -> small -> tiny, fail_max 3."""
+    return make_engine(policy_dict())
+
+
+# -- sync and async, same scenario -------------------------------------------------------------
+
+Caller = Callable[..., Any]
+
+
+@pytest.fixture(params=["sync", "async"])
+def call(request: pytest.FixtureRequest) -> Caller:
+    """``call(engine, model, messages, **kwargs)`` through ``completion`` or ``acompletion``."""
+    if request.param == "sync":
+
+        def sync_call(engine: Resilience, model: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Any:
+            return engine.completion(model, messages, **kwargs)
+
+        return sync_call
+
+    def async_call(engine: Resilience, model: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Any:
+        return asyncio.run(engine.acompletion(model, messages, **kwargs))
+
+    return async_call
+
+
+@pytest.fixture(autouse=True)
+def _no_default_engine() -> Iterator[None]:
+    # The module-level engine is process-global: never let one test's engine leak into another.
+    llm_resilience.set_default_engine(None)
+    yield
+    llm_resilience.set_default_engine(None)

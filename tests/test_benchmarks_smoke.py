@@ -1,0 +1,86 @@
+"""The benchmarks still run: each once with tiny parameters, checking what it reports, never timings.
+
+They run as the Makefile runs them (``python benchmarks/<script>.py``), in a subprocess, writing
+into a temporary directory instead of ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = list("abcdefgh")
+
+
+def run_benchmark(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def table_rows(markdown: str, first_header: str) -> list[list[str]]:
+    """Cells of the data rows of the table whose first column header is ``first_header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_incident_benchmark_reports_every_system_targets_and_a_plot(tmp_path: Path) -> None:
+    proc = run_benchmark(
+        "incident.py", tmp_path, "--healthy-s", "0.4", "--spike-s", "0.4", "--recovery-s", "0.3", "--reset-s", "0.2"
+    )
+    report = (tmp_path / "incident.md").read_text(encoding="utf-8")
+    assert report.strip() in proc.stdout  # the same table on stdout and in the file
+
+    rows = {re.match(r"\((\w)\)", r[0]).group(1): r for r in table_rows(report, "system")}  # type: ignore[union-attr]
+    assert list(rows) == SYSTEMS
+    success, sick, extra, back = 1, 8, 9, 10
+    # A single model sends every spike call to the sick primary and never routes away from it.
+    assert int(rows["a"][sick]) > 0
+    assert rows["a"][back] == "never left"
+    assert rows["a"][extra] == "0"
+    # Every attempt of the naive loop times out during the spike: it retries the sick primary.
+    assert "retries" in rows["b"][extra]
+    assert int(rows["b"][sick]) > 0
+    # The oracle never touches the primary and always answers.
+    assert rows["h"][sick] == "0"
+    assert rows["h"][back] == "never on primary"
+    assert rows["h"][success] == "100.0 %"
+
+    targets = table_rows(report, "target (issue 4)")
+    assert len(targets) == 5
+    assert all(t[-1] in ("PASS", "**FAIL**") for t in targets)
+    assert (tmp_path / "incident.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_overhead_benchmark_reports_each_mode_and_the_import_delta(tmp_path: Path) -> None:
+    proc = run_benchmark(
+        "overhead.py", tmp_path, "--blocks", "2", "--calls", "5", "--concurrency", "10", "--import-runs", "1"
+    )
+    report = (tmp_path / "overhead.md").read_text(encoding="utf-8")
+    assert report.strip() in proc.stdout
+
+    rows = table_rows(report, "mode")
+    assert [r[0] for r in rows] == ["sync", "sync, tracing off (reference)", "async", "async x10"]
+    for row in rows:
+        bare, ours, ratio = (float(x.strip("*")) for x in row[1:4])
+        assert bare > 0 and ours > 0
+        assert abs(ratio - ours / bare) < 0.01  # the ratio is of the two medians shown
+        assert row[-1] in ("PASS", "**FAIL**", "—")
+    spans = re.search(r"(\d+) spans per call", report)
+    assert spans is not None and int(spans.group(1)) > 0  # tracing really was on
+    assert re.search(r"\*\*delta\*\* \| \*\*[+-]\d+\*\*", report)

@@ -1,0 +1,148 @@
+"""Per-prompt-class timeouts and the whole-call deadline, against slow fake providers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, outcomes
+
+from llm_resilience import AllAttemptsFailed, Resilience, UnknownPromptClass
+from llm_resilience.testing import Behavior, FakeProvider
+
+CLASSES: dict[str, Any] = {
+    "summarize": {
+        "timeout_s": 1.0,
+        "deadline_s": 3.0,
+        "match": [{"last_user_regex": "(?i)\\b(summari[sz]e|tl;?dr)\\b"}],
+    },
+    "code": {"timeout_s": 1.0, "deadline_s": 3.0, "match": [{"metadata": {"task": "code"}}]},
+}
+
+
+@pytest.fixture
+def classed(make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider) -> Resilience:
+    """big answers in 0.45 s: too slow for ``default`` (0.25 s), fine for ``summarize`` and ``code`` (1 s)."""
+    big.set(Behavior.slow(0.45, "slow but thorough"))
+    return make_engine(policy_dict(["big", "small"], timeout_s=0.25, deadline_s=2.0, prompt_classes=CLASSES))
+
+
+def test_default_class_timeout_applies_per_attempt(call: Caller, classed: Resilience) -> None:
+    response = call(classed, "chat", [{"role": "user", "content": "hello"}])
+
+    summary = hidden(response)
+    assert summary["prompt_class"] == "default"
+    assert outcomes(response) == [("big", "failure", "timeout"), ("small", "success", None)]
+    assert summary["attempts"][0]["timeout_s"] == 0.25
+
+
+def test_explicit_prompt_class_uses_its_longer_timeout(call: Caller, classed: Resilience, small: FakeProvider) -> None:
+    response = call(classed, "chat", [{"role": "user", "content": "hello"}], prompt_class="summarize")
+
+    summary = hidden(response)
+    assert summary["prompt_class"] == "summarize"
+    assert summary["model"] == "big"
+    assert summary["attempts"][0]["timeout_s"] == 1.0
+    assert response.choices[0].message.content == "slow but thorough"
+    assert small.request_count == 0
+
+
+def test_prompt_class_is_not_sent_to_the_provider(classed: Resilience, big: FakeProvider) -> None:
+    classed.completion("chat", MESSAGES, prompt_class="summarize")
+
+    assert "prompt_class" not in big.requests[0].body
+
+
+def test_regex_rule_classifies_the_call(call: Caller, classed: Resilience) -> None:
+    response = call(classed, "chat", [{"role": "user", "content": "TL;DR of this thread please"}])
+
+    assert hidden(response)["prompt_class"] == "summarize"
+    assert hidden(response)["model"] == "big"
+
+
+def test_regex_rule_looks_at_the_last_user_message_only(classed: Resilience) -> None:
+    messages = [
+        {"role": "user", "content": "summarize this"},
+        {"role": "assistant", "content": "done"},
+        {"role": "user", "content": "thanks, now something else"},
+    ]
+
+    assert hidden(classed.completion("chat", messages))["prompt_class"] == "default"
+
+
+def test_metadata_rule_classifies_the_call(call: Caller, classed: Resilience) -> None:
+    response = call(classed, "chat", [{"role": "user", "content": "hello"}], metadata={"task": "code"})
+
+    assert hidden(response)["prompt_class"] == "code"
+    assert hidden(response)["attempts"][0]["timeout_s"] == 1.0
+
+
+def test_unknown_prompt_class_raises_before_any_request(
+    call: Caller, classed: Resilience, big: FakeProvider, small: FakeProvider
+) -> None:
+    with pytest.raises(UnknownPromptClass, match="'sumarize'"):
+        call(classed, "chat", MESSAGES, prompt_class="sumarize")
+
+    assert big.request_count == small.request_count == 0
+
+
+def test_whole_call_never_runs_past_the_class_deadline(
+    call: Caller,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    tiny: FakeProvider,
+) -> None:
+    for p in (big, small, tiny):
+        p.set(Behavior.slow(3.0))
+    # Three 0.5 s timeouts would take 1.5 s; the 0.7 s deadline must cut the second one short.
+    engine = make_engine(policy_dict(timeout_s=0.5, deadline_s=0.7))
+
+    started = time.monotonic()
+    with pytest.raises(AllAttemptsFailed) as info:
+        call(engine, "chat", MESSAGES)
+    elapsed = time.monotonic() - started
+
+    assert 0.6 <= elapsed < 1.2
+    attempts = info.value.attempts
+    assert (attempts[0].model, attempts[0].reason, attempts[0].timeout_s) == ("big", "timeout", 0.5)
+    assert attempts[1].model == "small"
+    assert attempts[1].reason == "timeout"
+    assert attempts[1].timeout_s is not None
+    assert attempts[1].timeout_s <= 0.2 + 1e-6  # only what was left of the deadline
+    assert all(a.model != "tiny" or (a.outcome, a.reason) == ("skipped", "deadline_exceeded") for a in attempts)
+    assert tiny.request_count == 0
+
+
+def test_callers_timeout_caps_the_deadline(
+    call: Caller, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+) -> None:
+    big.set(Behavior.slow(3.0))
+    engine = make_engine(policy_dict(["big", "small"], timeout_s=1.0, deadline_s=5.0))
+
+    started = time.monotonic()
+    with pytest.raises(AllAttemptsFailed) as info:
+        call(engine, "chat", MESSAGES, timeout=0.3)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.0  # the class alone would have given big a full second
+    assert outcomes(info.value.attempts) == [
+        ("big", "failure", "timeout"),
+        ("small", "skipped", "deadline_exceeded"),
+    ]
+    assert info.value.attempts[0].timeout_s == pytest.approx(0.3, abs=0.01)
+    assert small.request_count == 0
+
+
+def test_callers_timeout_longer_than_the_class_does_not_extend_it(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
+) -> None:
+    big.set(Behavior.slow(0.6))
+    engine = make_engine(policy_dict(["big", "small"], timeout_s=0.3, deadline_s=2.0))
+
+    response = engine.completion("chat", MESSAGES, timeout=30)
+
+    assert outcomes(response) == [("big", "failure", "timeout"), ("small", "success", None)]
+    assert hidden(response)["attempts"][0]["timeout_s"] == 0.3
