@@ -69,7 +69,9 @@ class _Lease:
     def __init__(self, key: str, http: Any) -> None:
         self.key = key
         self.aborted = False
+        self.in_use = False  # between lease() and give_back(); abort() only acts in between
         self.client: Any = None  # the openai.OpenAI wrapper for the current attempt
+        self.wrappers: dict[tuple[str, str, str | None], Any] = {}  # per credentials: built once
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.http = http
@@ -92,8 +94,10 @@ class _Lease:
 
     def abort(self) -> None:
         """Fail the attempt's read at once and close its connection (the provider sees the disconnect)."""
-        self.aborted = True
         with self._lock:
+            if not self.in_use:  # the attempt already finished and handed the client back
+                return
+            self.aborted = True
             sockets = list(self._sockets)
         for sock in sockets:
             with contextlib.suppress(OSError):
@@ -124,17 +128,23 @@ class _Leases:
                 lease = idle.pop() if idle else None
             if lease is None:
                 lease = _Lease(base_url, _new_http_client())
-            import openai
+            with lease._lock:
+                lease.in_use = True
+            lease.client = lease.wrappers.get(credentials)
+            if lease.client is None:
+                import openai
 
-            lease.client = openai.OpenAI(
-                api_key=api_key, base_url=base_url, organization=organization, http_client=lease.http, max_retries=0
-            )
+                lease.client = lease.wrappers[credentials] = openai.OpenAI(
+                    api_key=api_key, base_url=base_url, organization=organization, http_client=lease.http, max_retries=0
+                )
             return lease
         except Exception:  # never let the cancellation machinery fail a call: send without it
             return None
 
     def give_back(self, lease: _Lease) -> None:
         lease.client = None
+        with lease._lock:
+            lease.in_use = False
         if not lease.aborted:
             with self._lock:
                 idle = self._idle.setdefault(lease.key, [])
@@ -192,12 +202,28 @@ def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
         _leases.give_back(lease)
 
 
+def _dropped(call: Call, running: dict[Any, Any]) -> list[Any]:
+    """Keys of ``running`` whose attempt the planner no longer has in flight (it cut them off)."""
+    live = {id(attempt) for attempt in call.in_flight}
+    return [key for key, value in running.items() if id(value[0] if isinstance(value, tuple) else value) not in live]
+
+
+def _stop(future: cf.Future[Any], lease: _Lease | None) -> None:
+    if future.cancel():  # never started: nothing was sent
+        if lease is not None:
+            _leases.give_back(lease)
+    elif lease is not None:
+        lease.abort()  # its thread gets a connection error at once and returns the lease
+
+
 def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
     """Drive ``call`` with blocking ``litellm.completion`` calls."""
     running: dict[cf.Future[Any], tuple[Attempt, _Lease | None]] = {}
     try:
         while True:
             action = call.next_action(clock())
+            for future in _dropped(call, running) if running else ():
+                _stop(future, running.pop(future)[1])
             if isinstance(action, Launch):
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:
@@ -221,11 +247,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
     finally:
         for future, (attempt, lease) in running.items():
             call.on_cancelled(attempt, clock())
-            if future.cancel():  # never started: nothing was sent
-                if lease is not None:
-                    _leases.give_back(lease)
-            elif lease is not None:
-                lease.abort()  # its thread gets a connection error at once and returns the lease
+            _stop(future, lease)
 
 
 async def _send_async(attempt: Attempt) -> Any:
@@ -252,6 +274,9 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
     try:
         while True:
             action = call.next_action(clock())
+            for task in _dropped(call, running) if running else ():
+                del running[task]
+                task.cancel()  # closes its connection
             if isinstance(action, Launch):
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:

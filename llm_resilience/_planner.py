@@ -76,6 +76,8 @@ class Attempt:
     """Slower than this is a slow call for the breaker (``None``: no soft timeout configured)."""
     soft_cut: bool = False
     """The attempt is cut off at its soft timeout (``timeout_s``, or the first chunk for streams)."""
+    cut_at: float | None = None
+    """May be hedged: if no hedge started for it by then, the planner drops it as a soft timeout."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,9 @@ class Call:
             hedge = self._maybe_hedge(now)
             if hedge is not None:
                 return Launch(hedge)
-            return Wait(until=self._wake_at(now))
+            self._cut_unhedged(now)
+            if self._in_flight:
+                return Wait(until=self._wake_at(now))
         if self._retry is not None:
             spec, not_before, retry_of = self._retry
             if now < not_before:
@@ -295,10 +299,31 @@ class Call:
         return self._finish_exhausted()
 
     def _wake_at(self, now: float) -> float | None:
-        """The next hedge threshold among attempts in flight (``None``: wait for one to finish)."""
+        """The next hedge threshold or cut among attempts in flight (``None``: wait for one to finish)."""
         due = self._hedge_due
-        pending = [a.hedge_at for a in self._in_flight if a.hedge_at is not None and a.record.index not in due]
-        return min(pending) if pending else None
+        times = [a.hedge_at for a in self._in_flight if a.hedge_at is not None and a.record.index not in due]
+        times += [a.cut_at for a in self._in_flight if a.cut_at is not None and "hedged_by" not in a.record.extra]
+        return min(times) if times else None
+
+    def _cut_unhedged(self, now: float) -> None:
+        """Drop attempts past their soft timeout for which no hedge started (budget, max_extra...).
+
+        Without a hedge racing it, a slow attempt is handled as on a route without hedging: a
+        soft_timeout failure, and the chain moves on. The driver closes its connection, since
+        the planner no longer counts it as in flight.
+        """
+        for attempt in list(self._in_flight):
+            if attempt.cut_at is None or attempt.cut_at > now or "hedged_by" in attempt.record.extra:
+                continue
+            record = self._settle(attempt, now)
+            self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
+            record.outcome = "failure"
+            record.reason = k.SOFT_TIMEOUT
+            record.error = self._last_error = TimeoutError(
+                f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
+            )
+            self._count(attempt, k.SOFT_TIMEOUT)
+            self.planner.hooks.attempt_ended(self, record, None)
 
     def _maybe_hedge(self, now: float) -> Attempt | None:
         """An attempt in flight passed its hedge threshold: start the next model beside it, if allowed.
@@ -401,19 +426,22 @@ class Call:
         # The stream driver runs one attempt at a time: streams are cut at the soft timeout, never hedged.
         hedge_cfg = None if self.request.stream else self.route.hedge
         later = self._position < len(self.route.chain)  # a model to move on to
-        # The soft timeout cuts an attempt off only when there is somewhere to go: with hedging
-        # the next model starts beside it instead, and the last model is better slow than cut.
-        # Either way an attempt slower than its soft timeout counts as slow for the breaker.
-        soft_cut = soft is not None and soft < timeout and hedge_cfg is None and later
-        first_token = min(self.klass.first_token_timeout_s or timeout, timeout)
-        if soft_cut and soft is not None and self.request.stream:
-            first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         hedge_at: float | None = None
         if hedge_cfg is not None and later and self._hedges < hedge_cfg.max_extra:
             after = self._hedge_after(spec)
             if after is not None and after < timeout:
                 hedge_at = now + after
                 record.extra["hedge_after_s"] = round(after, 6)
+        # The soft timeout cuts an attempt off only when there is somewhere to go (the last model
+        # is better slow than cut). An attempt that may be hedged runs to its hard timeout, so
+        # the hedge can race it; the planner cuts it at the soft timeout only if no hedge started
+        # for it by then (cut_at). Either way, slower than the soft timeout counts as slow for the breaker.
+        slow_matters = soft is not None and soft < timeout and later
+        soft_cut = slow_matters and hedge_at is None
+        cut_at = now + soft if slow_matters and hedge_at is not None and soft is not None else None
+        first_token = min(self.klass.first_token_timeout_s or timeout, timeout)
+        if soft_cut and soft is not None and self.request.stream:
+            first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         if soft is not None:
             record.extra["soft_timeout_s"] = round(soft, 6)
         kwargs = dict(self._base_kwargs)
@@ -437,6 +465,7 @@ class Call:
             hedge_at=hedge_at,
             soft_timeout_s=soft,
             soft_cut=soft_cut,
+            cut_at=cut_at,
         )
         retries = self.route.retries
         if retries is not None and retries.max_retries > 0 and retry_of is None:

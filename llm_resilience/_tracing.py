@@ -13,6 +13,7 @@ background batch (a dead collector never slows a call); else nothing is recorded
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -116,9 +117,7 @@ class TracingHook(Hook):
         spec = next((s for s in call.route.chain if s.name == record.model), None)
         params = spec.litellm_params if spec is not None else {}
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": provider_name(record.litellm_model, params),
-            "gen_ai.request.model": record.litellm_model,
+            **_model_attributes(record.litellm_model, params.get("api_base"), params.get("custom_llm_provider")),
             f"{NS}.model": record.model,
             f"{NS}.route": call.route.name,
             f"{NS}.prompt_class": call.prompt_class,
@@ -127,56 +126,54 @@ class TracingHook(Hook):
         }
         if record.timeout_s is not None:
             attrs[f"{NS}.timeout_s"] = record.timeout_s
-        api_base = params.get("api_base") if params else None
-        if isinstance(api_base, str) and not api_base.startswith("os.environ/"):
-            parts = urlsplit(api_base)
-            if parts.hostname:
-                attrs["server.address"] = parts.hostname
-                if parts.port:
-                    attrs["server.port"] = parts.port
         if record.hedged:
             attrs[f"{NS}.hedged"] = True
         if record.retry_of is not None:
             attrs[f"{NS}.retry_of"] = record.retry_of
-        spans[record.index] = self.tracer.start_span(
-            f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
+        spans[record.index] = (
+            self.tracer.start_span(
+                f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
+            ),
+            spec,
         )
 
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
         data = call.hook_data.get(self)
         if data is None:
             return
-        span = data[2].pop(record.index, None)
-        if span is None:
+        entry = data[2].pop(record.index, None)
+        if entry is None:
             return
-        span.set_attribute(f"{NS}.outcome", record.outcome or "unknown")
-        span.set_attribute(f"{NS}.latency_s", record.latency_s)
+        span, spec = entry
+        # One set_attributes call: each set_attribute takes the span's lock and re-validates.
+        attrs: dict[str, Any] = {f"{NS}.outcome": record.outcome or "unknown", f"{NS}.latency_s": record.latency_s}
         if record.reason:
-            span.set_attribute(f"{NS}.reason", record.reason)
+            attrs[f"{NS}.reason"] = record.reason
             if record.outcome in ("failure", "soft_failure", "skipped"):
-                span.set_attribute(f"{NS}.fallback_reason", record.reason)
-        for key in (
-            "probe", "missing_env", "failed_checks", "retry_after_s", "retry_in_s", "retry_skipped",
-            "soft_timeout_s", "slow", "hedge_after_s", "hedge_skipped", "hedged_by",
-        ):  # fmt: skip
-            if key in record.extra:
-                value = record.extra[key]
-                span.set_attribute(f"{NS}.{key}", list(value) if isinstance(value, list) else value)
+                attrs[f"{NS}.fallback_reason"] = record.reason
+        if record.extra:
+            for key in _EXTRA_ATTRIBUTES:
+                if key in record.extra:
+                    value = record.extra[key]
+                    attrs[f"{NS}.{key}"] = list(value) if isinstance(value, list) else value
         if record.tokens_before is not None:
-            span.set_attribute(f"{NS}.tokens.before", record.tokens_before)
+            attrs[f"{NS}.tokens.before"] = record.tokens_before
             if record.tokens_after is not None:
-                span.set_attribute(f"{NS}.tokens.after", record.tokens_after)
-            span.set_attribute(f"{NS}.truncated", record.truncated)
+                attrs[f"{NS}.tokens.after"] = record.tokens_after
+            attrs[f"{NS}.truncated"] = record.truncated
         if record.time_to_first_chunk_s is not None:
-            span.set_attribute("gen_ai.response.time_to_first_chunk", record.time_to_first_chunk_s)
-            span.set_attribute(f"{NS}.stream.chunks", record.chunks)
-        for old, new in record.breaker_transitions:
-            span.add_event(f"{NS}.breaker.transition", {"from": old, "to": new, f"{NS}.model": record.model})
+            attrs["gen_ai.response.time_to_first_chunk"] = record.time_to_first_chunk_s
+            attrs[f"{NS}.stream.chunks"] = record.chunks
         if response is not None:
-            _response_attributes(span, response, record, self.record_content)
+            _response_attributes(attrs, response, spec, self.record_content)
+        error_type = None
         if record.outcome in ("failure", "soft_failure"):
             error_type = type(record.error).__name__ if record.error is not None else (record.reason or "error")
-            span.set_attribute("error.type", error_type)
+            attrs["error.type"] = error_type
+        span.set_attributes(attrs)
+        for old, new in record.breaker_transitions:
+            span.add_event(f"{NS}.breaker.transition", {"from": old, "to": new, f"{NS}.model": record.model})
+        if error_type is not None:
             span.set_status(Status(StatusCode.ERROR, record.reason or error_type))
         span.end()
 
@@ -185,50 +182,84 @@ class TracingHook(Hook):
         if data is None:
             return
         span, _context, spans = data
-        for leftover in spans.values():  # defensive: never leak an open span
+        for leftover, _spec in spans.values():  # defensive: never leak an open span
             leftover.end()
         answered = call.answered_by
-        span.set_attribute(f"{NS}.attempts", len(call.records))
-        span.set_attribute(f"{NS}.fallbacks", sum(1 for r in call.records if r is not answered))
+        attrs: dict[str, Any] = {
+            f"{NS}.attempts": len(call.records),
+            f"{NS}.fallbacks": sum(1 for r in call.records if r is not answered),
+        }
         if answered is not None:
-            span.set_attribute(f"{NS}.answered_by", answered.model)
-            span.set_attribute("gen_ai.response.model", answered.litellm_model)
-            span.set_attribute(f"{NS}.outcome", answered.outcome or "success")
+            attrs[f"{NS}.answered_by"] = answered.model
+            attrs["gen_ai.response.model"] = answered.litellm_model
+            attrs[f"{NS}.outcome"] = answered.outcome or "success"
         if error is not None:
-            span.set_attribute("error.type", type(error).__name__)
-            span.set_attribute(f"{NS}.outcome", "error")
+            attrs["error.type"] = type(error).__name__
+            attrs[f"{NS}.outcome"] = "error"
+        span.set_attributes(attrs)
+        if error is not None:
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         span.end()
 
 
-def _response_attributes(span: Any, response: Any, record: AttemptRecord, record_content: bool) -> None:
+# record.extra keys worth showing on a span (others are internal bookkeeping).
+_EXTRA_ATTRIBUTES = (
+    "probe", "missing_env", "failed_checks", "retry_after_s", "retry_in_s", "retry_skipped",
+    "soft_timeout_s", "slow", "hedge_after_s", "hedge_skipped", "hedged_by",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_attributes(litellm_model: str, api_base: Any, custom_provider: Any) -> dict[str, Any]:
+    """Attributes fixed per model; cached because urlsplit and friends cost more than the lookup."""
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": provider_name(litellm_model, {"custom_llm_provider": custom_provider}),
+        "gen_ai.request.model": litellm_model,
+    }
+    if isinstance(api_base, str) and not api_base.startswith("os.environ/"):
+        parts = urlsplit(api_base)
+        if parts.hostname:
+            attrs["server.address"] = parts.hostname
+            if parts.port:
+                attrs["server.port"] = parts.port
+    return attrs
+
+
+def _response_attributes(attrs: dict[str, Any], response: Any, spec: Any, record_content: bool) -> None:
     model = getattr(response, "model", None)
     if model:
-        span.set_attribute("gen_ai.response.model", str(model))
+        attrs["gen_ai.response.model"] = str(model)
     rid = getattr(response, "id", None)
     if rid:
-        span.set_attribute("gen_ai.response.id", str(rid))
+        attrs["gen_ai.response.id"] = str(rid)
     usage = getattr(response, "usage", None)
-    if usage is not None:
-        if getattr(usage, "prompt_tokens", None) is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", int(usage.prompt_tokens))
-        if getattr(usage, "completion_tokens", None) is not None:
-            span.set_attribute("gen_ai.usage.output_tokens", int(usage.completion_tokens))
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    if prompt_tokens is not None:
+        attrs["gen_ai.usage.input_tokens"] = int(prompt_tokens)
+    if completion_tokens is not None:
+        attrs["gen_ai.usage.output_tokens"] = int(completion_tokens)
     choices = getattr(response, "choices", None) or []
     reasons = [str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None)]
     if reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", reasons)
-    cost = record.extra.get("cost_usd")
-    if cost is None:
+        attrs["gen_ai.response.finish_reasons"] = reasons
+    cost: Any = None
+    if spec is not None and (spec.input_cost_per_token is not None or spec.output_cost_per_token is not None):
+        # The policy's prices win: they exist for models litellm's price map does not know.
+        cost = (prompt_tokens or 0) * (spec.input_cost_per_token or 0.0) + (completion_tokens or 0) * (
+            spec.output_cost_per_token or 0.0
+        )
+    else:
         hidden = getattr(response, "_hidden_params", None) or {}
         cost = hidden.get("response_cost")
     if isinstance(cost, int | float):
-        span.set_attribute(f"{NS}.cost_usd", float(cost))
+        attrs[f"{NS}.cost_usd"] = float(cost)
     if record_content and choices:
         message = getattr(choices[0], "message", None)
         text = getattr(message, "content", None)
         if text:
-            span.set_attribute(f"{NS}.completion", str(text))
+            attrs[f"{NS}.completion"] = str(text)
 
 
 def _messages_text(messages: Any) -> str:

@@ -209,6 +209,29 @@ def test_zero_budget_never_hedges(
     assert small.request_count == 0
 
 
+def test_over_budget_a_slow_attempt_is_cut_at_its_soft_timeout_instead(
+    call: Caller, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+) -> None:
+    # No hedge may start, so the route behaves as one without hedging: the slow attempt is a
+    # soft_timeout failure at its soft timeout, its connection is closed, the next model answers.
+    policy = hedged(policy_dict, after=0.05, budget_ratio=0.0)
+    policy["prompt_classes"]["default"]["soft_timeout"] = {"warmup_s": 0.2, "min_samples": 50}
+    engine = make_engine(policy)
+    big.set(Behavior.slow(1.5, "big"))
+
+    started = time.monotonic()
+    response = call(engine, "chat", MESSAGES)
+    elapsed = time.monotonic() - started
+
+    assert outcomes(response) == [("big", "failure", "soft_timeout"), ("small", "success", None)]
+    assert hidden(response)["attempts"][1].get("hedged") is None  # a plain fallback, not a hedge
+    assert elapsed < 1.0
+    assert big.wait_idle(2.0)
+    assert big.requests[0].disconnected
+    assert big.requests[0].duration_s is not None and big.requests[0].duration_s < 1.0
+    assert engine.breakers.get("big").fail_counter == 1
+
+
 def test_percentile_threshold_waits_for_samples_then_hedges_at_the_learned_value(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
@@ -320,3 +343,20 @@ def test_planner_does_not_hedge_the_last_model() -> None:
     last = call.records[-1]
 
     assert last.model == "c" and "hedge_after_s" not in last.extra
+
+
+def test_planner_cuts_an_unhedged_attempt_at_its_soft_timeout_and_moves_on() -> None:
+    p = planner({"after": 0.1, "budget_ratio": 0.0}, soft={"warmup_s": 0.4, "min_samples": 50})
+    call = start(p)
+    first = call.next_action(T0)
+    assert isinstance(first, Launch)
+    assert first.attempt.kwargs["timeout"] == 2.0 and first.attempt.cut_at == pytest.approx(T0 + 0.4)
+
+    waiting = call.next_action(T0 + 0.1)  # hedge refused by the budget: now wait for the cut
+    assert isinstance(waiting, Wait) and waiting.until == pytest.approx(T0 + 0.4)
+    moved_on = call.next_action(T0 + 0.4)
+
+    assert isinstance(moved_on, Launch) and moved_on.attempt.spec.name == "b"
+    assert moved_on.attempt.record.hedged is False
+    assert (call.records[0].outcome, call.records[0].reason) == ("failure", "soft_timeout")
+    assert call.in_flight == [moved_on.attempt]
