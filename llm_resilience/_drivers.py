@@ -248,6 +248,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
         for future, (attempt, lease) in running.items():
             call.on_cancelled(attempt, clock())
             _stop(future, lease)
+        call.cancel(clock())  # KeyboardInterrupt and the like: end the call's span too (no-op when decided)
 
 
 async def _send_async(attempt: Attempt) -> Any:
@@ -300,3 +301,4 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
         for task, attempt in running.items():
             task.cancel()  # closes the loser's connection
             call.on_cancelled(attempt, clock())
+        call.cancel(clock())  # the caller cancelled its task: end the call's span too (no-op when decided)

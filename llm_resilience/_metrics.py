@@ -43,7 +43,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._hooks import Hook
 from ._outcomes import AttemptRecord
-from ._tracing import provider_name
+from ._tracing import export_timeout_s, provider_name
 
 if TYPE_CHECKING:
     from ._breakers import BreakerRegistry
@@ -84,11 +84,11 @@ def _otlp_provider() -> metrics.MeterProvider:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
-            exporter = GrpcExporter()
+            exporter = GrpcExporter(timeout=export_timeout_s())
         else:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-            exporter = HttpExporter()
+            exporter = HttpExporter(timeout=export_timeout_s())
         service = os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")
         _otlp = MeterProvider(
             metric_readers=[PeriodicExportingMetricReader(exporter)],

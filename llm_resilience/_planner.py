@@ -446,6 +446,10 @@ class Call:
             record.extra["soft_timeout_s"] = round(soft, 6)
         kwargs = dict(self._base_kwargs)
         kwargs.update(params)  # the policy's connection settings win over the caller's
+        if isinstance(kwargs.get("metadata"), dict):
+            # litellm writes into `metadata` (timings, hidden params): each attempt gets its own copy,
+            # so one attempt's bookkeeping never leaks into the next one or back to the caller.
+            kwargs["metadata"] = dict(kwargs["metadata"])
         kwargs["messages"] = fit.messages
         kwargs["timeout"] = soft if soft_cut and soft is not None and not self.request.stream else timeout
         kwargs["num_retries"] = 0
@@ -623,7 +627,7 @@ class Call:
         and never past the deadline: then the chain moves on to the next model at once.
         """
         cfg = self.route.retries
-        if cfg is None or cfg.max_retries == 0 or kind not in cfg.on or self._in_flight:
+        if cfg is None or cfg.max_retries == 0 or kind not in cfg.retry_on or self._in_flight:
             return False
         record, spec = attempt.record, attempt.spec
         done = self._retries.get(spec.name, 0)

@@ -221,7 +221,7 @@ class RetryConfig(_Strict):
     """Same-model retries (off by default: the chain is the retry)."""
 
     max_retries: Annotated[int, Field(ge=0)] = Field(0, description="Retries per model per call.")
-    on: list[ErrorKind] = Field(
+    retry_on: list[ErrorKind] = Field(
         default_factory=_default_retry_on,
         description="Error kinds that may be retried on the same model (never 'timeout').",
     )
@@ -232,11 +232,11 @@ class RetryConfig(_Strict):
     )
     min_per_s: NonNegativeFloat = Field(1.0, description="Retries always allowed per second, budget aside.")
 
-    @field_validator("on")
+    @field_validator("retry_on")
     @classmethod
     def _never_timeout(cls, v: list[str]) -> list[str]:
         if k.TIMEOUT in v or k.SOFT_TIMEOUT in v:
-            raise ValueError("a timeout is never retried on the same model; remove it from 'on'")
+            raise ValueError("a timeout is never retried on the same model; remove it from 'retry_on'")
         return v
 
 

@@ -177,6 +177,22 @@ def test_callers_metadata_reaches_litellm_on_every_attempt(
     assert all(seen.get("tenant") == "acme" for seen in logger.seen)
 
 
+def test_each_attempt_gets_its_own_copy_of_the_callers_metadata(
+    call: Caller, engine: Resilience, big: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # litellm writes bookkeeping into the metadata dict it is given; the caller's dict and the
+    # second attempt must not see the first attempt's.
+    logger = MetadataSeen()
+    monkeypatch.setattr(litellm, "callbacks", [logger])
+    big.set(Behavior.error(500))
+    metadata = {"tenant": "acme"}
+
+    call(engine, "chat", MESSAGES, metadata=metadata)
+
+    assert metadata == {"tenant": "acme"}
+    assert logger.seen[1] == {"tenant": "acme"}
+
+
 def test_caller_kwargs_also_reach_the_fallback_model(
     engine: Resilience, big: FakeProvider, small: FakeProvider
 ) -> None:

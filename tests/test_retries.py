@@ -81,7 +81,7 @@ def test_max_retries_then_the_next_model(
 def test_only_the_listed_kinds_are_retried(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
 ) -> None:
-    engine = make_engine(with_retries(policy_dict, on=["rate_limit"]))
+    engine = make_engine(with_retries(policy_dict, retry_on=["rate_limit"]))
     big.script(Behavior.error(503))
 
     response = engine.completion("chat", MESSAGES)
@@ -106,7 +106,7 @@ def test_a_timeout_is_never_retried_on_the_same_model(
 
 def test_policy_refuses_retrying_timeouts(policy_dict: PolicyBuilder) -> None:
     with pytest.raises(PolicyError, match="never retried"):
-        Policy.from_dict(with_retries(policy_dict, on=["server_error", "timeout"]))
+        Policy.from_dict(with_retries(policy_dict, retry_on=["server_error", "timeout"]))
 
 
 def test_an_ordinary_400_is_not_retried(

@@ -259,7 +259,10 @@ def test_concurrent_calls_write_whole_lines(
 def test_a_same_model_retry_is_not_a_fallback(
     big: FakeProvider, make_engine: EngineFactory, policy_dict: PolicyBuilder, log_path: Path
 ) -> None:
-    route = {"chain": ["big", "small"], "retries": {"max_retries": 1, "on": ["server_error"], "backoff_base_s": 0.01}}
+    route = {
+        "chain": ["big", "small"],
+        "retries": {"max_retries": 1, "retry_on": ["server_error"], "backoff_base_s": 0.01},
+    }
     engine = make_engine(with_log(policy_dict(["big", "small"]) | {"routes": {"chat": route}}, path=str(log_path)))
     big.script(Behavior.error(503))
 

@@ -274,3 +274,28 @@ def test_answer_summary_and_spans_agree(scenario: Resilience, exporter: InMemory
     attempts = hidden(response)["attempts"]
     assert [attrs(c)[f"{NS}.model"] for c in children] == [a["model"] for a in attempts]
     assert [attrs(c)[f"{NS}.outcome"] for c in children] == [a["outcome"] for a in attempts]
+
+
+def test_a_caller_cancelling_its_task_ends_the_call_span_and_the_attempt_span(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, exporter: InMemorySpanExporter
+) -> None:
+    import asyncio
+
+    big.set(Behavior.slow(5.0))
+    engine = make_engine(policy_dict(chain=["big", "small"], timeout_s=3.0))
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(engine.acompletion("chat", MESSAGES))
+        for _ in range(500):  # until the attempt to big is in flight (the first call in a process is slow)
+            if big.request_count:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    parent, children = split(exporter.get_finished_spans())
+    assert [attrs(c)[f"{NS}.outcome"] for c in children] == ["cancelled"]
+    assert parent.end_time is not None
+    assert big.request_count == 1
