@@ -34,7 +34,7 @@ class LoggingHook(Hook):
     """Logs every attempt that did not answer (model, reason, latency; never prompt text)."""
 
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
-        if record.outcome in ("failure", "soft_failure", "skipped"):
+        if record.outcome in ("failure", "soft_failure", "skipped") and log.isEnabledFor(logging.INFO):
             log.info(
                 "route=%s class=%s model=%s outcome=%s reason=%s latency_ms=%.0f",
                 call.route.name, call.prompt_class, record.model, record.outcome, record.reason,

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 NS = "llm_resilience"
 BREAKER_STATE_VALUES = {"closed": 0, "half-open": 1, "half_open": 1, "open": 2}
 
+_OUTCOME, _REASON, _DECISION = f"{NS}.outcome", f"{NS}.reason", f"{NS}.decision"
+_MAX_CACHED_ATTRS = 4096
+
 # The GenAI conventions' advice for these two histograms.
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
@@ -110,6 +113,7 @@ class MetricsHook(Hook):
         meter = (provider or default_meter_provider()).get_meter("llm_resilience", __version__)
         self._breakers = breakers
         self._seen_states: dict[str, str] = {}
+        self._attr_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.duration = meter.create_histogram(
             "gen_ai.client.operation.duration",
             unit="s",
@@ -152,28 +156,27 @@ class MetricsHook(Hook):
     # -- events ---------------------------------------------------------------------
 
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
-        attrs = _common(call, record)
         outcome = record.outcome or "unknown"
-        self.attempts.add(1, {**attrs, f"{NS}.outcome": outcome, f"{NS}.reason": record.reason or "none"})
+        self.attempts.add(1, self._attrs(call, record, (_OUTCOME, outcome), (_REASON, record.reason or "none")))
         extra = record.extra
         if "hedge_skipped" in extra:
-            self.hedges.add(1, {**attrs, f"{NS}.decision": str(extra["hedge_skipped"])})
+            self.hedges.add(1, self._attrs(call, record, (_DECISION, str(extra["hedge_skipped"]))))
         if "retry_skipped" in extra:
-            self.retries.add(1, {**attrs, f"{NS}.decision": str(extra["retry_skipped"])})
+            self.retries.add(1, self._attrs(call, record, (_DECISION, str(extra["retry_skipped"]))))
         if outcome == "skipped":
             return
         if record.hedged:
-            self.hedges.add(1, {**attrs, f"{NS}.decision": "launched"})
+            self.hedges.add(1, self._attrs(call, record, (_DECISION, "launched")))
         if record.retry_of is not None:
-            self.retries.add(1, {**attrs, f"{NS}.decision": "launched"})
-        duration_attrs = {**attrs, f"{NS}.outcome": outcome}
+            self.retries.add(1, self._attrs(call, record, (_DECISION, "launched")))
+        error_type = None
         if outcome in ("failure", "soft_failure"):
-            duration_attrs["error.type"] = (
-                type(record.error).__name__ if record.error is not None else (record.reason or "error")
-            )
+            error_type = type(record.error).__name__ if record.error is not None else (record.reason or "error")
         model = getattr(response, "model", None) if response is not None else None
-        if model:
-            duration_attrs["gen_ai.response.model"] = str(model)
+        response_model = str(model) if model else None
+        duration_attrs = self._attrs(
+            call, record, (_OUTCOME, outcome), ("error.type", error_type), ("gen_ai.response.model", response_model)
+        )
         self.duration.record(record.latency_s, duration_attrs)
         if record.time_to_first_chunk_s is not None:
             self.first_chunk.record(record.time_to_first_chunk_s, duration_attrs)
@@ -182,12 +185,29 @@ class MetricsHook(Hook):
             for token_type, field in (("input", "prompt_tokens"), ("output", "completion_tokens")):
                 value = getattr(usage, field, None)
                 if isinstance(value, int):
-                    self.tokens.record(value, {**attrs, "gen_ai.token.type": token_type})
+                    self.tokens.record(value, self._attrs(call, record, ("gen_ai.token.type", token_type)))
 
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
         for record in call.records[:-1]:  # the last record has nothing after it to fall back to
             if record.outcome in ("failure", "soft_failure", "skipped") and record is not call.answered_by:
-                self.fallbacks.add(1, {**_common(call, record), f"{NS}.reason": record.reason or "unknown"})
+                self.fallbacks.add(1, self._attrs(call, record, (_REASON, record.reason or "unknown")))
+
+    def _attrs(self, call: Call, record: AttemptRecord, *extra: tuple[str, Any]) -> dict[str, Any]:
+        """The common attributes plus ``extra`` (pairs whose value is ``None`` are left out).
+
+        Cached: the same few combinations repeat on every call, and a measurement only reads
+        its attributes, so one shared dict per combination saves building it each time. The
+        requested model and prompt class determine the route, hence the common attributes.
+        """
+        key = (call.request.model, call.prompt_class, record.model, record.litellm_model, extra)
+        attrs = self._attr_cache.get(key)
+        if attrs is None:
+            if len(self._attr_cache) >= _MAX_CACHED_ATTRS:
+                self._attr_cache.clear()  # keys hold provider-given strings (response model): stay bounded
+            attrs = _common(call, record)
+            attrs.update((name, value) for name, value in extra if value is not None)
+            self._attr_cache[key] = attrs
+        return attrs
 
     def breaker_transition(self, model: str, old: str, new: str) -> None:
         self._seen_states[model] = new

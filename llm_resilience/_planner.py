@@ -276,6 +276,7 @@ class Call:
         if self._final is not None:
             return self._final
         if self._in_flight:
+            self._flag_slow(now)
             hedge = self._maybe_hedge(now)
             if hedge is not None:
                 return Launch(hedge)
@@ -299,11 +300,41 @@ class Call:
         return self._finish_exhausted()
 
     def _wake_at(self, now: float) -> float | None:
-        """The next hedge threshold or cut among attempts in flight (``None``: wait for one to finish)."""
+        """The next hedge threshold, cut or soft timeout among attempts in flight (``None``: wait for one)."""
         due = self._hedge_due
         times = [a.hedge_at for a in self._in_flight if a.hedge_at is not None and a.record.index not in due]
         times += [a.cut_at for a in self._in_flight if a.cut_at is not None and "hedged_by" not in a.record.extra]
+        times += [at for a in self._in_flight if (at := self._slow_at(a)) is not None]
         return min(times) if times else None
+
+    def _slow_at(self, attempt: Attempt) -> float | None:
+        """When an attempt in flight becomes slow for its breaker (``None``: never, or already counted).
+
+        Only non-streaming attempts: a stream's latency sample is its first chunk, which the
+        planner hears about only at the end, so a stream is judged when it ends.
+        """
+        soft = attempt.soft_timeout_s
+        if soft is None or self.request.stream or "slow" in attempt.record.extra:
+            return None
+        return attempt.record.started_at + soft
+
+    def _flag_slow(self, now: float) -> None:
+        """Count attempts still in flight past their soft timeout as slow, now rather than when they end.
+
+        A breaker can only stop calls once it knows they are slow. An attempt that runs past its
+        soft timeout (a hedged one racing its hedge, the last model) is slow whatever happens
+        next, so it counts as one ``soft_timeout`` failure the moment it crosses the bound; the
+        record is marked ``slow`` and its later end (cancelled, failed, even a success: it was
+        slow) counts nothing more, so a slow half-open probe re-opens the breaker at once and
+        its late answer cannot close it. Waiting for the hedge to win and the loser to be
+        cancelled would let more calls reach the sick model meanwhile.
+        """
+        for attempt in self._in_flight:
+            at = self._slow_at(attempt)
+            if at is None or now < at:
+                continue
+            attempt.record.extra["slow"] = True
+            self._count(attempt, k.SOFT_TIMEOUT)  # also frees a probe slot: the probe failed
 
     def _cut_unhedged(self, now: float) -> None:
         """Drop attempts past their soft timeout for which no hedge started (budget, max_extra...).
@@ -322,7 +353,8 @@ class Call:
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
-            self._count(attempt, k.SOFT_TIMEOUT)
+            if "slow" not in record.extra:  # else _flag_slow already counted it
+                self._count(attempt, k.SOFT_TIMEOUT)
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _maybe_hedge(self, now: float) -> Attempt | None:
@@ -525,6 +557,7 @@ class Call:
         """A 200 came back (for streams: the assembled response)."""
         if attempt not in self._in_flight:
             return  # already abandoned: another attempt decided the call first
+        counted = "slow" in attempt.record.extra  # _flag_slow already counted it as one slow call
         record = self._settle(attempt, now)
         failed = self.planner.validator.check(self.route, self.request, response, attempt.kwargs)
         fall_back = [name for name in failed if self.route.validators.get(name, "fall_back") == "fall_back"]
@@ -532,7 +565,8 @@ class Call:
             record.outcome = "soft_failure"
             record.reason = fall_back[0]
             record.extra["failed_checks"] = failed
-            self._count(attempt, fall_back[0])
+            if not counted:
+                self._count(attempt, fall_back[0])
             if self._best_flagged is None:
                 self._best_flagged = (record, response)
             self.planner.hooks.attempt_ended(self, record, response)
@@ -542,15 +576,16 @@ class Call:
         # A slow success (possible when hedging or the last model let it run past its soft
         # timeout) is answered, but counts as a soft_timeout failure for the breaker: a latency
         # spike without errors must open it, and a slow half-open probe must not close it.
-        slow = attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s
+        # Counted already (``counted``): neither again nor as a success that would reset the breaker.
+        slow = counted or (attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s)
         if slow:
             record.extra["slow"] = True
         record.outcome = "flagged" if failed else "success"
         if failed:
             record.reason = failed[0]
             record.extra["failed_checks"] = failed
-        # a committed stream's bad answer still counts
-        self._count(attempt, fall_back[0] if fall_back else (k.SOFT_TIMEOUT if slow else None))
+        if not counted:  # a committed stream's bad answer still counts
+            self._count(attempt, fall_back[0] if fall_back else (k.SOFT_TIMEOUT if slow else None))
         self.planner.hooks.attempt_ended(self, record, response)
         self._abandon_in_flight(now)
         self._succeed(record, response)
@@ -559,6 +594,7 @@ class Call:
         """The attempt raised."""
         if attempt not in self._in_flight:
             return  # already abandoned: another attempt decided the call first
+        counted = "slow" in attempt.record.extra  # _flag_slow already counted it as one slow call
         record = self._settle(attempt, now)
         kind = classify_error(error)
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
@@ -572,7 +608,8 @@ class Call:
         record.reason = kind
         record.error = error
         self._last_error = error
-        self._count(attempt, kind)
+        if not counted:  # one verdict per attempt: its later timeout or error is the same slow call
+            self._count(attempt, kind)
         retrying = attempt is not self._committed and self._final is None and self._schedule_retry(attempt, kind, now)
         self.planner.hooks.attempt_ended(self, record, None)
         if kind == k.CONTEXT_WINDOW:
@@ -592,22 +629,26 @@ class Call:
         ...unless it had already run past its soft timeout: then it was slow whoever won, and it
         counts as a ``soft_timeout`` failure for its breaker (reason ``soft_timeout``, outcome
         still ``cancelled``). Otherwise hedging would hide a latency spike from the breaker: the
-        hedge answers, the slow primary is cancelled, and nothing would ever open.
+        hedge answers, the slow primary is cancelled, and nothing would ever open. (An attempt
+        the planner saw cross its soft timeout while in flight was counted then, by
+        ``_flag_slow``; its cancellation only records the reason.)
         """
         if attempt not in self._in_flight:
             return
+        counted = "slow" in attempt.record.extra  # _flag_slow already counted it (and freed its probe slot)
         record = self._settle(attempt, now)
         record.outcome = "cancelled"
         ttfc = record.time_to_first_chunk_s
         latency = ttfc if self.request.stream and ttfc is not None else record.latency_s
-        slow = attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s
+        slow = counted or (attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s)
         if slow or record.index in self._hedge_due:
             # Ran past the hedge threshold or the soft timeout: a censored sample of the slow tail.
             # Dropping it would let hedging bias the percentile down (see _latency.py).
             self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, latency)
         if slow:
             record.reason = k.SOFT_TIMEOUT
-            self._count(attempt, k.SOFT_TIMEOUT)  # also frees a probe slot
+            if not counted:
+                self._count(attempt, k.SOFT_TIMEOUT)  # also frees a probe slot
         else:
             self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         self.planner.hooks.attempt_ended(self, record, None)

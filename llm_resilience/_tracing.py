@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -29,6 +29,8 @@ from ._planner import Call
 log = logging.getLogger("llm_resilience")
 
 NS = "llm_resilience"
+
+_V = TypeVar("_V")
 
 
 def default_tracer_provider() -> trace.TracerProvider:
@@ -96,22 +98,27 @@ class TracingHook(Hook):
 
         self.tracer = (provider or default_tracer_provider()).get_tracer("llm_resilience", __version__)
         self.record_content = record_content
+        self._parent_attrs: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._attempt_base: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
 
     def call_started(self, call: Call) -> None:
-        span = self.tracer.start_span(
-            f"{NS}.completion {call.route.name}",
-            kind=SpanKind.INTERNAL,
-            attributes={
+        request = call.request
+        # The parent's attributes repeat call after call: built once per combination.
+        key = (call.route.name, request.model, call.prompt_class, request.stream, call.klass.deadline_s)
+        attrs = self._parent_attrs.get(key)
+        if attrs is None:
+            attrs = {
                 "gen_ai.operation.name": "chat",
-                "gen_ai.request.model": call.request.model,
+                "gen_ai.request.model": request.model,
                 f"{NS}.route": call.route.name,
                 f"{NS}.prompt_class": call.prompt_class,
-                f"{NS}.stream": call.request.stream,
+                f"{NS}.stream": request.stream,
                 f"{NS}.deadline_s": call.klass.deadline_s,
-            },
-        )
+            }
+            _bounded_put(self._parent_attrs, key, attrs)  # never mutated afterwards: the span copies it
+        span = self.tracer.start_span(f"{NS}.completion {call.route.name}", kind=SpanKind.INTERNAL, attributes=attrs)
         if self.record_content:
-            span.set_attribute(f"{NS}.prompt", _messages_text(call.request.messages))
+            span.set_attribute(f"{NS}.prompt", _messages_text(request.messages))
         call.hook_data[self] = (span, trace.set_span_in_context(span), {})
 
     def call_span(self, call: Call) -> trace.Span | None:
@@ -124,13 +131,23 @@ class TracingHook(Hook):
         if data is None:
             return
         _parent, context, spans = data
-        spec = next((s for s in call.route.chain if s.name == record.model), None)
-        params = spec.litellm_params if spec is not None else {}
+        # The requested model and the class determine the route, hence the model's spec and the
+        # attributes fixed for it: looked up once per combination, not on every attempt.
+        key = (call.request.model, call.prompt_class, record.model)
+        cached = self._attempt_base.get(key)
+        if cached is None:
+            spec = next((s for s in call.route.chain if s.name == record.model), None)
+            params = spec.litellm_params if spec is not None else {}
+            base: dict[str, Any] = {
+                **_model_attributes(record.litellm_model, params.get("api_base"), params.get("custom_llm_provider")),
+                f"{NS}.model": record.model,
+                f"{NS}.route": call.route.name,
+                f"{NS}.prompt_class": call.prompt_class,
+            }
+            cached = _bounded_put(self._attempt_base, key, (spec, base))
+        spec, base = cached
         attrs: dict[str, Any] = {
-            **_model_attributes(record.litellm_model, params.get("api_base"), params.get("custom_llm_provider")),
-            f"{NS}.model": record.model,
-            f"{NS}.route": call.route.name,
-            f"{NS}.prompt_class": call.prompt_class,
+            **base,
             f"{NS}.attempt.index": record.index,
             f"{NS}.breaker.state": record.breaker_state,
         }
@@ -217,6 +234,17 @@ _EXTRA_ATTRIBUTES = (
     "probe", "missing_env", "failed_checks", "retry_after_s", "retry_in_s", "retry_skipped",
     "soft_timeout_s", "slow", "hedge_after_s", "hedge_skipped", "hedged_by",
 )  # fmt: skip
+
+
+_MAX_CACHED = 1024
+
+
+def _bounded_put(cache: dict[Any, _V], key: Any, value: _V) -> _V:
+    """Store ``value`` in a per-hook cache; ad-hoc model strings come from callers, so it stays bounded."""
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 @functools.lru_cache(maxsize=1024)

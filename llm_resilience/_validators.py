@@ -159,12 +159,13 @@ class ResponseValidator:
         actions = route.validators
         kwargs: Mapping[str, Any] = sent if sent is not None else request.kwargs
         choices = list(getattr(response, "choices", None) or [])
+        finish_reasons = [_finish_reason(c) for c in choices]  # read once: pydantic attribute access is not free
         failed: list[str] = []
         if actions.get(k.EMPTY) != "off" and (not choices or any(_is_empty(c) for c in choices)):
             failed.append(Failed(k.EMPTY))
         if (
             actions.get(k.TRUNCATED) != "off"
-            and any(_finish_reason(c) == "length" for c in choices)
+            and "length" in finish_reasons
             and not any(kwargs.get(key) for key in _MAX_KEYS)
         ):
             failed.append(Failed(k.TRUNCATED, "finish_reason length without max_tokens"))
@@ -178,7 +179,7 @@ class ResponseValidator:
                     if problem is not None:
                         failed.append(Failed(k.INVALID_JSON, problem))
                         break
-        if actions.get(k.CONTENT_FILTER) != "off" and any(_finish_reason(c) == "content_filter" for c in choices):
+        if actions.get(k.CONTENT_FILTER) != "off" and "content_filter" in finish_reasons:
             failed.append(Failed(k.CONTENT_FILTER, "finish_reason content_filter"))
         for name, action in actions.items():
             if action != "off" and name not in BUILTIN_VALIDATORS:
