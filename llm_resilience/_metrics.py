@@ -43,7 +43,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._hooks import Hook
 from ._outcomes import AttemptRecord
-from ._tracing import export_timeout_s, provider_name
+from ._tracing import otlp_exporter, otlp_resource, provider_name
 
 if TYPE_CHECKING:
     from ._breakers import BreakerRegistry
@@ -77,25 +77,10 @@ def _otlp_provider() -> metrics.MeterProvider:
     global _otlp
     if _otlp is None:
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-        )
-        exporter: MetricExporter
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-
-            exporter = GrpcExporter(timeout=export_timeout_s())
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-
-            exporter = HttpExporter(timeout=export_timeout_s())
-        service = os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")
         _otlp = MeterProvider(
-            metric_readers=[PeriodicExportingMetricReader(exporter)],
-            resource=Resource.create({"service.name": service}),
+            metric_readers=[PeriodicExportingMetricReader(otlp_exporter("metrics"))], resource=otlp_resource()
         )
     return _otlp
 

@@ -14,6 +14,7 @@ background batch (a dead collector never slows a call); else nothing is recorded
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from typing import Any, TypeVar
@@ -56,28 +57,41 @@ def export_timeout_s() -> float:
         return 2.0
 
 
+_OTLP_EXPORTERS = {
+    ("traces", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "OTLPSpanExporter"),
+    ("traces", "http"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "OTLPSpanExporter"),
+    ("metrics", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "OTLPMetricExporter"),
+    ("metrics", "http"): ("opentelemetry.exporter.otlp.proto.http.metric_exporter", "OTLPMetricExporter"),
+}
+
+
+def otlp_exporter(signal: str) -> Any:
+    """The OTLP exporter for ``signal`` ("traces" or "metrics") per the standard OTEL_* variables.
+
+    Imported on demand: the gRPC stack is heavy and most processes never export.
+    """
+    protocol = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    module, name = _OTLP_EXPORTERS[(signal, "grpc" if protocol == "grpc" else "http")]
+    return getattr(importlib.import_module(module), name)(timeout=export_timeout_s())
+
+
+def otlp_resource() -> Any:
+    """The resource of our private providers: ``service.name`` from OTEL_SERVICE_NAME."""
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")})
+
+
 def _otlp_provider() -> trace.TracerProvider:
     global _otlp
     if _otlp is None:
-        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-        )
-        exporter: Any
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-            exporter = GrpcExporter(timeout=export_timeout_s())
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-            exporter = HttpExporter(timeout=export_timeout_s())
-        service = os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")
-        provider = TracerProvider(resource=Resource.create({"service.name": service}))
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider = TracerProvider(resource=otlp_resource())
+        provider.add_span_processor(BatchSpanProcessor(otlp_exporter("traces")))
         _otlp = provider
     return _otlp
 
