@@ -23,6 +23,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ._budget import Budgets
 from ._exceptions import AllAttemptsFailed, LLMResilienceError, UnknownPromptClass
 from ._hooks import HookSet
 from ._outcomes import AttemptRecord, classify_error
-from ._policy import ModelSpec, Policy, PromptClass, ResolvedRoute
+from ._policy import BUILTIN_CLASS, ModelSpec, Policy, PromptClass, ResolvedRoute, caller_timeout_class
 
 log = logging.getLogger("llm_resilience")
 
@@ -44,6 +45,26 @@ MIN_ATTEMPT_S = 0.005
 # litellm arguments that would make litellm retry or fall back on its own, hiding
 # attempts from our breakers and spans. We own retries and fallbacks.
 _OWNED_KWARGS = ("num_retries", "max_retries", "fallbacks", "context_window_fallback_dict")
+_WHY_DROPPED = {
+    "num_retries": "the policy's retries decide same-model retries",
+    "max_retries": "the policy's retries decide same-model retries",
+    "fallbacks": "the policy's chain decides fallbacks",
+    "context_window_fallback_dict": "the policy's chain and truncation handle context windows",
+    "stream_timeout": "streams use the class's first_token_timeout_s and idle_timeout_s",
+}
+_dropped_warned: set[str] = set()
+_dropped_lock = threading.Lock()
+
+
+def _warn_dropped(kwargs: Mapping[str, Any], stream: bool) -> None:
+    """Log, once per process and argument, a caller argument we do not pass on (its name, never its value)."""
+    for name in (*_OWNED_KWARGS, "stream_timeout") if stream else _OWNED_KWARGS:
+        if name in kwargs and name not in _dropped_warned:
+            with _dropped_lock:
+                if name in _dropped_warned:
+                    continue
+                _dropped_warned.add(name)
+            log.warning("llm_resilience ignores the argument %r: %s (logged once)", name, _WHY_DROPPED[name])
 
 
 @dataclass(frozen=True)
@@ -245,10 +266,13 @@ class Call:
         self.prompt_class = planner.classify(request)
         self.klass = policy.classes[self.prompt_class]
         self.route = policy.route_for(request.model, self.prompt_class)
-        deadline = self.klass.deadline_s
         caller_timeout = request.kwargs.get("timeout")
         if isinstance(caller_timeout, int | float) and caller_timeout > 0:
-            deadline = min(deadline, float(caller_timeout))  # the caller's own bound still holds
+            if self.klass is BUILTIN_CLASS:  # see caller_timeout_class: never shorter than the caller asked
+                self.klass = caller_timeout_class(float(caller_timeout))
+            deadline = min(self.klass.deadline_s, float(caller_timeout))  # the caller's own bound still holds
+        else:
+            deadline = self.klass.deadline_s
         self.deadline_at = now + deadline
         self.records: list[AttemptRecord] = []
         self.hook_data: dict[object, Any] = {}
@@ -261,6 +285,8 @@ class Call:
         self._committed: Attempt | None = None  # a stream whose output reached the caller (see commit)
         self._shrink = 1.0  # < 1 after a provider said the prompt was too long
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
+        if len(self._base_kwargs) != len(request.kwargs) or (request.stream and "stream_timeout" in request.kwargs):
+            _warn_dropped(request.kwargs, request.stream)
         self._base_kwargs.pop("timeout", None)
         self._hedges = 0  # hedges launched by this call (route.hedge.max_extra caps it)
         self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)

@@ -10,12 +10,13 @@ generated from the same declaration (``llm-resilience schema``).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,15 +24,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import _outcomes as k
 from ._exceptions import PolicyError
 
+# Durations are finite and at most a day: a larger one is a typo or `.inf`, and every call
+# under it would fail (timers overflow past ~1e10 s). Timeouts leave an attempt room to run.
+MAX_SECONDS = 86_400.0
+MIN_TIMEOUT_S = 0.01
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+TimeoutSeconds = Annotated[float, Field(ge=MIN_TIMEOUT_S, le=MAX_SECONDS)]
 ErrorKind = Literal[
     "timeout", "connection", "rate_limit", "server_error", "auth", "not_found",
     "context_window", "content_policy", "bad_request", "unknown",
     "soft_timeout", "empty", "truncated", "invalid_json", "content_filter",
 ]  # fmt: skip
 ValidatorAction = Literal["fall_back", "flag", "off"]
+ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+BUILTIN_VALIDATORS: tuple[str, ...] = (k.EMPTY, k.TRUNCATED, k.INVALID_JSON, k.CONTENT_FILTER)
 
 
 def _default_fall_back_on() -> list[ErrorKind]:
@@ -77,7 +86,7 @@ class _UnknownKey(ValueError):
 class _Strict(BaseModel):
     """Base of every policy section: frozen, and unknown keys are errors with a hint."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -100,7 +109,9 @@ class ModelConfig(_Strict):
     context_window: PositiveInt | None = Field(
         None, description="Max input tokens, for models litellm does not know (overrides litellm's map)."
     )
-    max_output_tokens: PositiveInt | None = Field(None, description="Max output tokens of this model.")
+    max_output_tokens: PositiveInt | None = Field(
+        None, description="Max output tokens of this model: the truncation reserve never exceeds it."
+    )
     input_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per input token.")
     output_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per output token.")
 
@@ -144,12 +155,12 @@ class SoftTimeoutConfig(_Strict):
     """Adaptive soft timeout: an attempt slower than the model's recent percentile is a soft failure."""
 
     percentile: Annotated[float, Field(gt=0, le=100)] = Field(95.0, description="Percentile of recent latency.")
-    warmup_s: PositiveFloat | None = Field(
+    warmup_s: Seconds | None = Field(
         None, description="Soft timeout used until min_samples exist (default: the class timeout_s)."
     )
     min_samples: PositiveInt = Field(20, description="Samples needed before the percentile is trusted.")
-    floor_s: NonNegativeFloat = Field(0.05, description="Never lower than this.")
-    ceiling_s: PositiveFloat | None = Field(None, description="Never higher than this (default: timeout_s).")
+    floor_s: Annotated[float, Field(ge=0, le=MAX_SECONDS)] = Field(0.05, description="Never lower than this.")
+    ceiling_s: Seconds | None = Field(None, description="Never higher than this (default: timeout_s).")
     multiplier: PositiveFloat = Field(1.0, description="Scale applied to the learned percentile.")
 
     @model_validator(mode="before")
@@ -167,12 +178,12 @@ class SoftTimeoutConfig(_Strict):
 class PromptClass(_Strict):
     """Timing for one kind of request (summaries must be quick, code generation may take longer)."""
 
-    timeout_s: PositiveFloat = Field(description="Per-attempt timeout, seconds.")
-    deadline_s: PositiveFloat = Field(description="Whole-request deadline across all attempts, seconds.")
-    first_token_timeout_s: PositiveFloat | None = Field(
-        None, description="Streams: time allowed until the first content chunk (default: timeout_s)."
+    timeout_s: TimeoutSeconds = Field(description="Per-attempt timeout, seconds.")
+    deadline_s: TimeoutSeconds = Field(description="Whole-request deadline across all attempts, seconds.")
+    first_token_timeout_s: TimeoutSeconds | None = Field(
+        None, description="Streams: time allowed until the first content chunk (at most timeout_s; default: timeout_s)."
     )
-    idle_timeout_s: PositiveFloat | None = Field(
+    idle_timeout_s: TimeoutSeconds | None = Field(
         None, description="Streams: longest gap allowed between chunks (default: timeout_s)."
     )
     soft_timeout: SoftTimeoutConfig | None = Field(
@@ -192,6 +203,11 @@ class PromptClass(_Strict):
                 f"timeout_s ({self.timeout_s}) is longer than deadline_s ({self.deadline_s}); "
                 "an attempt can never use it all"
             )
+        if self.first_token_timeout_s is not None and self.first_token_timeout_s > self.timeout_s:
+            raise ValueError(
+                f"first_token_timeout_s ({self.first_token_timeout_s}) is longer than timeout_s ({self.timeout_s}), "
+                "which bounds the whole attempt; raise timeout_s or lower first_token_timeout_s"
+            )
         return self
 
 
@@ -206,14 +222,19 @@ class HedgeConfig(_Strict):
         0.1, description="Hedged requests may not exceed this share of recent requests."
     )
 
-    @field_validator("after")
+    @field_validator("after", mode="before")
     @classmethod
-    def _after(cls, v: float | str) -> float | str:
+    def _after(cls, v: Any) -> float | str:
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            raise ValueError(f"expected seconds or a percentile such as 'p95', got {_kind(v)}")
         if isinstance(v, str):
-            if not re.fullmatch(r"p\d+(?:\.\d+)?", v):
+            m = re.fullmatch(r"p(\d+(?:\.\d+)?)", v)
+            if not m:
                 raise ValueError(f"expected seconds or a percentile such as 'p95', got '{v}'")
-        elif v <= 0:
-            raise ValueError("must be greater than 0")
+            if not 0 < float(m.group(1)) <= 100:
+                raise ValueError(f"a percentile is between p0 and p100 (p0 excluded), got '{v}'")
+        elif not 0 < v <= MAX_SECONDS:  # NaN fails this too
+            raise ValueError(f"expected a finite number of seconds above 0 and at most {MAX_SECONDS:g}, got {v}")
         return v
 
 
@@ -225,8 +246,8 @@ class RetryConfig(_Strict):
         default_factory=_default_retry_on,
         description="Error kinds that may be retried on the same model (never 'timeout').",
     )
-    backoff_base_s: PositiveFloat = Field(0.1, description="First backoff; doubles each retry, with jitter.")
-    backoff_max_s: PositiveFloat = Field(2.0, description="Backoff cap.")
+    backoff_base_s: Seconds = Field(0.1, description="First backoff; doubles each retry, with jitter.")
+    backoff_max_s: Seconds = Field(2.0, description="Backoff cap.")
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
         0.2, description="Retries may not exceed this share of recent requests."
     )
@@ -258,7 +279,9 @@ class TruncationConfig(_Strict):
 class RouteOptions(_Strict):
     """Per prompt class overrides inside a route."""
 
-    chain: list[str] | None = Field(None, description="Models to try, in order, for this class.")
+    chain: list[str] | None = Field(
+        None, min_length=1, description="Models to try, in order, for this class (omit it to use the route's)."
+    )
     validators: dict[str, ValidatorAction] | None = Field(
         None, description="Validator name -> fall_back | flag | off (merged over the route's)."
     )
@@ -291,9 +314,14 @@ class BreakerConfig(_Strict):
     """Circuit breaker settings; under ``default`` or a model name (which overrides the default)."""
 
     fail_max: PositiveInt | None = Field(None, description="Consecutive failures that open the breaker.")
-    reset_timeout_s: PositiveFloat | None = Field(None, description="Seconds open before a probe.")
+    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe.")
     success_threshold: PositiveInt | None = Field(None, description="Probe successes needed to close.")
-    count: list[ErrorKind] | None = Field(None, description="Outcome kinds that count as failures.")
+    count: list[str] | None = Field(
+        None,
+        description="Outcome kinds that count as failures: error kinds (timeout, connection, rate_limit, "
+        "server_error, auth, not_found, context_window, content_policy, bad_request, unknown, soft_timeout) "
+        "and validator names (built-in or registered).",
+    )
 
 
 class ErrorsConfig(_Strict):
@@ -325,7 +353,7 @@ class PolicyDocument(_Strict):
     """The top level of a policy file."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, title="llm-resilience policy",
+        extra="forbid", frozen=True, allow_inf_nan=False, title="llm-resilience policy",
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )  # fmt: skip
 
@@ -337,6 +365,21 @@ class PolicyDocument(_Strict):
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     review_log: ReviewLogConfig | None = None
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+
+BUILTIN_CLASS = PromptClass.model_validate(BUILTIN_DEFAULT_CLASS)
+
+
+def caller_timeout_class(timeout_s: float) -> PromptClass:
+    """The class a call runs under when it passed ``timeout=`` and the policy defines no ``default`` class.
+
+    The built-in bounds are a guess for calls the policy says nothing about; the caller's
+    own ``timeout=`` knows better, so it becomes both the attempt timeout and the deadline
+    (adopting the library never shortens it). Where the policy defines the class, the
+    policy's timeouts hold and the caller's ``timeout=`` only caps the whole call.
+    """
+    bound = min(max(timeout_s, MIN_TIMEOUT_S), MAX_SECONDS)
+    return PromptClass.model_construct(timeout_s=bound, deadline_s=bound)
 
 
 # ---------------------------------------------------------------------------
@@ -412,6 +455,8 @@ class Policy:
     breaker_default: BreakerSettings = BreakerSettings()
     breaker_overrides: Mapping[str, BreakerSettings] = field(default_factory=dict)
     fall_back_on: frozenset[str] = frozenset(DEFAULT_FALL_BACK_ON)
+    name_refs: tuple[tuple[str, str, bool], ...] = field(default=(), repr=False)
+    """Validator names the policy uses: (``file:line: field``, name, listed under ``breakers.*.count``)."""
     _routes: dict[tuple[str, str], ResolvedRoute] = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction -------------------------------------------------------
@@ -422,52 +467,74 @@ class Policy:
         return cls.from_dict({}, source="<built-in defaults>")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Policy:
-        """Load and validate a YAML policy file. Raises :class:`PolicyError`."""
+    def from_file(cls, path: str | os.PathLike[str], *, validators: Collection[str] = ()) -> Policy:
+        """Load and validate a YAML policy file. Raises :class:`PolicyError` listing every problem.
+
+        Validator names the policy uses (``validators:`` and ``breakers.*.count``) must be
+        built in, registered already (:func:`llm_resilience.register_validator`), or listed
+        in ``validators`` (names the application registers before it builds the engine).
+        """
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
-        return cls.from_yaml(text, source=str(p))
+        except UnicodeDecodeError as e:
+            line = e.object.count(b"\n", 0, e.start) + 1
+            raise PolicyError(
+                [f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8"]
+            ) from None
+        return cls.from_yaml(text, source=str(p), validators=validators)
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "<string>") -> Policy:
-        """Validate a policy given as YAML text."""
+    def from_yaml(cls, text: str, source: str = "<string>", *, validators: Collection[str] = ()) -> Policy:
+        """Validate a policy given as YAML text (see :meth:`from_file`)."""
         data, lines, problems = _parse_yaml(text, source)
-        if problems and not lines:  # not YAML at all: nothing more to check
-            raise PolicyError(problems)
-        try:
-            policy = cls._build({} if data is None else data, source, lines)
-        except PolicyError as e:
-            raise PolicyError([*problems, *e.problems]) from None
-        if problems:  # duplicate keys: the rest was fine, but the file does not mean what it says
-            raise PolicyError(problems)
-        return policy
+        if problems and not lines:  # not YAML at all (or too big to be a policy): nothing more to check
+            raise PolicyError(_finish(source, problems))
+        return cls._build({} if data is None else data, source, lines, problems, validators)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Policy:
-        """Validate a policy given as a Python mapping (same shape as the YAML)."""
-        return cls._build(data, source, {})
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", *, validators: Collection[str] = ()) -> Policy:
+        """Validate a policy given as a Python mapping (same shape as the YAML; see :meth:`from_file`)."""
+        return cls._build(data, source, {}, [], validators)
 
     @classmethod
-    def _build(cls, data: Any, source: str, lines: Mapping[tuple[Any, ...], int]) -> Policy:
+    def _build(
+        cls,
+        data: Any,
+        source: str,
+        lines: Mapping[tuple[Any, ...], int],
+        problems: list[str],
+        validators: Collection[str],
+    ) -> Policy:
+        """Schema and cross-reference checks in one pass: every problem is reported at once."""
+
         def where(path: Sequence[Any]) -> str:
             return _locate(source, lines, tuple(path))
 
         if not isinstance(data, Mapping):
-            raise PolicyError([f"{where(())}: the policy must be a mapping of sections, got {_kind(data)}"])
+            problems.append(f"{where(())}: the policy must be a mapping of sections, got {_kind(data)}")
+            raise PolicyError(_finish(source, problems))
+        doc: PolicyDocument | None = None
         try:
             doc = PolicyDocument.model_validate(data)
         except ValidationError as e:
-            raise PolicyError([_format_pydantic_error(err, where) for err in e.errors()]) from None
-        problems = _cross_check(doc)
-        if problems:
-            raise PolicyError([f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in problems])
-        return cls._resolve(doc, source)
+            problems.extend(_format_pydantic_error(err, where) for err in e.errors())
+        known = _known_validators(validators)
+        refs = tuple((f"{where(path)}: {_dotted(path)}", name, counted) for path, name, counted in _name_refs(data))
+        problems.extend(f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in _cross_check(data))
+        problems.extend(_unknown_names(refs, known))
+        if problems or doc is None:
+            raise PolicyError(_finish(source, problems))
+        return cls._resolve(doc, source, refs)
+
+    def unknown_validators(self, known: Collection[str]) -> list[str]:
+        """Problems (``file:line: field: message``) for validator names neither built in nor in ``known``."""
+        return _unknown_names(self.name_refs, frozenset(known))
 
     @classmethod
-    def _resolve(cls, doc: PolicyDocument, source: str) -> Policy:
+    def _resolve(cls, doc: PolicyDocument, source: str, refs: tuple[tuple[str, str, bool], ...] = ()) -> Policy:
         models = {
             name: ModelSpec(
                 name=name,
@@ -483,7 +550,7 @@ class Policy:
         for spec in models.values():
             by_litellm.setdefault(spec.litellm_model, spec)
         classes = dict(doc.prompt_classes)
-        classes.setdefault("default", PromptClass.model_validate(BUILTIN_DEFAULT_CLASS))
+        classes.setdefault("default", BUILTIN_CLASS)
         rules = tuple(
             (name, rule, re.compile(rule.last_user_regex) if rule.last_user_regex else None)
             for name, pc in doc.prompt_classes.items()
@@ -505,6 +572,7 @@ class Policy:
             breaker_default=breaker_default,
             breaker_overrides=overrides,
             fall_back_on=frozenset(doc.errors.fall_back_on),
+            name_refs=refs,
         )
 
     # -- questions the engine asks --------------------------------------------
@@ -562,81 +630,260 @@ def _merge_breaker(base: BreakerSettings, cfg: BreakerConfig) -> BreakerSettings
     )
 
 
-def _cross_check(doc: PolicyDocument) -> list[tuple[tuple[Any, ...], str]]:
-    """References between sections, which a per-field schema cannot express."""
-    problems: list[tuple[tuple[Any, ...], str]] = []
-    defined = ", ".join(doc.models) or "none"
+def _cross_check(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """References between sections, which a per-field schema cannot express.
 
-    def check_chain(path: tuple[Any, ...], chain: Sequence[str]) -> None:
+    Works on the raw data, next to the schema check rather than after it, so that a schema
+    error never hides a reference error: sections too broken to read are skipped.
+    """
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    models = data.get("models", {})
+    classes = data.get("prompt_classes", {})
+    defined = ", ".join(map(str, models)) if isinstance(models, Mapping) and models else "none"
+
+    def check_chain(path: tuple[Any, ...], chain: Any) -> None:
+        if not isinstance(chain, list) or not isinstance(models, Mapping):
+            return
+        names = [n for n in chain if isinstance(n, str)]
         for i, name in enumerate(chain):
-            if name not in doc.models:
+            if isinstance(name, str) and name not in models:
                 problems.append(((*path, i), f"unknown model '{name}' (defined under models: {defined})"))
-        seen = [n for i, n in enumerate(chain) if n in chain[:i]]
+        seen = [n for i, n in enumerate(names) if n in names[:i]]
         if seen:
             problems.append((path, f"model '{seen[0]}' appears twice in the chain"))
 
-    for rname, route in doc.routes.items():
-        check_chain(("routes", rname, "chain"), route.chain)
-        for cname, over in route.classes.items():
-            if cname not in doc.prompt_classes and cname != "default":
-                known = ", ".join(doc.prompt_classes) or "none"
+    for rname, route in _items(data.get("routes")):
+        if not isinstance(route, Mapping):
+            continue
+        check_chain(("routes", rname, "chain"), route.get("chain"))
+        for cname, over in _items(route.get("classes")):
+            if isinstance(classes, Mapping) and cname not in classes and cname != "default":
+                known = ", ".join(map(str, classes)) or "none"
                 problems.append(
-                    (
-                        ("routes", rname, "classes", cname),
-                        f"unknown prompt class '{cname}' (defined: {known})",
-                    )
+                    (("routes", rname, "classes", cname), f"unknown prompt class '{cname}' (defined: {known})")
                 )
-            if over.chain is not None:
-                check_chain(("routes", rname, "classes", cname, "chain"), over.chain)
-    for bname in doc.breakers:
-        if bname != "default" and bname not in doc.models:
-            problems.append((("breakers", bname), f"'{bname}' is neither 'default' nor a model (defined: {defined})"))
+            if isinstance(over, Mapping):
+                check_chain(("routes", rname, "classes", cname, "chain"), over.get("chain"))
+    if isinstance(models, Mapping):
+        for bname, _ in _items(data.get("breakers")):
+            if bname != "default" and bname not in models:
+                problems.append(
+                    (("breakers", bname), f"'{bname}' is neither 'default' nor a model (defined: {defined})")
+                )
+    return problems
+
+
+def _items(section: Any) -> list[tuple[Any, Any]]:
+    return list(section.items()) if isinstance(section, Mapping) else []
+
+
+def _name_refs(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str, bool]]:
+    """Validator names used: under ``validators:`` (route and class), and under ``breakers.*.count``."""
+    refs: list[tuple[tuple[Any, ...], str, bool]] = []
+    for rname, route in _items(data.get("routes")):
+        if not isinstance(route, Mapping):
+            continue
+        sections: list[tuple[tuple[Any, ...], Any]] = [(("routes", rname, "validators"), route.get("validators"))]
+        sections += [
+            (("routes", rname, "classes", cname, "validators"), over.get("validators"))
+            for cname, over in _items(route.get("classes"))
+            if isinstance(over, Mapping)
+        ]
+        for path, validators in sections:
+            refs += [((*path, name), name, False) for name, _ in _items(validators) if isinstance(name, str)]
+    for bname, breaker in _items(data.get("breakers")):
+        count = breaker.get("count") if isinstance(breaker, Mapping) else None
+        if isinstance(count, list):
+            refs += [
+                (("breakers", bname, "count", i), name, True)
+                for i, name in enumerate(count)
+                if isinstance(name, str) and name not in ERROR_KINDS
+            ]
+    return refs
+
+
+def _known_validators(extra: Collection[str]) -> frozenset[str]:
+    from ._validators import registered_validators  # it imports this module
+
+    return frozenset((*BUILTIN_VALIDATORS, *registered_validators(), *extra))
+
+
+def _unknown_names(refs: Sequence[tuple[str, str, bool]], known: frozenset[str]) -> list[str]:
+    problems = []
+    for where, name, counted in refs:
+        if name in known or name in BUILTIN_VALIDATORS:
+            continue
+        custom = sorted(set(known) - set(BUILTIN_VALIDATORS))
+        close = difflib.get_close_matches(name, [*BUILTIN_VALIDATORS, *custom, *(ERROR_KINDS if counted else ())], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        what = "neither an error kind nor a validator" if counted else "an unknown validator"
+        problems.append(
+            f"{where}: '{name}' is {what} (built-in validators: {', '.join(BUILTIN_VALIDATORS)}; "
+            f"registered: {', '.join(custom) or 'none'}); {hint}a custom validator must be registered with "
+            f"llm_resilience.register_validator('{name}', fn) before the policy is loaded"
+        )
     return problems
 
 
 # ---------------------------------------------------------------------------
 # YAML with line numbers, and error messages people can act on.
 
+# Bounds that keep a hostile or mistaken file from costing more than a policy can need: a
+# 394-byte alias bomb expands to billions of values, and 5,000 nested brackets overflow the
+# parser's recursion. A real policy is a few hundred values, a handful of levels deep.
+MAX_POLICY_BYTES = 1_000_000
+MAX_YAML_VALUES = 20_000
+"""Values after alias expansion (``*name`` repeats the anchored value)."""
+MAX_YAML_DEPTH = 32
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+class _TooBig(Exception):
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int], list[str]]:
-    """Parse YAML, remembering the line of every key and list item; report duplicate keys."""
-    loader = yaml.SafeLoader(text)
+    """Parse YAML, remembering the line of every key and list item; report duplicate keys.
+
+    Never raises: what is not YAML, or too big or too deep to be a policy, comes back as
+    problems. Values are built here from the composed nodes (not by PyYAML's constructor)
+    so that aliases are counted as they expand, and keys YAML 1.1 reads as something other
+    than a string (``on:``, ``yes:``, ``1:``) are reported where they are written.
+    """
+    if len(text) > MAX_POLICY_BYTES:
+        return None, {}, [f"{source}: the file is {len(text):,} characters; a policy is at most {MAX_POLICY_BYTES:,}"]
     try:
+        loader = yaml.SafeLoader(text)  # reads the text at once: control characters raise here
+    except yaml.reader.ReaderError as e:
+        return None, {}, [f"{source}:{text.count(chr(10), 0, e.position) + 1}: not valid YAML: {_reader_problem(e)}"]
+    try:
+        too_deep = _too_deep(loader)
+        if too_deep is not None:
+            return None, {}, [f"{source}:{too_deep}: nested more than {MAX_YAML_DEPTH} levels deep; not a policy"]
+        loader.dispose()
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
-        if node is None:
-            return None, {}, []
-        data = loader.construct_document(node)
+    except yaml.reader.ReaderError as e:
+        return None, {}, [f"{source}:{text.count(chr(10), 0, e.position) + 1}: not valid YAML: {_reader_problem(e)}"]
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 0
-        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or e}"]
+        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or type(e).__name__}"]
     except yaml.YAMLError as e:
-        return None, {}, [f"{source}: not valid YAML: {e}"]
+        return None, {}, [f"{source}: not valid YAML: {type(e).__name__}"]
     finally:
         loader.dispose()
-    lines: dict[tuple[Any, ...], int] = {(): node.start_mark.line + 1}
-    problems: list[str] = []
+    if node is None:
+        return None, {}, []
+    builder = _Builder(loader, source)
+    try:
+        data = builder.build(node, (), 0)
+    except _TooBig as e:
+        return None, {}, [f"{source}:{e.node.start_mark.line + 1}: {e}"]
+    except yaml.MarkedYAMLError as e:  # a scalar the safe constructor refuses (an unknown !tag...)
+        line = e.problem_mark.line + 1 if e.problem_mark else 0
+        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or type(e).__name__}"]
+    return data, builder.lines, builder.problems
 
-    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
-        if isinstance(n, yaml.MappingNode):
-            seen: set[str] = set()
-            for key_node, value_node in n.value:
-                key = key_node.value
-                sub = (*path, key)
-                if key in seen:
-                    problems.append(
-                        f"{source}:{key_node.start_mark.line + 1}: {_dotted(sub)}: duplicate key "
-                        "(YAML would silently keep only the last one)"
-                    )
-                seen.add(key)
-                lines[sub] = key_node.start_mark.line + 1
-                walk(value_node, sub)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                lines[(*path, i)] = item.start_mark.line + 1
-                walk(item, (*path, i))
 
-    walk(node, ())
-    return data, lines, problems
+def _reader_problem(e: yaml.reader.ReaderError) -> str:
+    char = e.character if isinstance(e.character, str) else chr(e.character)
+    return (
+        f"control character #x{ord(char):04x} at position {e.position}; remove it (or write it as an escape in quotes)"
+    )
+
+
+def _too_deep(loader: yaml.SafeLoader) -> int | None:
+    """The line where nesting first exceeds MAX_YAML_DEPTH (``None``: it never does).
+
+    Walks the parser's events, which PyYAML produces without recursion, before the
+    (recursive) composer builds the tree.
+    """
+    depth = 0
+    while loader.check_event():
+        event = loader.get_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                return int(event.start_mark.line) + 1 if event.start_mark else 0
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+class _Builder:
+    """Python values from composed YAML nodes, with the line of every key and item."""
+
+    def __init__(self, loader: yaml.SafeLoader, source: str) -> None:
+        self.loader = loader
+        self.source = source
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self.problems: list[str] = []
+        self.values = 0
+
+    def build(self, node: yaml.Node, path: tuple[Any, ...], depth: int) -> Any:
+        self.values += 1
+        if self.values > MAX_YAML_VALUES:
+            raise _TooBig(node, f"more than {MAX_YAML_VALUES:,} values once aliases are expanded; not a policy")
+        if depth > MAX_YAML_DEPTH:  # an alias can nest a value inside itself
+            raise _TooBig(node, f"nested more than {MAX_YAML_DEPTH} levels deep (an alias inside itself?)")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+            raise yaml.constructor.ConstructorError(None, None, f"tag '{node.tag}' is not allowed", node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            out = []
+            for i, item in enumerate(node.value):
+                self.lines[(*path, i)] = item.start_mark.line + 1
+                out.append(self.build(item, (*path, i), depth + 1))
+            return out
+        return self.loader.construct_object(node)
+
+    def _mapping(self, node: yaml.MappingNode, path: tuple[Any, ...], depth: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys written here win over merged ones
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in sources:
+                    value = self.build(src, path, depth + 1)
+                    if isinstance(value, dict):
+                        merged.update({k: v for k, v in value.items() if k not in merged})
+                continue
+            key = self._key(key_node, path)
+            sub = (*path, key)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.problems.append(
+                    f"{self.source}:{line}: {_dotted(sub)}: duplicate key (YAML would silently keep only the last one)"
+                )
+            seen.add(key)
+            self.lines[sub] = line
+            out[key] = self.build(value_node, sub, depth + 1)
+        return {**merged, **out} if merged else out
+
+    def _key(self, key_node: yaml.Node, path: tuple[Any, ...]) -> Any:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            self.problems.append(f"{self.source}:{line}: {_dotted(path)}: a key must be a name, not a list or mapping")
+            return f"<{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'} at line {line}>"
+        key = self.loader.construct_object(key_node)
+        if isinstance(key, str) or key_node.tag == _STR_TAG:
+            return key
+        # YAML 1.1 reads `on`, `yes`, `no`, `off` as booleans, `1` as a number, `~` as null. No policy
+        # key is anything but a string: say what YAML did, on this line, and go on with the text as written.
+        text = key_node.value
+        what = {bool: f"the boolean {str(key).lower()}", type(None): "null"}.get(type(key), f"the {_kind(key)} {key!r}")
+        self.problems.append(
+            f"{self.source}:{line}: {_dotted((*path, text))}: '{text}' was read as {what}; quote it (\"{text}\")"
+        )
+        return text
 
 
 def _locate(source: str, lines: Mapping[tuple[Any, ...], int], path: tuple[Any, ...]) -> str:
@@ -661,11 +908,54 @@ def _kind(value: Any) -> str:
 
 
 _SECRETISH = re.compile(r"key|secret|token|password", re.I)
+# Secrets by shape, wherever they were pasted: vendor key prefixes, bearer tokens, JWTs, and
+# long tokens that mix letters and digits (an API key, not a model name or a word).
+_SECRET_SHAPES = re.compile(
+    r"(?:sk|pk|rk)[-_][A-Za-z0-9_-]{8,}|(?:xox[abprs]|gh[pousr]|github_pat|glpat)[-_][A-Za-z0-9_-]{8,}"
+    r"|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_-]{20,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+"
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
+)
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9_+=-]{32,}")
+
+
+def _looks_secret(token: str) -> bool:
+    if not (any(c.isdigit() for c in token) and any(c.isalpha() for c in token)):
+        return False
+    counts = [token.count(c) for c in set(token)]
+    entropy = -sum(n / len(token) * math.log2(n / len(token)) for n in counts)
+    return entropy >= 3.5
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with anything shaped like a credential replaced by ``<redacted>``."""
+    text = _SECRET_SHAPES.sub("<redacted>", text)
+    return _LONG_TOKEN.sub(lambda m: "<redacted>" if _looks_secret(m.group()) else m.group(), text)
+
+
+def _finish(source: str, problems: Sequence[str]) -> list[str]:
+    """Problems in file order, with secret-shaped text removed (the location is kept as is)."""
+
+    def line_of(problem: str) -> int:
+        m = re.match(r":(\d+):", problem[len(source) :]) if problem.startswith(source) else None
+        return int(m.group(1)) if m else 0
+
+    out = []
+    for problem in sorted(problems, key=line_of):  # stable: same-line problems keep their order
+        head = source if problem.startswith(source) else ""
+        out.append(head + redact_secrets(problem[len(head) :]))
+    return out
+
+
+_PYDANTIC_TAG = re.compile(
+    r"(?:str|float|int|bool|none|function-(?:after|before|wrap|plain)\[.*\]|"
+    r"ModelConfig|MatchRule|SoftTimeoutConfig|PromptClass|HedgeConfig|RetryConfig|TruncationConfig|RouteOptions|"
+    r"Route|BreakerConfig|ErrorsConfig|ReviewLogConfig|TelemetryConfig|PolicyDocument)\Z"
+)
 
 
 def _format_pydantic_error(err: Any, where: Any) -> str:
     # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
-    loc = tuple(p for p in err["loc"] if not ((isinstance(p, str) and p[:1].isupper()) or p in ("str", "float")))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _PYDANTIC_TAG.match(p)))
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _UnknownKey):
         path = (*loc, ctx_err.key)

@@ -11,7 +11,9 @@ Budget
     size we do not know (set ``context_window`` for it in the policy).
     Reserve: ``max_completion_tokens``/``max_tokens`` as sent (the model's ``litellm_params``
     win over the caller's arguments; the larger when both are set), else the prompt class's
-    ``max_output_tokens``, else the route's ``truncation.reserve_output_tokens``.
+    ``max_output_tokens``, else the route's ``truncation.reserve_output_tokens``; never more
+    than the model's own ``max_output_tokens`` (policy ``models.NAME.max_output_tokens``),
+    since the model cannot write more than that.
     The reserve is capped at half the window: with a tiny local model (say 1,024 tokens)
     the default reserve of 1,024 would otherwise leave no room for any prompt, and a model
     that could answer would be skipped. The cost of the cap: a request that reserves more
@@ -118,6 +120,8 @@ def input_budget(
     reserve = max((a for a in asked if a is not None), default=None)
     if reserve is None:
         reserve = prompt_class.max_output_tokens or cfg.reserve_output_tokens
+    if spec.max_output_tokens is not None:
+        reserve = min(reserve, spec.max_output_tokens)  # the model never writes more: reserving more wastes input
     return window - min(reserve, window // 2)
 
 

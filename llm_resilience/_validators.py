@@ -24,8 +24,8 @@ Each is on by default with action ``fall_back`` (try the next model); a route or
 class sets ``flag`` (return the answer, marked) or ``off``. What the actions do lives in
 the planner (``Call.on_response``): it reads the names :meth:`ResponseValidator.check`
 returns. A soft failure counts toward the model's breaker only when its name is listed in
-``breakers.*.count`` (none is by default); custom validator names cannot be listed there,
-so they never open a breaker.
+``breakers.*.count`` (none is by default); a custom validator may be listed there too, once
+registered (or declared when the policy is loaded).
 
 Custom validators::
 
@@ -38,7 +38,10 @@ Custom validators::
     # policy:  routes: {chat: {chain: [...], validators: {has_citation: fall_back}}}
 
 A custom validator runs only where the policy names it. A policy naming a validator that
-is neither built in nor registered is rejected when the engine is built. A custom
+is neither built in nor registered is rejected when it is loaded, with the file and line
+(``Policy.from_file(path, validators=["name"])`` declares names registered later; the
+engine then checks they were, when it is built). ``llm-resilience validate --validator NAME``
+declares them to the command line. A custom
 validator that raises is logged once and treated as passing: a bug in a check must not
 turn every answer into a failure and take the application down.
 """
@@ -55,11 +58,10 @@ from typing import Any
 
 from . import _outcomes as k
 from ._exceptions import PolicyError
-from ._policy import Policy, ResolvedRoute
+from ._policy import BUILTIN_VALIDATORS, Policy, ResolvedRoute
 
 log = logging.getLogger("llm_resilience")
 
-BUILTIN_VALIDATORS: tuple[str, ...] = (k.EMPTY, k.TRUNCATED, k.INVALID_JSON, k.CONTENT_FILTER)
 
 ValidatorFn = Callable[[Any, Mapping[str, Any]], "bool | str | None"]
 """``fn(response, request) -> True | None`` (fine) ``| False | "reason"`` (failed).
@@ -129,20 +131,9 @@ class ResponseValidator:
 
     def __init__(self, policy: Policy) -> None:
         registered = registered_validators()
-        problems: list[str] = []
-        for rname, route in policy.document.routes.items():
-            sections: list[tuple[str, Mapping[str, str] | None]] = [(f"routes.{rname}.validators", route.validators)]
-            sections += [(f"routes.{rname}.classes.{c}.validators", o.validators) for c, o in route.classes.items()]
-            for where, validators in sections:
-                for name in validators or {}:
-                    if name not in BUILTIN_VALIDATORS and name not in registered:
-                        known = ", ".join(sorted(registered)) or "none"
-                        problems.append(
-                            f"{policy.source}: {where}.{name}: unknown validator '{name}' "
-                            f"(built-in: {', '.join(BUILTIN_VALIDATORS)}; registered: {known}); "
-                            f"register it with llm_resilience.register_validator('{name}', fn) "
-                            "before building the engine"
-                        )
+        # Checked at load already; again here for names declared at load (Policy.from_file(...,
+        # validators=[...])) that were never registered. Problems keep the policy's file:line.
+        problems = policy.unknown_validators(registered)
         if problems:
             raise PolicyError(problems)
         self._custom = {name: fn for name, fn in registered.items()}

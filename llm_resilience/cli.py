@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Check policy files; print every problem as FILE:LINE: FIELD: MESSAGE. Exit 1 on any.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument(
+        "--validator",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a custom validator the application registers (repeat for several); any other name is an error",
+    )
     validate.set_defaults(run=_validate)
 
     schema = sub.add_parser(
@@ -113,7 +120,7 @@ def _validate(args: argparse.Namespace) -> int:
     status = 0
     for file in args.files:
         try:
-            policy = Policy.from_file(file)
+            policy = Policy.from_file(file, validators=args.validator)
         except PolicyError as e:
             status = 1
             for problem in e.problems:

@@ -57,9 +57,10 @@ def test_validate_prints_every_problem_with_file_and_line_and_exits_1(
     captured = capsys.readouterr()
     assert "ok:" not in captured.out
     problems = captured.err.splitlines()
-    assert len(problems) == 2, problems
-    assert problems[0].startswith(f"{bad}:8: prompt_classes.default: timeout_s (5.0) is longer than deadline_s")
-    assert problems[1].startswith(f"{bad}:9: prompt_classes.summarize.timeuot_s: unknown key")
+    assert len(problems) == 3, problems  # schema errors do not hide the cross-reference one (issue 12)
+    assert problems[0].startswith(f"{bad}:6: routes.chat.chain[1]: unknown model 'medium'")
+    assert problems[1].startswith(f"{bad}:8: prompt_classes.default: timeout_s (5.0) is longer than deadline_s")
+    assert problems[2].startswith(f"{bad}:9: prompt_classes.summarize.timeuot_s: unknown key")
 
 
 def test_validate_reports_cross_reference_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,7 +79,7 @@ BROKEN: dict[str, tuple[str, int, str, list[str]]] = {
         edit("timeout_s: 0.3", "timeout_s: -1"),
         7,
         "prompt_classes.default.timeout_s",
-        ["greater than 0", "-1"],
+        ["greater than or equal to 0.01", "-1"],
     ),
     "timeout_longer_than_deadline": (
         edit("timeout_s: 1.0, deadline_s: 3", "timeout_s: 5, deadline_s: 3"),
