@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -33,6 +34,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False): no blind sleeps."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def wait_until_async(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:
+    """:func:`wait_until` for coroutines (the event loop keeps running while it polls)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
 
 
 def hidden(response: Any) -> dict[str, Any]:

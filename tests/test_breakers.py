@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import litellm
 import pytest
-from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, outcomes
+from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, outcomes, wait_until
 
 from llm_resilience import Resilience
 from llm_resilience.testing import Behavior, FakeProvider
@@ -142,7 +141,8 @@ def half_open(make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeP
     fail_until_open(engine, calls=2)
     assert big.request_count == 2
     assert outcomes(engine.completion("chat", MESSAGES))[0][2] == "breaker_open"
-    time.sleep(RESET_S + 0.1)
+    # The reset timeout runs on the breaker's wall clock: poll its own verdict rather than sleep past it.
+    assert wait_until(engine.breakers.get("big")._reset_timeout_elapsed, timeout=RESET_S + 5)
     big.reset(behaviors=True)  # healthy again unless the test says otherwise
     return engine
 

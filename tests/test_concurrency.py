@@ -11,6 +11,7 @@ before. Afterwards nothing is admitted (reset timeout is long). So the provider 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 from typing import Any
@@ -90,7 +91,9 @@ def test_two_hundred_tasks_breaker_opens_once_and_bounds_requests_to_the_sick_pr
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
     engine, transitions = sick_primary_engine(make_engine, policy_dict, big)
-    tasks_n, calls_each = 200, 1
+    # More calls than callers: the bound (fail_max + tasks - 1) is far below the calls made, so a
+    # breaker that never opened would exceed it.
+    tasks_n, calls_each = 50, 4
 
     async def one_task() -> list[str]:
         return [hidden(await engine.acompletion("chat", MESSAGES))["model"] for _ in range(calls_each)]
@@ -103,6 +106,7 @@ def test_two_hundred_tasks_breaker_opens_once_and_bounds_requests_to_the_sick_pr
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert all(r == ["small"] * calls_each for r in results)
     assert [t for t in transitions.seen if t[0] == "big"] == [("big", "closed", "open")]
+    assert FAIL_MAX + tasks_n - 1 < tasks_n * calls_each
     assert FAIL_MAX <= big.request_count <= FAIL_MAX + tasks_n - 1
     assert small.request_count == tasks_n * calls_each
 
@@ -129,16 +133,24 @@ def test_sync_and_async_callers_share_breakers_concurrently(
 ) -> None:
     engine, transitions = sick_primary_engine(make_engine, policy_dict, big)
 
-    async def main() -> list[Any]:
+    callers, calls_each = 20, 3  # 10 threads + 10 tasks, each calling 3 times in a row
+
+    def sync_caller() -> list[Any]:
+        return [engine.completion("chat", MESSAGES) for _ in range(calls_each)]
+
+    async def async_caller() -> list[Any]:
+        return [await engine.acompletion("chat", MESSAGES) for _ in range(calls_each)]
+
+    async def main() -> list[list[Any]]:
         loop = asyncio.get_running_loop()
-        sync_calls = [
-            loop.run_in_executor(None, functools.partial(engine.completion, "chat", MESSAGES)) for _ in range(10)
-        ]
-        async_calls = [engine.acompletion("chat", MESSAGES) for _ in range(10)]
-        return await asyncio.gather(*sync_calls, *async_calls)
+        with concurrent.futures.ThreadPoolExecutor(callers // 2) as pool:
+            sync_calls = [loop.run_in_executor(pool, sync_caller) for _ in range(callers // 2)]
+            async_calls = [async_caller() for _ in range(callers // 2)]
+            return await asyncio.gather(*sync_calls, *async_calls)
 
-    responses = asyncio.run(main())
+    responses = [r for caller in asyncio.run(main()) for r in caller]
 
-    assert [hidden(r)["model"] for r in responses] == ["small"] * 20
+    assert [hidden(r)["model"] for r in responses] == ["small"] * callers * calls_each
     assert [t for t in transitions.seen if t[0] == "big"] == [("big", "closed", "open")]
-    assert big.request_count <= FAIL_MAX + 20 - 1
+    assert FAIL_MAX + callers - 1 < callers * calls_each  # a breaker that never opened would exceed the bound
+    assert FAIL_MAX <= big.request_count <= FAIL_MAX + callers - 1

@@ -53,9 +53,13 @@ def test_litellm_model_string_of_a_policy_model_uses_the_policy_connection(
 def test_unknown_model_failing_raises_all_attempts_failed_like_a_route(engine: Resilience, big: FakeProvider) -> None:
     big.set(Behavior.error(503))
 
-    with pytest.raises(litellm.exceptions.ServiceUnavailableError):
+    # AllAttemptsFailed subclasses litellm's ServiceUnavailableError (drop-in), so asking for the
+    # latter would also accept the provider's own 503 passed through unwrapped.
+    with pytest.raises(llm_resilience.AllAttemptsFailed) as info:
         engine.completion("openai/some-model", MESSAGES, api_base=big.base_url, api_key="sk-caller")
 
+    assert outcomes(info.value.attempts) == [("openai/some-model", "failure", "server_error")]
+    assert isinstance(info.value.__cause__, litellm.exceptions.ServiceUnavailableError)
     assert big.request_count == 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +19,7 @@ from litellm.exceptions import (
     AuthenticationError,
     ContextWindowExceededError,
     InternalServerError,
+    MidStreamFallbackError,
     RateLimitError,
     ServiceUnavailableError,
     Timeout,
@@ -144,22 +145,18 @@ def test_empty_body_and_length_finish_reason(provider: FakeProvider) -> None:
 def test_malformed_body_raises_a_litellm_exception(provider: FakeProvider) -> None:
     provider.set(Behavior(body="malformed"))
 
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InternalServerError, match=r"Unterminated string|Expecting"):  # litellm 1.110.2
         complete(provider)
 
-    # Observed with litellm 1.110.2: InternalServerError ("Unterminated string ...").
-    assert type(info.value).__module__.startswith("litellm")
     assert provider.requests[0].completed  # the HTTP exchange itself was complete
 
 
 def test_reset_raises_and_is_not_completed(provider: FakeProvider) -> None:
     provider.set(Behavior(body="reset"))
 
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InternalServerError, match="Connection error"):  # litellm 1.110.2
         complete(provider)
 
-    # Observed with litellm 1.110.2: InternalServerError ("Connection error.").
-    assert type(info.value).__module__.startswith("litellm")
     assert provider.wait_idle(timeout=2.0)
     assert not provider.requests[0].completed
 
@@ -197,13 +194,11 @@ def test_stream_cut_after_one_chunk_raises_while_iterating(provider: FakeProvide
     provider.set(Behavior(content="abcdefghi", chunks=3, cut_after_chunks=1))
 
     delivered: list[str] = []
-    with pytest.raises(Exception) as info:
+    with pytest.raises(MidStreamFallbackError):  # litellm 1.110.2: a ServiceUnavailableError subclass
         for chunk in complete(provider, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
                 delivered.append(chunk.choices[0].delta.content)
 
-    # Observed with litellm 1.110.2: MidStreamFallbackError (a ServiceUnavailableError subclass).
-    assert type(info.value).__module__.startswith("litellm")
     assert delivered == ["abc"]
     assert provider.wait_idle(timeout=2.0)
     assert not provider.requests[0].completed
@@ -285,30 +280,38 @@ def test_async_timeout_records_disconnect(provider: FakeProvider) -> None:
 
 
 def test_50_concurrent_slow_requests_are_served_in_parallel(provider: FakeProvider) -> None:
-    provider.set(Behavior.slow(0.2))
+    # In parallel: every request was received before the first one was answered. (How long 50
+    # take is measured in benchmarks/fake_provider.py, not asserted here.)
+    provider.set(Behavior.slow(1.0))
 
-    async def run() -> float:
-        started = time.monotonic()
-        responses = await asyncio.gather(*(acomplete(provider) for _ in range(50)))
-        assert all(r.choices[0].message.content for r in responses)
-        return time.monotonic() - started
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(acomplete(provider, timeout=30.0) for _ in range(50)))
 
-    elapsed = asyncio.run(run())
-    assert elapsed < 3.0  # sequential would be 10 s
+    responses = asyncio.run(run())
+
+    assert all(r.choices[0].message.content for r in responses)
     assert provider.request_count == 50
+    last_received = max(r.received_at for r in provider.requests)
+    first_finished = min(r.finished_at for r in provider.requests if r.finished_at is not None)
+    assert last_received < first_finished
 
 
-def test_zero_latency_round_trip_has_no_nagle_stall(provider: FakeProvider) -> None:
-    body = {"model": "fake-model", "messages": MESSAGES}
-    with httpx.Client() as client:
-        client.post(f"{provider.base_url}/chat/completions", json=body)  # warm the connection
-        timings = []
-        for _ in range(20):
-            started = time.perf_counter()
-            response = client.post(f"{provider.base_url}/chat/completions", json=body)
-            timings.append(time.perf_counter() - started)
-            assert response.status_code == 200
-    assert statistics.median(timings) < 0.020
+def test_responses_are_sent_without_nagle_delay(provider: FakeProvider) -> None:
+    # The round-trip time itself is measured in benchmarks/fake_provider.py; here: the server's
+    # sockets have TCP_NODELAY, which is what keeps the ~40 ms delayed-ACK stall away.
+    seen: list[int] = []
+    original = provider._server.RequestHandlerClass.setup  # type: ignore[union-attr]
+
+    def setup(handler: Any) -> None:
+        original(handler)
+        seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    provider._server.RequestHandlerClass.setup = setup  # type: ignore[union-attr]
+    try:
+        assert httpx.post(f"{provider.base_url}/chat/completions", json={"model": "m"}).status_code == 200
+    finally:
+        provider._server.RequestHandlerClass.setup = original  # type: ignore[union-attr]
+    assert seen and all(seen)
 
 
 def test_unknown_path_is_404_and_models_lists_default(provider: FakeProvider) -> None:
@@ -339,9 +342,11 @@ def test_stop_is_prompt_with_hanging_and_idle_connections() -> None:
     while p.request_count < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    started = time.monotonic()
-    p.stop()
-    assert time.monotonic() - started < 1.0
+    # stop() must not wait for the hanging requests (they would hang 30 s): a liveness bound, not a timing.
+    stopper = threading.Thread(target=p.stop)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive()
     for t in threads:
         t.join(2)
     idle.close()

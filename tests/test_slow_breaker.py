@@ -13,7 +13,7 @@ from typing import Any
 
 import litellm
 import pytest
-from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, outcomes
+from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, outcomes, wait_until
 
 from llm_resilience import AllAttemptsFailed, Resilience
 from llm_resilience._breakers import BreakerRegistry
@@ -222,9 +222,9 @@ def test_hedged_primaries_open_the_breaker_at_their_soft_timeout_not_when_cancel
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         first = [pool.submit(engine.completion, "chat", MESSAGES) for _ in range(2)]
-        time.sleep(0.4)
+        # Opened by the primaries' soft timeouts (0.15 s), long before any answer (the hedges take 0.8 s).
+        assert wait_until(lambda: engine.breaker_states().get("big") == "open", timeout=5.0)
         assert not any(f.done() for f in first)  # both primaries still racing their hedges
-        assert engine.breaker_states()["big"] == "open"
         meanwhile = engine.completion("chat", MESSAGES)
         earlier = [f.result() for f in first]
 

@@ -11,7 +11,7 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from conftest import (
     EngineFactory,
     PolicyBuilder,
     model_entry,
+    wait_until_async,
 )
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -52,26 +53,30 @@ def stream_class(first_token_s: float = FIRST_TOKEN_S, idle_s: float = IDLE_S) -
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _warm_litellm(_servers: dict[str, FakeProvider]) -> None:
+def _warm_litellm() -> Iterator[None]:
     # litellm's first stream in a process (sync and async each) spends ~0.6 s importing lazily:
-    # longer than the first-token timeouts below. Pay it once, outside the tests.
-    provider = _servers["big"]
-    policy = {
-        "models": {name: model_entry(name, provider.base_url) for name in WIRE_MODELS},
-        "routes": {"chat": {"chain": list(WIRE_MODELS)}},
-        "prompt_classes": {"default": {"timeout_s": 10.0, "deadline_s": 30.0}},
-    }
-    engine = Resilience(llm_resilience.Policy.from_dict(policy))
-    for name in WIRE_MODELS:
-        list(engine.completion(name, MESSAGES, stream=True))
+    # longer than the first-token timeouts below. Pay it once, outside the tests, on a provider of
+    # its own: the shared ones may be left failing or slow by whatever test ran before this module.
+    provider = FakeProvider().start()
+    try:
+        policy = {
+            "models": {name: model_entry(name, provider.base_url) for name in WIRE_MODELS},
+            "routes": {"chat": {"chain": list(WIRE_MODELS)}},
+            "prompt_classes": {"default": {"timeout_s": 10.0, "deadline_s": 30.0}},
+        }
+        engine = Resilience(llm_resilience.Policy.from_dict(policy))
+        for name in WIRE_MODELS:
+            list(engine.completion(name, MESSAGES, stream=True))
 
-        async def consume(model: str) -> None:
-            async for _ in await engine.acompletion(model, MESSAGES, stream=True):
-                pass
+            async def consume(model: str) -> None:
+                async for _ in await engine.acompletion(model, MESSAGES, stream=True):
+                    pass
 
-        asyncio.run(consume(name))
-    provider.wait_idle(2.0)
-    provider.reset()
+            asyncio.run(consume(name))
+        provider.wait_idle(2.0)
+        yield
+    finally:
+        provider.stop()
 
 
 @pytest.fixture
@@ -605,7 +610,7 @@ def test_cancelling_the_task_before_the_first_token_closes_the_request_and_ends_
 
     async def run() -> None:
         task = asyncio.create_task(engine.acompletion("chat", MESSAGES, stream=True))
-        await asyncio.sleep(0.2)  # waiting for big's first token
+        assert await wait_until_async(lambda: big.request_count == 1)  # sent: waiting for big's first token
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
