@@ -8,7 +8,10 @@ default behaviour (answer at once).
 from __future__ import annotations
 
 import asyncio
+import gzip
+import http.server
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -271,3 +274,56 @@ def _no_default_engine() -> Iterator[None]:
     llm_resilience.set_default_engine(None)
     yield
     llm_resilience.set_default_engine(None)
+
+
+# -- a real OTLP/HTTP receiver on loopback ------------------------------------------------------------
+
+
+class OtlpReceiver:
+    """Records the bodies POSTed to ``/v1/traces`` and ``/v1/metrics`` (protobuf, as the SDK sends them)."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(body)
+                with receiver._cond:
+                    receiver.posts.append((self.path, body))
+                    receiver._cond.notify_all()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def bodies(self, path: str) -> list[bytes]:
+        with self._cond:
+            return [body for p, body in self.posts if p == path]
+
+    def wait_for(self, path: str, timeout: float = 10.0) -> list[bytes]:
+        with self._cond:
+            self._cond.wait_for(lambda: any(p == path for p, _ in self.posts), timeout)
+        return self.bodies(path)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.stop()

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import MESSAGES, EngineFactory, PolicyBuilder
+from conftest import MESSAGES, EngineFactory, OtlpReceiver, PolicyBuilder
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -169,13 +170,41 @@ def test_no_provider_configured_records_into_the_global_proxy(monkeypatch: pytes
     assert type(default_meter_provider()).__name__ == "_ProxyMeterProvider"
 
 
-def test_otlp_endpoint_gives_a_private_exporting_provider(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+def test_otlp_endpoint_gives_a_private_exporting_provider(
+    monkeypatch: pytest.MonkeyPatch,
+    otlp_receiver: OtlpReceiver,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
     monkeypatch.setattr(_metrics, "_otlp", None)
 
     provider = default_meter_provider()
     assert isinstance(provider, MeterProvider)
     try:
         assert default_meter_provider() is provider  # one per process
+        big.set(Behavior.error(503))
+        make_engine(policy_dict(["big", "small"]), meter_provider=provider).completion("chat", MESSAGES)
+        assert provider.force_flush(timeout_millis=10_000)
     finally:
-        provider.shutdown(timeout_millis=100)
+        provider.shutdown(timeout_millis=1000)
+
+    exported: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for body in otlp_receiver.wait_for("/v1/metrics"):
+        for resource_metrics in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.WhichOneof("data") != "sum":
+                        continue
+                    for point in metric.sum.data_points:
+                        attrs = tuple(sorted((a.key, a.value.string_value) for a in point.attributes))
+                        exported[(metric.name, attrs)] = point.as_int
+    attempts = {
+        dict(attrs)["llm_resilience.model"] + ":" + dict(attrs)["llm_resilience.outcome"]: value
+        for (name, attrs), value in exported.items()
+        if name == "llm_resilience.attempts"
+    }
+    assert attempts == {"big:failure": 1, "small:success": 1}, exported
+    assert [v for (name, _), v in exported.items() if name == "llm_resilience.fallbacks"] == [1], exported

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import free_port
+from conftest import OtlpReceiver, free_port
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,3 +39,21 @@ def test_a_dead_collector_never_breaks_a_call() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "provider opentelemetry.sdk.trace TracerProvider" in done.stdout  # an SDK provider was installed
     assert "calls ok" in done.stdout
+
+
+def test_spans_reach_a_real_otlp_receiver(otlp_receiver: OtlpReceiver) -> None:
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint}
+    env.pop("LLM_RESILIENCE_POLICY", None)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    bodies = otlp_receiver.wait_for("/v1/traces")  # flushed at the latest when the process exits
+
+    names: list[str] = []
+    for body in bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                names += [span.name for span in scope_spans.spans]
+    assert names.count("llm_resilience.completion openai/any-model") == 5, names
+    assert sum(1 for n in names if n.startswith("chat ")) == 5, names
