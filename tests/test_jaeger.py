@@ -191,7 +191,8 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(otlp_exporter("traces")))
-    policy = policy_dict(["big", "small"], timeout_s=0.3, breakers={"big": {"fail_max": 1}})
+    reset_s = 2.0  # long enough for calls 3 and 4 to find big's breaker open, short to wait for the probe
+    policy = policy_dict(["big", "small"], timeout_s=0.3, breakers={"big": {"fail_max": 1, "reset_timeout_s": reset_s}})
     engine = Resilience.from_dict(policy, tracer_provider=provider)
 
     engine.completion("chat", MESSAGES)  # 1. big answers
@@ -201,6 +202,9 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     small.set(Behavior.error(500))
     with pytest.raises(AllAttemptsFailed):
         engine.completion("chat", MESSAGES)  # 4. big skipped, small fails: the call fails
+    big.set(Behavior.ok())
+    time.sleep(reset_s)  # the breaker's reset timeout runs on the wall clock
+    engine.completion("chat", MESSAGES)  # 5. big's half-open probe answers: the breaker closes
     assert provider.force_flush(10_000)
     provider.shutdown()
 
@@ -208,12 +212,12 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:  # Jaeger stores what it receives in a batch: poll until all four are in
         found = _search(query_url, service)
-        if len(found) >= 4 and sum(len(t["spans"]) for t in found) >= 11:
+        if len(found) >= 5 and sum(len(t["spans"]) for t in found) >= 13:
             break
         time.sleep(0.2)
     traces = sorted((Trace(t) for t in found), key=lambda t: t.root["startTime"])
-    assert len(traces) == 4, [[s["operationName"] for s in t["spans"]] for t in found]  # one trace per call
-    plain, timed_out, skipped, failed = traces
+    assert len(traces) == 5, [[s["operationName"] for s in t["spans"]] for t in found]  # one trace per call
+    plain, timed_out, skipped, failed, probe = traces
 
     for t in traces:
         assert t.root["operationName"] == f"{NS}.completion chat"
@@ -264,18 +268,31 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert _tags(failed.attempts[1])["error.type"] == "InternalServerError"
     assert "error" not in _tags(failed.attempts[0])
 
+    # 5. The probe: the attempt carries both transitions, open -> half-open and half-open -> closed.
+    assert probe.names == ["chat openai/gpt-4o"]
+    assert re.fullmatch(r"big: ok in \d+ ms \(probe\), breaker closed", probe.tags[f"{NS}.path"])
+    moves = [{f["key"]: f["value"] for f in log["fields"]} for log in probe.attempts[0]["logs"]]
+    assert [(m[f"{NS}.breaker.to"], m[f"{NS}.breaker.cause"]) for m in moves] == [
+        ("half-open", "reset_timeout_elapsed"),
+        ("closed", "probe_succeeded"),
+    ]
+
     # The searches the README gives find what they promise (tags match on any span of a trace).
     by_tag = {
         "fallbacks=1": _search(query_url, service, {f"{NS}.fallbacks": "1"}),
         "error.type=Timeout": _search(query_url, service, {"error.type": "Timeout"}),
         "reason=breaker_open": _search(query_url, service, {f"{NS}.reason": "breaker_open"}),
         "call_outcome=failed": _search(query_url, service, {f"{NS}.call_outcome": "failed"}),
+        "probe=true": _search(query_url, service, {f"{NS}.probe": "true"}),
+        "cause=consecutive_failures": _search(query_url, service, {f"{NS}.breaker.cause": "consecutive_failures"}),
     }
     ids = {name: {t["traceID"] for t in hits} for name, hits in by_tag.items()}
     assert ids["fallbacks=1"] == {timed_out.data["traceID"], skipped.data["traceID"], failed.data["traceID"]}
     assert ids["error.type=Timeout"] == {timed_out.data["traceID"]}
     assert ids["reason=breaker_open"] == {skipped.data["traceID"], failed.data["traceID"]}
     assert ids["call_outcome=failed"] == {failed.data["traceID"]}
+    assert ids["probe=true"] == {probe.data["traceID"]}
+    assert ids["cause=consecutive_failures"] == {timed_out.data["traceID"]}  # event attributes are searched too
 
     # Nothing secret went to Jaeger.
     everything = json.dumps(found)
