@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit bench schema lock clean
+.PHONY: setup demo test lint typecheck unit jaeger bench schema lock clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/llm-resilience demo
 
-test: setup lint typecheck unit
+test: setup lint typecheck jaeger unit
 
 lint: setup
 	$(BIN)/ruff check llm_resilience tests benchmarks
@@ -29,6 +29,10 @@ typecheck: setup
 
 unit: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The real-Jaeger test's server: reuses a cached binary or builds it (~5 min the first time; needs Go).
+jaeger:
+	bash scripts/jaeger.sh
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

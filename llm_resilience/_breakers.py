@@ -34,8 +34,29 @@ CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 
-TransitionListener = Callable[[str, str, str], None]
-"""Called with (model, old_state, new_state) on every transition."""
+TransitionListener = Callable[[str, str, str, "BreakerTransition"], None]
+"""Called with (model, old_state, new_state, details) on every transition."""
+
+
+@dataclass(frozen=True)
+class BreakerTransition:
+    """Why a breaker changed state, as on-call needs to read it (the hooks get one per transition).
+
+    ``cause`` is ``consecutive_failures`` (closed -> open), ``probe_failed`` (half-open -> open),
+    ``reset_timeout_elapsed`` (open -> half-open: the next request is the probe),
+    ``probe_succeeded`` (half-open -> closed) or ``reset`` (closed by an operator or a test).
+    """
+
+    model: str
+    old: str
+    new: str
+    cause: str
+    failures: int
+    """Consecutive counted failures when it happened (``fail_max`` when it opened)."""
+    last_failure: str | None = None
+    """The error kind of the failure that opened it."""
+    open_until: float | None = None
+    """When it opened: the time (epoch seconds) after which the next request is a probe."""
 
 
 class Admission(Enum):
@@ -56,15 +77,32 @@ class _CountedFailure(Exception):
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, model: str, on_transition: list[TransitionListener]) -> None:
-        self.model = model
+    def __init__(self, breaker: ModelBreaker, on_transition: list[TransitionListener]) -> None:
+        self.breaker = breaker
         self.on_transition = on_transition
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = old_state.name if old_state is not None else "none"
-        log.warning("breaker %s: %s -> %s", self.model, old, new_state.name)
+        new = str(new_state.name)
+        breaker = self.breaker
+        failures = int(cb.fail_counter)
+        open_until = None
+        if new == OPEN:
+            cause = "probe_failed" if old == HALF_OPEN else "consecutive_failures"
+            opened_at: datetime | None = cb._state_storage.opened_at
+            if opened_at is not None:
+                open_until = opened_at.timestamp() + breaker.settings.reset_timeout_s
+        elif new == HALF_OPEN:
+            cause = "reset_timeout_elapsed"
+        else:
+            cause = "probe_succeeded" if old == HALF_OPEN and breaker.last_kind != _RESET else "reset"
+        info = BreakerTransition(
+            breaker.model, old, new, cause, failures, breaker.last_kind if new == OPEN else None, open_until
+        )
+        breaker.last_transition = info
+        log.warning("breaker %s: %s -> %s (%s, %d failures)", breaker.model, old, new, cause, failures)
         for fn in list(self.on_transition):
-            fn(self.model, old, new_state.name)
+            fn(breaker.model, old, new, info)
 
 
 @dataclass
@@ -72,6 +110,9 @@ class ProbeTicket:
     """Handed out with every admission; tells :meth:`ModelBreaker.record` whether to release the gate."""
 
     probe: bool
+
+
+_RESET = "reset"  # ModelBreaker.last_kind while an operator closes the breaker
 
 
 class ModelBreaker:
@@ -86,11 +127,14 @@ class ModelBreaker:
     ) -> None:
         self.model = model
         self.settings = settings
+        self.last_kind: str | None = None  # the outcome being recorded, for the transition's cause
+        self.last_transition: BreakerTransition | None = None
+        self._open_until: float | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
             success_threshold=settings.success_threshold,
-            listeners=[_Listener(model, on_transition)],
+            listeners=[_Listener(self, on_transition)],
             state_storage=state_storage,
             name=model,
             throw_new_error_on_trip=True,
@@ -111,6 +155,7 @@ class ModelBreaker:
         opened_at: datetime | None = self._cb._state_storage.opened_at
         if opened_at is None:
             return True
+        self._open_until = opened_at.timestamp() + self.settings.reset_timeout_s  # for open_until()
         return (datetime.now(UTC) - opened_at).total_seconds() >= self.settings.reset_timeout_s
 
     def admit(self) -> Admission:
@@ -135,6 +180,7 @@ class ModelBreaker:
         count nor reset the consecutive-failure counter, so a stream of caller errors
         cannot hide a provider that is failing.
         """
+        self.last_kind = failure_kind
         try:
             if failure_kind is None:
                 self._cb.call(_succeed)
@@ -157,8 +203,16 @@ class ModelBreaker:
             with self._gate:
                 self._probe_in_flight = False
 
+    def open_until(self) -> float | None:
+        """When (epoch seconds) the open breaker admits a probe, as the last :meth:`admit` saw it.
+
+        Read from what ``admit`` already fetched, so a skip costs no second storage (Redis) read.
+        """
+        return self._open_until
+
     def reset(self) -> None:
         """Close the breaker (used by tests and by ``llm-resilience`` operators)."""
+        self.last_kind = _RESET
         self._cb.close()
         with self._gate:
             self._probe_in_flight = False

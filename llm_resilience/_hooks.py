@@ -8,11 +8,13 @@ call goes on (observability must never take the application down).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._breakers import BreakerTransition
     from ._outcomes import AttemptRecord
     from ._planner import Call
 
@@ -35,7 +37,12 @@ class Hook:
         """The call returns ``response`` or raises ``error``."""
 
     def breaker_transition(self, model: str, old: str, new: str) -> None:
-        """A model's breaker changed state."""
+        """A model's breaker changed state.
+
+        An override may take a fourth argument, ``info: BreakerTransition | None = None``: it
+        then also gets why (cause, consecutive failures, open until). Three-argument hooks
+        keep working unchanged.
+        """
 
 
 _METHODS = ("call_started", "attempt_started", "attempt_ended", "call_ended", "breaker_transition")
@@ -52,6 +59,7 @@ class HookSet:
 
     def _rebuild(self) -> None:
         self._by_event = {m: [getattr(h, m) for h in self.hooks if _overrides(h, m)] for m in _METHODS}
+        self._wants_info = {id(fn) for fn in self._by_event["breaker_transition"] if _accepts_positional(fn, 4)}
 
     def add(self, hook: object) -> None:
         self.hooks.append(hook)
@@ -62,10 +70,13 @@ class HookSet:
             try:
                 fn(*args)
             except Exception:
-                key = (id(fn.__self__), event)
-                if key not in self._failed:  # once per hook and event, not once per call
-                    self._failed.add(key)
-                    log.exception("instrumentation hook %r failed in %s; continuing", fn.__self__, event)
+                self._failed_once(fn, event)
+
+    def _failed_once(self, fn: Any, event: str) -> None:
+        key = (id(fn.__self__), event)
+        if key not in self._failed:  # once per hook and event, not once per call
+            self._failed.add(key)
+            log.exception("instrumentation hook %r failed in %s; continuing", fn.__self__, event)
 
     def call_started(self, call: Call) -> None:
         self._emit("call_started", call)
@@ -79,10 +90,26 @@ class HookSet:
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
         self._emit("call_ended", call, response, error)
 
-    def breaker_transition(self, model: str, old: str, new: str) -> None:
-        self._emit("breaker_transition", model, old, new)
+    def breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition | None = None) -> None:
+        for fn in self._by_event["breaker_transition"]:
+            args = (model, old, new, info) if id(fn) in self._wants_info else (model, old, new)
+            try:
+                fn(*args)
+            except Exception:
+                self._failed_once(fn, "breaker_transition")
 
 
 def _overrides(hook: object, method: str) -> bool:
     fn = getattr(type(hook), method, None)
     return fn is not None and fn is not getattr(Hook, method)
+
+
+def _accepts_positional(fn: Any, count: int) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in positional) >= count

@@ -15,7 +15,7 @@ instrument                                              kind         attributes 
 ``llm_resilience.hedges`` ({hedge})                     counter      ``llm_resilience.decision``
 ``llm_resilience.retries`` ({retry})                    counter      ``llm_resilience.decision``
 ``llm_resilience.breaker.state``                        gauge        0 closed, 1 half-open, 2 open; by model
-``llm_resilience.breaker.transitions``                  counter      ``llm_resilience.breaker.from`` / ``.to``
+``llm_resilience.breaker.transitions``                  counter      ``.breaker.from`` / ``.to`` / ``.cause``
 ======================================================  ===========  ==========================================
 
 Common attributes: ``gen_ai.operation.name``, ``gen_ai.provider.name``,
@@ -30,11 +30,12 @@ Provider choice, as for traces: the application's global MeterProvider if it set
 else, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._METRICS_ENDPOINT``) is set, a
 private provider exporting OTLP every ``OTEL_METRIC_EXPORT_INTERVAL`` ms; else the
 global proxy, which records nothing until the application sets a provider.
+``OTEL_METRICS_EXPORTER=none`` (e.g. with Jaeger, which takes no OTLP metrics) and
+``OTEL_SDK_DISABLED=true`` turn the private provider off (see ``exporter_choice``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,10 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._hooks import Hook
 from ._outcomes import AttemptRecord
-from ._tracing import otlp_exporter, otlp_resource, provider_name
+from ._tracing import exporter_choice, otlp_exporter, otlp_resource, provider_name
 
 if TYPE_CHECKING:
-    from ._breakers import BreakerRegistry
+    from ._breakers import BreakerRegistry, BreakerTransition
     from ._planner import Call
 
 NS = "llm_resilience"
@@ -65,23 +66,23 @@ def default_meter_provider() -> metrics.MeterProvider:
     current = metrics.get_meter_provider()
     if type(current).__name__ != "_ProxyMeterProvider":
         return current  # the application configured OpenTelemetry: use its choice
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")):
+    exporter = exporter_choice("metrics")
+    if exporter is None:
         return current
-    return _otlp_provider()
+    return _otlp_provider(exporter)
 
 
 _otlp: metrics.MeterProvider | None = None
 
 
-def _otlp_provider() -> metrics.MeterProvider:
+def _otlp_provider(exporter: str = "otlp") -> metrics.MeterProvider:
     global _otlp
     if _otlp is None:
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
-        _otlp = MeterProvider(
-            metric_readers=[PeriodicExportingMetricReader(otlp_exporter("metrics"))], resource=otlp_resource()
-        )
+        chosen = ConsoleMetricExporter() if exporter == "console" else otlp_exporter("metrics")
+        _otlp = MeterProvider(metric_readers=[PeriodicExportingMetricReader(chosen)], resource=otlp_resource())
     return _otlp
 
 
@@ -194,9 +195,12 @@ class MetricsHook(Hook):
             self._attr_cache[key] = attrs
         return attrs
 
-    def breaker_transition(self, model: str, old: str, new: str) -> None:
+    def breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition | None = None) -> None:
         self._seen_states[model] = new
-        self.transitions.add(1, {f"{NS}.model": model, f"{NS}.breaker.from": old, f"{NS}.breaker.to": new})
+        attrs = {f"{NS}.model": model, f"{NS}.breaker.from": old, f"{NS}.breaker.to": new}
+        if info is not None:
+            attrs[f"{NS}.breaker.cause"] = info.cause
+        self.transitions.add(1, attrs)
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         states = self._breakers.states() if self._breakers is not None else dict(self._seen_states)

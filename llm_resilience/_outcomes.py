@@ -148,6 +148,10 @@ class AttemptRecord:
     chunks: int = 0
     error: BaseException | None = field(default=None, repr=False)
     breaker_transitions: list[tuple[str, str]] = field(default_factory=list)
+    """(old, new) states of the transitions this attempt's outcome caused."""
+    breaker_events: list[Any] = field(default_factory=list, repr=False)
+    """Every transition this attempt saw, with its cause (``BreakerTransition``): those its outcome
+    caused, and open -> half-open when the attempt was admitted as the probe."""
     started_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

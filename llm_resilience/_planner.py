@@ -452,9 +452,13 @@ class Call:
             self._position = len(self.route.chain)  # nothing after this can run either
             return None
         breaker = self.planner.breakers.get(spec.name)
+        seen = breaker.last_transition
         admission = breaker.admit()
         record.breaker_state = breaker.state
+        if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
+            record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
         if admission is Admission.OPEN:
+            record.extra["open_until"] = breaker.open_until()
             self._skip(record, k.BREAKER_OPEN)
             return None
         if admission is Admission.PROBE_BUSY:
@@ -754,6 +758,8 @@ class Call:
         after = breaker.state
         if after != before:
             attempt.record.breaker_transitions.append((before, after))
+            if breaker.last_transition is not None:
+                attempt.record.breaker_events.append(breaker.last_transition)
 
     def _succeed(self, record: AttemptRecord, response: Any) -> Action:
         self.answered_by = record

@@ -17,6 +17,7 @@ import functools
 import importlib
 import logging
 import os
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -39,9 +40,35 @@ def default_tracer_provider() -> trace.TracerProvider:
     current = trace.get_tracer_provider()
     if not isinstance(current, trace.ProxyTracerProvider):
         return current  # the application configured OpenTelemetry: use its choice
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    exporter = exporter_choice("traces")
+    if exporter is None:
         return current  # a proxy: follows a provider the application may set later
-    return _otlp_provider()
+    return _otlp_provider(exporter)
+
+
+def exporter_choice(signal: str) -> str | None:
+    """What our private provider for ``signal`` ("traces"/"metrics") exports to, per the standard
+    variables: ``"otlp"``, ``"console"``, or ``None`` for no private provider at all.
+
+    ``OTEL_SDK_DISABLED=true`` and ``OTEL_{SIGNAL}_EXPORTER=none`` turn it off; an explicit
+    ``otlp``/``console`` turns it on; unset, OTLP is on when an OTLP endpoint variable
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` or the signal's own ``..._{SIGNAL}_ENDPOINT``) is set.
+    """
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    names = [n.strip().lower() for n in os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "").split(",")]
+    names = [n for n in names if n]
+    if "none" in names:
+        return None
+    for name in names:
+        if name in ("otlp", "console"):
+            return name
+    if names:
+        log.warning("OTEL_%s_EXPORTER=%s: only otlp, console and none are supported here", signal.upper(), names)
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"
+    )
+    return "otlp" if endpoint else None
 
 
 _otlp: trace.TracerProvider | None = None
@@ -84,14 +111,16 @@ def otlp_resource() -> Any:
     return Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "llm-resilience")})
 
 
-def _otlp_provider() -> trace.TracerProvider:
+def _otlp_provider(exporter: str = "otlp") -> trace.TracerProvider:
     global _otlp
     if _otlp is None:
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
         provider = TracerProvider(resource=otlp_resource())
-        provider.add_span_processor(BatchSpanProcessor(otlp_exporter("traces")))
+        provider.add_span_processor(
+            BatchSpanProcessor(ConsoleSpanExporter() if exporter == "console" else otlp_exporter("traces"))
+        )
         _otlp = provider
     return _otlp
 
@@ -105,32 +134,40 @@ def provider_name(litellm_model: str, params: Any = None) -> str:
 
 
 class TracingHook(Hook):
-    """Emits the spans. One instance per engine."""
+    """Emits the spans described in the module docstring. One instance per engine."""
 
     def __init__(self, provider: trace.TracerProvider | None = None, record_content: bool = False) -> None:
         from . import __version__
 
         self.tracer = (provider or default_tracer_provider()).get_tracer("llm_resilience", __version__)
         self.record_content = record_content
-        self._parent_attrs: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._call_attrs: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
         self._attempt_base: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
 
     def call_started(self, call: Call) -> None:
         request = call.request
-        # The parent's attributes repeat call after call: built once per combination.
+        # The call span's name and attributes repeat call after call: built once per combination.
         key = (call.route.name, request.model, call.prompt_class, request.stream, call.klass.deadline_s)
-        attrs = self._parent_attrs.get(key)
-        if attrs is None:
-            attrs = {
-                "gen_ai.operation.name": "chat",
-                "gen_ai.request.model": request.model,
+        cached = self._call_attrs.get(key)
+        if cached is None:
+            attrs: dict[str, Any] = {
                 f"{NS}.route": call.route.name,
                 f"{NS}.prompt_class": call.prompt_class,
-                f"{NS}.stream": request.stream,
-                f"{NS}.deadline_s": call.klass.deadline_s,
+                f"{NS}.deadline_ms": _ms(call.klass.deadline_s),
             }
-            _bounded_put(self._parent_attrs, key, attrs)  # never mutated afterwards: the span copies it
-        span = self.tracer.start_span(f"{NS}.completion {call.route.name}", kind=SpanKind.INTERNAL, attributes=attrs)
+            if request.model != call.route.name:  # a model name or litellm string used as a one-model route
+                attrs[f"{NS}.requested_model"] = request.model
+            if request.stream:
+                attrs[f"{NS}.stream"] = True
+            # never mutated afterwards: the span copies it
+            cached = _bounded_put(self._call_attrs, key, (f"{NS}.completion {call.route.name}", attrs))
+        name, attrs = cached
+        span = self.tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=attrs)
+        if not span.is_recording():
+            # Nobody listens (no provider set, or the sampler dropped the call): no attempt spans,
+            # no attributes. Kept so that call_span() still hands out the (non-recording) span.
+            call.hook_data[self] = (span, None, None)
+            return
         if self.record_content:
             span.set_attribute(f"{NS}.prompt", _messages_text(request.messages))
         call.hook_data[self] = (span, trace.set_span_in_context(span), {})
@@ -142,8 +179,8 @@ class TracingHook(Hook):
 
     def attempt_started(self, call: Call, record: AttemptRecord) -> None:
         data = call.hook_data.get(self)
-        if data is None:
-            return
+        if data is None or data[2] is None or record.outcome == "skipped":
+            return  # a skip gets its span in attempt_ended: it has started and ended by then
         _parent, context, spans = data
         # The requested model and the class determine the route, hence the model's spec and the
         # attributes fixed for it: looked up once per combination, not on every attempt.
@@ -155,67 +192,82 @@ class TracingHook(Hook):
             base: dict[str, Any] = {
                 **_model_attributes(record.litellm_model, params.get("api_base"), params.get("custom_llm_provider")),
                 f"{NS}.model": record.model,
-                f"{NS}.route": call.route.name,
-                f"{NS}.prompt_class": call.prompt_class,
             }
             cached = _bounded_put(self._attempt_base, key, (spec, base))
         spec, base = cached
-        attrs: dict[str, Any] = {
-            **base,
-            f"{NS}.attempt.index": record.index,
-            f"{NS}.breaker.state": record.breaker_state,
-        }
+        attrs: dict[str, Any] = {**base, f"{NS}.attempt.index": record.index}
         if record.timeout_s is not None:
-            attrs[f"{NS}.timeout_s"] = record.timeout_s
+            attrs[f"{NS}.timeout_ms"] = _ms(record.timeout_s)
+        if record.breaker_state != "closed":
+            attrs[f"{NS}.breaker.state"] = record.breaker_state
         if record.hedged:
             attrs[f"{NS}.hedged"] = True
         if record.retry_of is not None:
             attrs[f"{NS}.retry_of"] = record.retry_of
-        spans[record.index] = (
-            self.tracer.start_span(
-                f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
-            ),
-            spec,
+        span = self.tracer.start_span(
+            f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
         )
+        for info in record.breaker_events:  # open -> half-open: this attempt is the probe
+            span.add_event(_BREAKER_EVENT, _transition_attributes(info))
+        spans[record.index] = (span, spec, len(record.breaker_events))
 
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
         data = call.hook_data.get(self)
-        if data is None:
+        if data is None or data[2] is None:
+            return
+        if record.outcome == "skipped":
+            self._skip_span(data[1], record)
             return
         entry = data[2].pop(record.index, None)
         if entry is None:
             return
-        span, spec = entry
+        span, spec, events_seen = entry
+        outcome = record.outcome or "unknown"
         # One set_attributes call: each set_attribute takes the span's lock and re-validates.
-        attrs: dict[str, Any] = {f"{NS}.outcome": record.outcome or "unknown", f"{NS}.latency_s": record.latency_s}
+        attrs: dict[str, Any] = {f"{NS}.outcome": outcome}
         if record.reason:
             attrs[f"{NS}.reason"] = record.reason
-            if record.outcome in ("failure", "soft_failure", "skipped"):
-                attrs[f"{NS}.fallback_reason"] = record.reason
+        if record.timeout_s is not None and record.latency_s > record.timeout_s:
+            # The timeout bounds the wait for the provider; litellm's own work before the request
+            # is written and after the timer fires (and a busy CPU) comes on top of it.
+            attrs[f"{NS}.overrun_ms"] = _ms(record.latency_s - record.timeout_s)
         if record.extra:
-            for key in _EXTRA_ATTRIBUTES:
-                if key in record.extra:
-                    value = record.extra[key]
-                    attrs[f"{NS}.{key}"] = list(value) if isinstance(value, list) else value
-        if record.tokens_before is not None:
+            _extra_attributes(attrs, record.extra)
+        if record.truncated:
             attrs[f"{NS}.tokens.before"] = record.tokens_before
-            if record.tokens_after is not None:
-                attrs[f"{NS}.tokens.after"] = record.tokens_after
-            attrs[f"{NS}.truncated"] = record.truncated
+            attrs[f"{NS}.tokens.after"] = record.tokens_after
         if record.time_to_first_chunk_s is not None:
-            attrs["gen_ai.response.time_to_first_chunk"] = record.time_to_first_chunk_s
+            attrs["gen_ai.response.time_to_first_chunk"] = round(record.time_to_first_chunk_s, 3)
             attrs[f"{NS}.stream.chunks"] = record.chunks
         if response is not None:
             _response_attributes(attrs, response, spec, self.record_content)
-        error_type = None
-        if record.outcome in ("failure", "soft_failure"):
-            error_type = type(record.error).__name__ if record.error is not None else (record.reason or "error")
-            attrs["error.type"] = error_type
+        failed = outcome in _ERROR_OUTCOMES
+        if failed:
+            attrs["error.type"] = (
+                type(record.error).__name__ if record.error is not None else (record.reason or "error")
+            )
         span.set_attributes(attrs)
-        for old, new in record.breaker_transitions:
-            span.add_event(f"{NS}.breaker.transition", {"from": old, "to": new, f"{NS}.model": record.model})
-        if error_type is not None:
-            span.set_status(Status(StatusCode.ERROR, record.reason or error_type))
+        for info in record.breaker_events[events_seen:]:
+            span.add_event(_BREAKER_EVENT, _transition_attributes(info))
+        if failed:
+            span.set_status(Status(StatusCode.ERROR))  # the reason and error.type say the rest
+        span.end()
+
+    def _skip_span(self, context: Any, record: AttemptRecord) -> None:
+        """A model passed over without a request: INTERNAL ``skip MODEL``, no ``gen_ai.*``/``server.*``."""
+        attrs: dict[str, Any] = {
+            f"{NS}.model": record.model,
+            f"{NS}.attempt.index": record.index,
+            f"{NS}.outcome": "skipped",
+            f"{NS}.reason": record.reason or "unknown",
+        }
+        if record.breaker_state != "closed":
+            attrs[f"{NS}.breaker.state"] = record.breaker_state
+        if record.extra:
+            _extra_attributes(attrs, record.extra)
+        span = self.tracer.start_span(f"skip {record.model}", context=context, kind=SpanKind.INTERNAL, attributes=attrs)
+        for info in record.breaker_events:
+            span.add_event(_BREAKER_EVENT, _transition_attributes(info))
         span.end()
 
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
@@ -223,31 +275,122 @@ class TracingHook(Hook):
         if data is None:
             return
         span, _context, spans = data
-        for leftover, _spec in spans.values():  # defensive: never leak an open span
+        if spans is None:
+            span.end()
+            return
+        for leftover, _spec, _seen in spans.values():  # defensive: never leak an open span
             leftover.end()
+        records = call.records
         answered = call.answered_by
         attrs: dict[str, Any] = {
-            f"{NS}.attempts": len(call.records),
-            f"{NS}.fallbacks": sum(1 for r in call.records if r is not answered),
+            f"{NS}.path": call_path(records),
+            f"{NS}.attempts": len(records),
+            # moves to another model: attempts that did not answer and had a successor
+            f"{NS}.fallbacks": sum(1 for r in records[:-1] if r is not answered and r.outcome != "cancelled"),
         }
         if answered is not None:
             attrs[f"{NS}.answered_by"] = answered.model
-            attrs["gen_ai.response.model"] = answered.litellm_model
-            attrs[f"{NS}.outcome"] = answered.outcome or "success"
-        if error is not None:
+            if answered.outcome == "flagged":
+                attrs[f"{NS}.call_outcome"] = "flagged"
+            elif answered.outcome == "soft_failure":
+                attrs[f"{NS}.call_outcome"] = "returned_as_best"
+            else:
+                attrs[f"{NS}.call_outcome"] = "answered"
+        elif error is not None:
+            attrs[f"{NS}.call_outcome"] = "failed"
             attrs["error.type"] = type(error).__name__
-            attrs[f"{NS}.outcome"] = "error"
+        else:
+            attrs[f"{NS}.call_outcome"] = "cancelled"
         span.set_attributes(attrs)
         if error is not None:
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.set_status(Status(StatusCode.ERROR))
         span.end()
 
 
-# record.extra keys worth showing on a span (others are internal bookkeeping).
-_EXTRA_ATTRIBUTES = (
-    "probe", "missing_env", "failed_checks", "retry_after_s", "retry_in_s", "retry_skipped",
-    "soft_timeout_s", "slow", "hedge_after_s", "hedge_skipped", "hedged_by",
-)  # fmt: skip
+_BREAKER_EVENT = f"{NS}.breaker.transition"
+_ERROR_OUTCOMES = frozenset(("failure", "soft_failure"))
+"""Outcomes that put an error status on an attempt span (a skip or a cancelled hedge is not an error)."""
+_PATH_FLAGS = (("probe", "probe"), ("panic", "panic"), ("hedged", "hedge"), ("join", "join"))
+"""``record.extra`` flags the path shows in brackets, and how."""
+_TIME_EXTRAS = frozenset(("open_until",))
+"""``record.extra`` values that are epoch seconds: shown as UTC times."""
+
+
+def call_path(records: list[AttemptRecord]) -> str:
+    """One line for the whole call: ``big: timeout after 327 ms → small: ok in 41 ms``."""
+    return " → ".join(_step(r) for r in records)
+
+
+def _step(record: AttemptRecord) -> str:
+    outcome = record.outcome
+    if outcome == "skipped":
+        text = f"{record.model}: skipped, {record.reason}"
+        until = record.extra.get("open_until")
+        if isinstance(until, int | float):
+            text += f" until {_utc(until)}"
+    elif outcome == "success":
+        text = f"{record.model}: ok in {_ms(record.latency_s)} ms"
+    elif outcome in _ERROR_OUTCOMES:
+        text = f"{record.model}: {record.reason or outcome} after {_ms(record.latency_s)} ms"
+    else:  # flagged, cancelled, and any kind added later
+        reason = f" {record.reason}" if record.reason else ""
+        text = f"{record.model}: {outcome}{reason} after {_ms(record.latency_s)} ms"
+    extra = record.extra
+    flags = [label for key, label in _PATH_FLAGS if extra.get(key) or (key == "hedged" and record.hedged)]
+    if record.retry_of is not None:
+        flags.append("retry")
+    if flags:
+        text += f" ({', '.join(flags)})"
+    for info in record.breaker_events:
+        if info.new != "half-open":
+            text += f", breaker {'opened' if info.new == 'open' else info.new}"
+    return text
+
+
+def _extra_attributes(attrs: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Every ``record.extra`` entry as an attribute: durations in integer ms, times as UTC, lists of text.
+
+    Generic on purpose: a new kind of outcome detail shows up in spans without a change here.
+    """
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if key in _TIME_EXTRAS and isinstance(value, int | float):
+            attrs[f"{NS}.{key}"] = _utc(value)
+        elif key.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
+            attrs[f"{NS}.{key[:-2]}_ms"] = _ms(value)
+        elif isinstance(value, bool | int | str):
+            attrs[f"{NS}.{key}"] = value
+        elif isinstance(value, float):
+            attrs[f"{NS}.{key}"] = round(value, 6)
+        elif isinstance(value, list | tuple | set | frozenset):
+            attrs[f"{NS}.{key}"] = [str(v) for v in value]
+        else:
+            attrs[f"{NS}.{key}"] = str(value)
+
+
+def _transition_attributes(info: Any) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        f"{NS}.model": info.model,
+        f"{NS}.breaker.from": info.old,
+        f"{NS}.breaker.to": info.new,
+        f"{NS}.breaker.cause": info.cause,
+        f"{NS}.breaker.failures": info.failures,
+    }
+    if info.last_failure:
+        attrs[f"{NS}.breaker.last_failure"] = info.last_failure
+    if info.open_until is not None:
+        attrs[f"{NS}.breaker.open_until"] = _utc(info.open_until)
+    return attrs
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _utc(epoch_s: float) -> str:
+    """``2026-11-29T23:41:07.250Z``: what a human compares with the trace's clock."""
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _MAX_CACHED = 1024
@@ -306,7 +449,7 @@ def _response_attributes(attrs: dict[str, Any], response: Any, spec: Any, record
         hidden = getattr(response, "_hidden_params", None) or {}
         cost = hidden.get("response_cost")
     if isinstance(cost, int | float):
-        attrs[f"{NS}.cost_usd"] = float(cost)
+        attrs[f"{NS}.cost_usd"] = float(f"{cost:.6g}")  # 9.75e-05, not 9.750000000000001e-05
     if record_content and choices:
         message = getattr(choices[0], "message", None)
         text = getattr(message, "content", None)

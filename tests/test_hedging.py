@@ -77,7 +77,7 @@ def test_loser_span_ends_cancelled_and_hedge_span_is_marked(
     spans = {s.attributes["llm_resilience.model"]: s.attributes for s in attempt_spans(exporter)}
     assert spans["big"]["llm_resilience.outcome"] == "cancelled"
     assert spans["big"]["llm_resilience.hedged_by"] == 1
-    assert spans["big"]["llm_resilience.hedge_after_s"] == 0.1
+    assert spans["big"]["llm_resilience.hedge_after_ms"] == 100
     assert "error.type" not in spans["big"]
     assert spans["small"]["llm_resilience.hedged"] is True
     assert spans["small"]["llm_resilience.outcome"] == "success"

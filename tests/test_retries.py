@@ -154,7 +154,7 @@ def test_retry_after_beyond_the_deadline_moves_on_to_the_next_model(
     assert big.request_count == 1
     span = attempt_spans(exporter, "big")[0]
     assert span["llm_resilience.retry_skipped"] == "deadline"
-    assert span["llm_resilience.retry_after_s"] == 5
+    assert span["llm_resilience.retry_after_ms"] == 5000
 
 
 def test_retry_budget_caps_retries_under_sustained_failure(

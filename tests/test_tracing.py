@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llm_resilience import AllAttemptsFailed, Hook, Resilience
+from llm_resilience._breakers import BreakerTransition
 from llm_resilience.testing import Behavior, FakeProvider
 
 NS = "llm_resilience"
@@ -67,48 +70,64 @@ def scenario(
     return engine
 
 
-def test_one_call_span_and_one_child_per_attempt_including_skips(
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+def test_one_call_span_and_one_child_per_attempt_skips_as_internal_skip_spans(
     call: Caller, scenario: Resilience, exporter: InMemorySpanExporter
 ) -> None:
     call(scenario, "chat", MESSAGES)
 
     parent, children = split(exporter.get_finished_spans())
-    assert [c.name for c in children] == ["chat openai/gpt-4o", "chat openai/gpt-4o-mini", "chat openai/tiny-model"]
+    assert [c.name for c in children] == ["skip big", "chat openai/gpt-4o-mini", "chat openai/tiny-model"]
+    assert [c.kind for c in children] == [SpanKind.INTERNAL, SpanKind.CLIENT, SpanKind.CLIENT]
     assert [attrs(c)[f"{NS}.outcome"] for c in children] == ["skipped", "failure", "success"]
     for child in children:
-        assert child.kind == SpanKind.CLIENT
         assert child.parent is not None
         assert child.parent.span_id == parent.context.span_id
         assert child.context.trace_id == parent.context.trace_id
     assert parent.parent is None
-    assert attrs(parent)[f"{NS}.route"] == "chat"
-    assert attrs(parent)[f"{NS}.answered_by"] == "tiny"
-    assert attrs(parent)[f"{NS}.attempts"] == 3
-    assert attrs(parent)[f"{NS}.fallbacks"] == 2
-    assert attrs(parent)["gen_ai.response.model"] == "openai/tiny-model"
+    assert parent.kind == SpanKind.INTERNAL
+    assert parent.name == f"{NS}.completion chat"
+    summary = attrs(parent)
+    assert summary[f"{NS}.route"] == "chat"
+    assert summary[f"{NS}.answered_by"] == "tiny"
+    assert summary[f"{NS}.call_outcome"] == "answered"
+    assert summary[f"{NS}.attempts"] == 3
+    assert summary[f"{NS}.fallbacks"] == 2
+    assert re.fullmatch(
+        rf"big: skipped, breaker_open until {ISO_UTC} → small: server_error after \d+ ms → tiny: ok in \d+ ms",
+        summary[f"{NS}.path"],
+    ), summary[f"{NS}.path"]
+    assert parent.status.status_code == StatusCode.UNSET  # the call answered: not an error
+    assert not [key for key in summary if key.startswith("gen_ai.")]  # the call span is not a model call
 
 
-def test_attempt_spans_carry_genai_and_resilience_attributes(
+def test_attempt_spans_carry_genai_attributes_and_skips_do_not(
     scenario: Resilience, exporter: InMemorySpanExporter
 ) -> None:
     scenario.completion("chat", MESSAGES, prompt_class="default")
 
     _parent, (skipped, failed, answered) = split(exporter.get_finished_spans())
     for index, child in enumerate((skipped, failed, answered)):
+        assert attrs(child)[f"{NS}.attempt.index"] == index
+    for child in (failed, answered):  # reached a provider: the GenAI set
         child_attrs = attrs(child)
         assert child_attrs["gen_ai.operation.name"] == "chat"
         assert child_attrs["gen_ai.provider.name"] == "openai"
-        assert child_attrs[f"{NS}.route"] == "chat"
-        assert child_attrs[f"{NS}.prompt_class"] == "default"
-        assert child_attrs[f"{NS}.attempt.index"] == index
-    assert attrs(skipped)["gen_ai.request.model"] == "openai/gpt-4o"
-    assert attrs(skipped)[f"{NS}.fallback_reason"] == "breaker_open"
-    assert attrs(skipped)[f"{NS}.breaker.state"] == "open"
+        assert child_attrs["server.address"] == "127.0.0.1"
+    skip = attrs(skipped)
+    assert not [key for key in skip if key.startswith(("gen_ai.", "server."))], skip
+    assert skip[f"{NS}.reason"] == "breaker_open"
+    assert skip[f"{NS}.breaker.state"] == "open"
+    assert re.fullmatch(ISO_UTC, skip[f"{NS}.open_until"])
+    assert skipped.status.status_code == StatusCode.UNSET
 
-    assert attrs(failed)[f"{NS}.fallback_reason"] == "server_error"
+    assert attrs(failed)["gen_ai.request.model"] == "openai/gpt-4o-mini"
+    assert attrs(failed)[f"{NS}.reason"] == "server_error"
     assert attrs(failed)["error.type"] == "InternalServerError"
-    assert attrs(failed)[f"{NS}.timeout_s"] == 1.0
-    assert attrs(failed)[f"{NS}.breaker.state"] == "closed"
+    assert attrs(failed)[f"{NS}.timeout_ms"] == 1000
+    assert f"{NS}.breaker.state" not in attrs(failed)  # closed is the default, not repeated on every span
     assert failed.status.status_code == StatusCode.ERROR
 
     answered_attrs = attrs(answered)
@@ -118,30 +137,88 @@ def test_attempt_spans_carry_genai_and_resilience_attributes(
     assert answered_attrs["gen_ai.usage.output_tokens"] > 0
     assert tuple(answered_attrs["gen_ai.response.finish_reasons"]) == ("stop",)
     assert answered_attrs[f"{NS}.outcome"] == "success"
-    assert f"{NS}.fallback_reason" not in answered_attrs
+    assert f"{NS}.reason" not in answered_attrs
     assert "error.type" not in answered_attrs
-    assert answered_attrs["server.address"] == "127.0.0.1"
+    assert answered.status.status_code == StatusCode.UNSET
 
 
-def test_breaker_transitions_are_span_events(
+def test_no_float_noise_and_one_reason_attribute(scenario: Resilience, exporter: InMemorySpanExporter) -> None:
+    scenario.completion("chat", MESSAGES)
+
+    for span in exporter.get_finished_spans():
+        for key, value in attrs(span).items():
+            assert not key.endswith("_s"), key  # durations are integer milliseconds
+            assert "fallback_reason" not in key
+            if isinstance(value, float):
+                assert len(repr(value)) <= 12, (key, value)
+
+
+def test_breaker_transitions_are_span_events_with_cause_counts_and_open_until(
     make_engine: EngineFactory,
     policy_dict: PolicyBuilder,
     exporter: InMemorySpanExporter,
     big: FakeProvider,
 ) -> None:
+    reset_s = 0.3
     big.set(Behavior.error(503))
-    engine = make_engine(policy_dict(fail_max=2))
+    engine = make_engine(policy_dict(fail_max=2, reset_timeout_s=reset_s))
     engine.completion("chat", MESSAGES)
     exporter.clear()
 
     engine.completion("chat", MESSAGES)
 
-    _parent, children = split(exporter.get_finished_spans())
+    parent, children = split(exporter.get_finished_spans())
     events = [e for e in children[0].events if e.name == f"{NS}.breaker.transition"]
     assert len(events) == 1
-    assert events[0].attributes is not None
-    assert dict(events[0].attributes) == {"from": "closed", "to": "open", f"{NS}.model": "big"}
+    opened = dict(events[0].attributes or {})
+    assert opened[f"{NS}.model"] == "big"
+    assert (opened[f"{NS}.breaker.from"], opened[f"{NS}.breaker.to"]) == ("closed", "open")
+    assert opened[f"{NS}.breaker.cause"] == "consecutive_failures"
+    assert opened[f"{NS}.breaker.failures"] == 2
+    assert opened[f"{NS}.breaker.last_failure"] == "server_error"
+    assert re.fullmatch(ISO_UTC, opened[f"{NS}.breaker.open_until"])
     assert not any(e.name == f"{NS}.breaker.transition" for c in children[1:] for e in c.events)
+    assert ", breaker opened → small" in attrs(parent)[f"{NS}.path"]
+
+    big.set(Behavior.ok("recovered"))
+    time.sleep(reset_s + 0.05)  # the breaker's reset timeout runs on the wall clock
+    exporter.clear()
+    engine.completion("chat", MESSAGES)
+
+    parent, (probe,) = split(exporter.get_finished_spans())
+    moves = [dict(e.attributes or {}) for e in probe.events if e.name == f"{NS}.breaker.transition"]
+    assert [(m[f"{NS}.breaker.from"], m[f"{NS}.breaker.to"], m[f"{NS}.breaker.cause"]) for m in moves] == [
+        ("open", "half-open", "reset_timeout_elapsed"),
+        ("half-open", "closed", "probe_succeeded"),
+    ]
+    assert attrs(probe)[f"{NS}.probe"] is True
+    assert re.fullmatch(r"big: ok in \d+ ms \(probe\), breaker closed", attrs(parent)[f"{NS}.path"])
+
+
+def test_hooks_get_the_transition_details_when_they_ask_for_them(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
+) -> None:
+    seen: list[tuple[str, str, str, Any]] = []
+    old_style: list[tuple[str, str, str]] = []
+
+    class Detailed(Hook):
+        def breaker_transition(self, model: str, old: str, new: str, info: Any = None) -> None:
+            seen.append((model, old, new, info))
+
+    class ThreeArguments(Hook):
+        def breaker_transition(self, model: str, old: str, new: str) -> None:
+            old_style.append((model, old, new))
+
+    big.set(Behavior.error(500))
+    engine = make_engine(policy_dict(fail_max=1), hooks=[Detailed(), ThreeArguments()])
+    engine.completion("chat", MESSAGES)
+
+    assert old_style == [("big", "closed", "open")]
+    ((model, old, new, info),) = seen
+    assert (model, old, new) == ("big", "closed", "open")
+    assert isinstance(info, BreakerTransition)
+    assert (info.cause, info.failures, info.last_failure) == ("consecutive_failures", 1, "server_error")
+    assert info.open_until is not None and info.open_until > time.time() + 25  # reset_timeout_s is 30
 
 
 def test_failed_call_marks_the_call_span_as_error(
@@ -156,23 +233,52 @@ def test_failed_call_marks_the_call_span_as_error(
     parent, children = split(exporter.get_finished_spans())
     assert parent.status.status_code == StatusCode.ERROR
     assert attrs(parent)["error.type"] == "AllAttemptsFailed"
+    assert attrs(parent)[f"{NS}.call_outcome"] == "failed"
+    assert attrs(parent)[f"{NS}.fallbacks"] == 2  # moves to another model; the last failure has none
+    assert f"{NS}.answered_by" not in attrs(parent)
+    assert attrs(parent)[f"{NS}.path"].count("server_error after") == 3
     assert len(children) == 3
     assert all(attrs(c)["error.type"] == "InternalServerError" for c in children)
+    assert all(c.status.status_code == StatusCode.ERROR for c in children)
 
 
-def test_timeout_attempt_span_says_timeout(
+def test_timeout_attempt_span_says_timeout_and_by_how_much_it_ran_over(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, exporter: InMemorySpanExporter, big: FakeProvider
 ) -> None:
     big.set(Behavior.slow(2.0))
     engine = make_engine(policy_dict(["big", "small"], timeout_s=0.2))
 
-    engine.completion("chat", MESSAGES)
+    response = engine.completion("chat", MESSAGES)
 
-    _parent, (timed_out, answered) = split(exporter.get_finished_spans())
-    assert attrs(timed_out)[f"{NS}.fallback_reason"] == "timeout"
+    parent, (timed_out, answered) = split(exporter.get_finished_spans())
+    assert attrs(timed_out)[f"{NS}.reason"] == "timeout"
     assert attrs(timed_out)["error.type"] == "Timeout"
-    assert attrs(timed_out)[f"{NS}.timeout_s"] == 0.2
+    assert attrs(timed_out)[f"{NS}.timeout_ms"] == 200
+    latency_s = hidden(response)["attempts"][0]["latency_s"]
+    assert latency_s > 0.2
+    assert abs(attrs(timed_out)[f"{NS}.overrun_ms"] - (latency_s - 0.2) * 1000) <= 1
+    assert f"{NS}.overrun_ms" not in attrs(answered)
     assert attrs(answered)[f"{NS}.outcome"] == "success"
+    assert re.fullmatch(r"big: timeout after \d+ ms → small: ok in \d+ ms", attrs(parent)[f"{NS}.path"])
+
+
+def test_nothing_is_built_when_the_sampler_drops_the_call(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    big.set(Behavior.error(500))
+    engine = make_engine(policy_dict(), tracer_provider=provider)
+
+    response = engine.completion("chat", MESSAGES)
+
+    assert hidden(response)["model"] == "small"
+    assert exporter.get_finished_spans() == ()
 
 
 def test_no_prompt_text_and_no_api_key_in_any_span(
