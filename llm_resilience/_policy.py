@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import _outcomes as k
-from ._exceptions import PolicyError
+from ._base_errors import PolicyError  # not ._exceptions: loading a policy must not import litellm
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
