@@ -46,7 +46,7 @@ def load_prompt(path: str | Path) -> Prompt:
         data = data.get("messages")
     if not isinstance(data, list) or not all(isinstance(m, Mapping) and "role" in m for m in data):
         raise PolicyError(
-            [f"{p}: expected a JSON list of messages ({{\"role\": ..., \"content\": ...}}) or an object with 'messages'"]
+            [f'{p}: expected a JSON list of messages ({{"role": ..., "content": ...}}) or an object with \'messages\'']
         )
     return Prompt(messages=list(data), kwargs=kwargs)
 
@@ -80,7 +80,10 @@ def explain(policy: Policy, route_name: str, prompt_class: str | None, prompt: P
 
     how = "given with --class" if prompt_class else _classified_how(policy, klass_name, prompt is not None)
     if doc_route is None:
-        w(f"'{route_name}' is not a route of {policy.source}: it is served as a one-model route with the policy's defaults\n")
+        w(
+            f"'{route_name}' is not a route of {policy.source}: "
+            "it is served as a one-model route with the policy's defaults\n"
+        )
     else:
         w(f"route '{route_name}' of {policy.source}\n")
     w(f"prompt class '{klass_name}' ({how})\n\n")
@@ -198,9 +201,8 @@ def _fit_line(fitter: Any, spec: ModelSpec, prompt: Prompt, route: ResolvedRoute
         return f"{counted}: does not fit even truncated -> skipped (context_too_small), no request sent"
     if fit.truncated:
         dropped = len(prompt.messages) - len(fit.messages)
-        return (
-            f"{counted}: would be truncated to {fit.tokens_after:,} tokens"
-            + (f" ({dropped} message{'s' if dropped != 1 else ''} dropped)" if dropped else " (shortened)")
+        return f"{counted}: would be truncated to {fit.tokens_after:,} tokens" + (
+            f" ({dropped} message{'s' if dropped != 1 else ''} dropped)" if dropped else " (shortened)"
         )
     return f"{counted}: fits, sent unchanged"
 
@@ -212,5 +214,3 @@ def _s(seconds: float | None) -> str:
 
 
 __all__ = ["Prompt", "explain", "load_prompt"]
-
-

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "  llm-resilience explain policy.yaml --route chat\n"
         "  llm-resilience explain policy.yaml --route chat --class summarize\n"
         "  llm-resilience explain policy.yaml --route chat --messages-file prompt.json\n"
-        "      # prompt.json: [{\"role\": \"user\", \"content\": \"...\"}]  or  {\"messages\": [...], \"max_tokens\": 500}\n",
+        '      # prompt.json: [{"role": "user", "content": "..."}]  or  {"messages": [...], "max_tokens": 500}\n',
     )
     explain.add_argument("file", metavar="FILE", help="policy file")
     explain.add_argument("--route", required=True, metavar="R", help="the model= the application passes")
