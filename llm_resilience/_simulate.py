@@ -117,10 +117,11 @@ class Simulation:
         started = time.perf_counter()
         for at, prompt_class in arrivals(self.scenario, self.seed):
             self._at(at, lambda c=prompt_class: self._arrive(c))  # type: ignore[misc]
-        while self._queue:
-            at, _, event = heapq.heappop(self._queue)
-            self.now = at
-            event()
+        with _dummy_keys([self.policy]):
+            while self._queue:
+                at, _, event = heapq.heappop(self._queue)
+                self.now = at
+                event()
         self.result.wall_s = time.perf_counter() - started
         return self.result
 
@@ -324,8 +325,7 @@ def run_simulation(
         scenario.check_against(policy)
     seed = scenario.document.seed if seed is None else seed
     labels = _labels(files)
-    with _dummy_keys(policies):
-        results = [Simulation(p, scenario, seed, label).run() for p, label in zip(policies, labels, strict=True)]
+    results = [Simulation(p, scenario, seed, label).run() for p, label in zip(policies, labels, strict=True)]
     print_report(scenario, seed, results, out)
     if plot is not None:
         return write_plot(scenario, results, plot, out)
