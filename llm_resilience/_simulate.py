@@ -41,7 +41,7 @@ from ._latency import LatencyStats
 from ._outcomes import AttemptRecord
 from ._planner import Attempt, Call, CallRequest, Done, Fail, Launch, PassThroughFitter, Planner, Wait
 from ._policy import ENV_PREFIX, ModelSpec, Policy
-from ._scenario import Behaviour, ErrorConfig, Phase, Scenario, load_scenario
+from ._scenario import Behaviour, ErrorConfig, Phase, Scenario
 from ._validators import ResponseValidator
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -313,16 +313,18 @@ def _dummy_keys(policies: Sequence[Policy]) -> Iterator[None]:
 
 
 def run_simulation(
-    files: Sequence[str], scenario_name: str, *, seed: int | None = None, plot: str | None = None, out: TextIO
+    files: Sequence[str],
+    policies: Sequence[Policy],
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    plot: str | None = None,
+    out: TextIO,
 ) -> int:
-    """Simulate ``scenario_name`` against one or two policy files; print the table. Returns the exit status.
+    """Simulate ``scenario`` against one or two loaded policies; print the table. Returns the exit status.
 
-    Raises :class:`~llm_resilience.PolicyError` for a broken policy or scenario (file:line messages).
+    Raises :class:`~llm_resilience.PolicyError` when a policy names a validator that is not registered.
     """
-    policies = [Policy.from_file(f) for f in files]
-    scenario = load_scenario(scenario_name)
-    for policy in policies:
-        scenario.check_against(policy)
     seed = scenario.document.seed if seed is None else seed
     labels = _labels(files)
     results = [Simulation(p, scenario, seed, label).run() for p, label in zip(policies, labels, strict=True)]

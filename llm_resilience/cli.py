@@ -266,13 +266,20 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from ._base_errors import PolicyError
-    from ._simulate import run_simulation
+    from ._policy import Policy
+    from ._scenario import load_scenario
 
     if len(args.files) > 2:
         print("simulate compares at most two policy files", file=sys.stderr)
         return 2
-    try:
-        return run_simulation(args.files, args.scenario, seed=args.seed, plot=args.plot, out=sys.stdout)
+    try:  # every file is checked before litellm is imported: a broken one is refused at once
+        policies = [Policy.from_file(file) for file in args.files]
+        scenario = load_scenario(args.scenario)
+        for policy in policies:
+            scenario.check_against(policy)
+        from ._simulate import run_simulation
+
+        return run_simulation(args.files, policies, scenario, seed=args.seed, plot=args.plot, out=sys.stdout)
     except PolicyError as e:
         _print_problems(e.problems)
         return 2

@@ -103,26 +103,17 @@ def test_help_validate_init_and_schema_never_import_litellm(tmp_path: Path) -> N
 
 
 def test_public_names_load_on_first_use() -> None:
-    script = textwrap.dedent(
-        """
-        import sys
-        import llm_resilience
-        assert "litellm" not in sys.modules
-        missing = [n for n in llm_resilience.__all__ if getattr(llm_resilience, n, None) is None]
-        assert not missing, missing
-        assert set(llm_resilience.__all__) <= set(dir(llm_resilience))
-        assert issubclass(llm_resilience.AllAttemptsFailed, llm_resilience.LLMResilienceError)
-        import litellm
-        assert issubclass(llm_resilience.AllAttemptsFailed, litellm.exceptions.ServiceUnavailableError)
-        try:
-            llm_resilience.no_such_name
-        except AttributeError as e:
-            print("AttributeError:", e)
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "AttributeError: module 'llm_resilience' has no attribute 'no_such_name'" in proc.stdout
+    import litellm
+
+    import llm_resilience
+
+    missing = [n for n in llm_resilience.__all__ if getattr(llm_resilience, n, None) is None]
+    assert not missing, missing
+    assert set(llm_resilience.__all__) <= set(dir(llm_resilience))
+    assert issubclass(llm_resilience.AllAttemptsFailed, litellm.exceptions.ServiceUnavailableError)
+    assert issubclass(llm_resilience.PolicyError, llm_resilience.LLMResilienceError)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        llm_resilience.no_such_name  # noqa: B018
 
 
 def test_every_command_has_examples_in_its_help() -> None:
@@ -338,26 +329,29 @@ def _after(text: str, word: str) -> list[str]:
     return [part.split(",")[0].split()[0] for part in parts]
 
 
-def test_simulate_refuses_a_broken_policy_with_the_same_messages_as_validate(tmp_path: Path) -> None:
+def test_simulate_refuses_a_broken_policy_with_the_same_messages_as_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_POLICY)
-    simulated = run_cli("simulate", str(bad), "--scenario", "latency-spike")
-    validated = run_cli("validate", str(bad))
-    assert simulated.returncode == 2 and validated.returncode == 1
-    assert simulated.stderr == validated.stderr
-    assert simulated.stderr.startswith(f"{bad}:8: prompt_classes.default: timeout_s")
+    assert main(["validate", str(bad)]) == 1
+    validated = capsys.readouterr().err
+    assert main(["simulate", str(bad), "--scenario", "latency-spike"]) == 2
+    assert capsys.readouterr().err == validated
+    assert validated.startswith(f"{bad}:8: prompt_classes.default: timeout_s")
 
 
-def test_a_broken_scenario_names_file_line_and_field(tmp_path: Path, sim_files: tuple[Path, Path]) -> None:
+def test_a_broken_scenario_names_file_line_and_field(
+    tmp_path: Path, sim_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     scenario = tmp_path / "typo.yaml"
     scenario.write_text(STORM.replace("errors: [{rate: 1.0", "erors: [{rate: 1.0").replace("big:", "bigg:"))
-    proc = run_cli("simulate", str(sim_files[0]), "--scenario", str(scenario))
-    assert proc.returncode == 2
-    assert f"{scenario}:12: phases[1].models.bigg.erors: unknown key 'erors'" in proc.stderr
+    assert main(["simulate", str(sim_files[0]), "--scenario", str(scenario)]) == 2
+    assert f"{scenario}:12: phases[1].models.bigg.erors: unknown key 'erors'" in capsys.readouterr().err
     scenario.write_text(STORM.replace("big:", "bigg:"))
-    proc = run_cli("simulate", str(sim_files[0]), "--scenario", str(scenario))
-    assert proc.returncode == 2
-    assert f"{scenario}:12: phases[1].models.bigg: 'bigg' is not a model of {sim_files[0]}" in proc.stderr
+    assert main(["simulate", str(sim_files[0]), "--scenario", str(scenario)]) == 2
+    err = capsys.readouterr().err
+    assert f"{scenario}:12: phases[1].models.bigg: 'bigg' is not a model of {sim_files[0]}" in err
 
 
 def test_shipped_scenarios_fit_the_example_policy() -> None:
@@ -369,17 +363,17 @@ def test_shipped_scenarios_fit_the_example_policy() -> None:
         assert scenario.duration_s >= 1200, "an incident of twenty minutes or more"
 
 
-def test_simulate_plot_without_matplotlib_says_what_to_install(sim_files: tuple[Path, Path], tmp_path: Path) -> None:
-    script = (
-        "import sys; sys.modules['matplotlib'] = None; from llm_resilience.cli import main; "
-        f"sys.exit(main(['simulate', {str(sim_files[0])!r}, '--scenario', {str(sim_files[1])!r}, "
-        f"'--plot', {str(tmp_path / 'x.png')!r}]))"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "phase 'storm'" in proc.stdout, "the table is printed all the same"
-    assert "--plot needs matplotlib" in proc.stderr and "llm-resilience[bench]" in proc.stderr
-    assert not (tmp_path / "x.png").exists()
+def test_simulate_plot_without_matplotlib_says_what_to_install(
+    sim_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # what `import matplotlib` meets where it is not installed
+    target = tmp_path / "x.png"
+    assert main(["simulate", str(sim_files[0]), "--scenario", str(sim_files[1]), "--plot", str(target)]) == 1
+    captured = capsys.readouterr()
+    assert "phase 'storm'" in captured.out, "the table is printed all the same"
+    assert "--plot needs matplotlib" in captured.err and "llm-resilience[bench]" in captured.err
+    assert not target.exists()
 
 
 def test_simulate_plot_writes_a_png(sim_files: tuple[Path, Path], tmp_path: Path) -> None:
