@@ -59,6 +59,10 @@ class BreakerTransition:
     """When it opened: the time (epoch seconds) after which the next request is a probe."""
 
 
+WallClock = Callable[[], datetime]
+"""Now, as an aware datetime (pybreaker's ``opened_at`` is one). Injected by ``llm-resilience simulate``."""
+
+
 class Admission(Enum):
     """What the breaker says about sending a request now."""
 
@@ -77,11 +81,16 @@ class _CountedFailure(Exception):
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, breaker: ModelBreaker, on_transition: list[TransitionListener]) -> None:
+    def __init__(
+        self, breaker: ModelBreaker, on_transition: list[TransitionListener], clock: WallClock | None = None
+    ) -> None:
         self.breaker = breaker
         self.on_transition = on_transition
+        self.clock = clock
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        if self.clock is not None and new_state.name == OPEN:
+            cb._state_storage.opened_at = self.clock()  # pybreaker stamped the wall clock; use ours
         old = old_state.name if old_state is not None else "none"
         new = str(new_state.name)
         breaker = self.breaker
@@ -124,17 +133,19 @@ class ModelBreaker:
         settings: BreakerSettings,
         on_transition: list[TransitionListener],
         state_storage: pybreaker.CircuitBreakerStorage | None = None,
+        clock: WallClock | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         self.last_kind: str | None = None  # the outcome being recorded, for the transition's cause
         self.last_transition: BreakerTransition | None = None
         self._open_until: float | None = None
+        self._clock = clock
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
             success_threshold=settings.success_threshold,
-            listeners=[_Listener(self, on_transition)],
+            listeners=[_Listener(self, on_transition, clock)],
             state_storage=state_storage,
             name=model,
             throw_new_error_on_trip=True,
@@ -156,7 +167,8 @@ class ModelBreaker:
         if opened_at is None:
             return True
         self._open_until = opened_at.timestamp() + self.settings.reset_timeout_s  # for open_until()
-        return (datetime.now(UTC) - opened_at).total_seconds() >= self.settings.reset_timeout_s
+        now = self._clock() if self._clock is not None else datetime.now(UTC)
+        return (now - opened_at).total_seconds() >= self.settings.reset_timeout_s
 
     def admit(self) -> Admission:
         """May a request go to this model now? Never blocks; never sends anything."""
@@ -229,8 +241,9 @@ def _fail(kind: str) -> None:
 class BreakerRegistry:
     """Creates breakers on first use; one per model name."""
 
-    def __init__(self, settings_for: Callable[[str], BreakerSettings]) -> None:
+    def __init__(self, settings_for: Callable[[str], BreakerSettings], clock: WallClock | None = None) -> None:
         self._settings_for = settings_for
+        self._clock = clock  # None: the wall clock (simulations pass their own)
         self._breakers: dict[str, ModelBreaker] = {}
         self._lock = threading.Lock()
         self.listeners: list[TransitionListener] = []
@@ -241,7 +254,7 @@ class BreakerRegistry:
             with self._lock:
                 b = self._breakers.get(model)
                 if b is None:
-                    b = ModelBreaker(model, self._settings_for(model), self.listeners)
+                    b = ModelBreaker(model, self._settings_for(model), self.listeners, clock=self._clock)
                     self._breakers[model] = b
         return b
 

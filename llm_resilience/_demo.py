@@ -38,9 +38,10 @@ from ._env import litellm
 from ._exceptions import AllAttemptsFailed, PolicyError
 from ._hooks import Hook
 from ._policy import ENV_PREFIX, Policy
+from ._resources import example_policy
 from .testing import Behavior, FakeProvider
 
-EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
+EXAMPLE_POLICY = example_policy()
 DEMO_KEY = "sk-demo-not-a-real-key"
 PROMPT = [{"role": "user", "content": "Where is my order #1234? One sentence, please."}]
 
@@ -343,6 +344,9 @@ def run_demo(
         info = DemoInfo(demo, policy, scale, slots, sick.base_url, healthy.base_url)
         printer.intro(info)
         _warm_up(policy)
+        warm_up = getattr(engine, "warm_up", None)  # the engine's own warm-up, where it has one
+        if callable(warm_up):
+            warm_up()
         sick.reset()
         healthy.reset()
         results: list[RequestResult] = []
@@ -657,8 +661,10 @@ class Printer:
     def outro(self) -> None:
         self.line()
         self.line(
-            f"Next: README.md explains the policy; copy policies/example.yaml, point {POLICY_ENV} at it and "
-            'call llm_resilience.completion(model="chat", ...). Check it with: llm-resilience validate FILE'
+            "Next: `llm-resilience init policy.yaml` writes a starter policy with your models; check it with "
+            f"`llm-resilience validate policy.yaml`, point {POLICY_ENV} at it and call "
+            'llm_resilience.completion(model="chat", ...). Every field is explained in the example policy: '
+            f"{_display_path(EXAMPLE_POLICY)}"
         )
 
 

@@ -20,35 +20,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from litellm.exceptions import MidStreamFallbackError, ServiceUnavailableError
-
-from . import _env  # noqa: F401  (litellm must be imported offline-safe first)
+from ._base_errors import LLMResilienceError, PolicyError, UnknownPromptClass
+from ._env import litellm  # offline-safe and quiet before litellm is imported
 
 if TYPE_CHECKING:
     from ._outcomes import AttemptRecord
 
-
-class LLMResilienceError(Exception):
-    """Base class of every exception defined by llm-resilience."""
-
-
-class PolicyError(LLMResilienceError, ValueError):
-    """A policy is invalid.
-
-    The message names the file, the line and the field, and says what was expected::
-
-        policies/prod.yaml:14: routes.chat.chain[1]: unknown model 'medium' (defined: big, small)
-
-    ``.problems`` lists every problem found, not only the first.
-    """
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems) if self.problems else "invalid policy")
-
-
-class UnknownPromptClass(LLMResilienceError, ValueError):
-    """``prompt_class=`` named a class the policy does not define."""
+__all__ = [
+    "AllAttemptsFailed",
+    "LLMResilienceError",
+    "PolicyError",
+    "StreamInterrupted",
+    "UnknownPromptClass",
+]
 
 
 def _summarize(attempts: Sequence[AttemptRecord]) -> str:
@@ -56,7 +40,7 @@ def _summarize(attempts: Sequence[AttemptRecord]) -> str:
     return "; ".join(parts) if parts else "no model was eligible"
 
 
-class AllAttemptsFailed(LLMResilienceError, ServiceUnavailableError):  # type: ignore[misc]
+class AllAttemptsFailed(LLMResilienceError, litellm.exceptions.ServiceUnavailableError):  # type: ignore[misc]
     """Every option of the route was exhausted.
 
     ``.attempts`` is the list of :class:`AttemptRecord` (model, outcome, reason, latency),
@@ -77,7 +61,7 @@ class AllAttemptsFailed(LLMResilienceError, ServiceUnavailableError):  # type: i
         self.message = self.message.replace("litellm.ServiceUnavailableError", "llm_resilience.AllAttemptsFailed", 1)
 
 
-class StreamInterrupted(LLMResilienceError, MidStreamFallbackError):  # type: ignore[misc]
+class StreamInterrupted(LLMResilienceError, litellm.exceptions.MidStreamFallbackError):  # type: ignore[misc]
     """A stream broke after the caller had received chunks.
 
     It cannot be replaced silently by another model without duplicating or mixing

@@ -6,15 +6,9 @@ the planner, the spans and the review log, so it lives in one small module.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
-
-import httpx
-import openai
-
-from ._env import litellm
-
-lx = litellm.exceptions  # explicit module: what mypy sees as exported
 
 # Hard error kinds: what a provider exception means.
 TIMEOUT: Final = "timeout"
@@ -59,6 +53,14 @@ SOFT_KINDS: Final = (SOFT_TIMEOUT, EMPTY, TRUNCATED, INVALID_JSON, CONTENT_FILTE
 Outcome = Literal["success", "flagged", "failure", "soft_failure", "skipped", "cancelled"]
 
 
+def _litellm_exceptions() -> types.ModuleType:
+    # Imported on first use, not with this module: the policy loader (and so the CLI's
+    # ``validate``) needs the vocabulary above but must not pay ~2 s for litellm.
+    from ._env import litellm
+
+    return litellm.exceptions
+
+
 def classify_error(exc: BaseException) -> str:
     """Map a provider exception to an error kind.
 
@@ -66,6 +68,7 @@ def classify_error(exc: BaseException) -> str:
     of ``BadRequestError``, and its ``Timeout`` is an ``APIConnectionError`` in openai's
     tree, so the specific checks come first.
     """
+    lx = _litellm_exceptions()
     if isinstance(exc, lx.Timeout | TimeoutError):
         return TIMEOUT
     if isinstance(exc, lx.ContextWindowExceededError):
@@ -109,6 +112,9 @@ def _transport_failure(exc: BaseException) -> str | None:
     (status 500); only the cause chain (openai ``APIConnectionError`` -> httpx) tells it
     apart from a real 500, and an operator reading spans needs that difference.
     """
+    import httpx
+    import openai
+
     seen: set[int] = set()
     cause = exc.__cause__ or exc.__context__
     while cause is not None and id(cause) not in seen:

@@ -13,6 +13,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import _outcomes as k
-from ._exceptions import PolicyError
+from ._base_errors import PolicyError  # not ._exceptions: loading a policy must not import litellm
 
 # Durations are finite and at most a day: a larger one is a typo or `.inf`, and every call
 # under it would fail (timers overflow past ~1e10 s). Timeouts leave an attempt room to run.
@@ -703,9 +704,11 @@ def _name_refs(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str, bool
 
 
 def _known_validators(extra: Collection[str]) -> frozenset[str]:
-    from ._validators import registered_validators  # it imports this module
-
-    return frozenset((*BUILTIN_VALIDATORS, *registered_validators(), *extra))
+    # Registering a validator imports _validators (which imports litellm); when nothing imported it,
+    # nothing was registered, and loading a policy (``llm-resilience validate``) stays litellm-free.
+    validators = sys.modules.get(f"{__package__}._validators")
+    registered = validators.registered_validators() if validators is not None else ()
+    return frozenset((*BUILTIN_VALIDATORS, *registered, *extra))
 
 
 def _unknown_names(refs: Sequence[tuple[str, str, bool]], known: frozenset[str]) -> list[str]:

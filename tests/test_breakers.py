@@ -223,3 +223,22 @@ def test_async_probe_is_gated_too(half_open: Resilience, big: FakeProvider) -> N
     reasons = sorted(str(hidden(r)["attempts"][0]["reason"]) for r in results)
     assert reasons == ["None"] + ["probe_in_flight"] * 9
     assert half_open.breaker_states()["big"] == "closed"
+
+
+def test_an_injected_clock_decides_when_an_open_breaker_lets_a_probe_through() -> None:
+    # What `llm-resilience simulate` relies on: breakers live in simulated time, not wall time.
+    from datetime import UTC, datetime, timedelta
+
+    from llm_resilience._breakers import Admission, BreakerRegistry, ProbeTicket
+    from llm_resilience._policy import BreakerSettings
+
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=2, reset_timeout_s=30.0), clock=lambda: now[0])
+    breaker = registry.get("big")
+    for _ in range(2):
+        breaker.record(ProbeTicket(probe=False), "server_error")
+    assert breaker.state == "open"
+    now[0] += timedelta(seconds=29.9)
+    assert breaker.admit() is Admission.OPEN  # the wall clock barely moved; the injected one says 29.9 s
+    now[0] += timedelta(seconds=0.2)
+    assert breaker.admit() is Admission.PROBE

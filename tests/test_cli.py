@@ -140,7 +140,7 @@ def test_demo_replays_the_incident_falls_back_and_the_breaker_opens_and_closes()
     assert story and story[0].endswith("closed"), "the breaker must end the demo closed again"
     # The point of the breaker: most spike requests never reached the sick primary.
     assert n["primary_spike_requests"] < n["spike_requests"]
-    assert "Next: README.md" in proc.stdout
+    assert "Next: `llm-resilience init policy.yaml`" in proc.stdout
     assert not re.search(r"^ +\d+ +(healthy|spike|recovered) ", proc.stdout, re.M), "--quiet prints no request lines"
 
 
