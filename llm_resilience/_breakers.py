@@ -11,13 +11,28 @@ What this module adds, beside it rather than inside it:
   held for microseconds, never across a request.
 * **A probe gate.** In half-open, pybreaker admits any number of trial calls; a sick
   provider recovering from an outage should get exactly one. The gate also makes a
-  cancelled probe (a hedging loser) release its slot without counting either way.
+  cancelled probe (a hedging loser) release its slot without counting either way. The
+  reset timeout is checked inside the gate, so a probe that just failed (and re-opened the
+  breaker) is never followed at once by a second one from a thread that looked earlier.
+* **Generations.** Every transition starts a new generation, and each admission's
+  :class:`ProbeTicket` carries the generation it was admitted in. An outcome from an
+  earlier generation is stale: a slow success from a request sent before the breaker
+  opened must not close it while the probe still hangs, and a late 503 must not re-open
+  it during a successful probe. Stale outcomes are dropped (only their probe slot, if
+  any, is released).
+* **Reset backoff (opt-in).** ``breakers.*.reset_backoff: {factor, max_s}`` lengthens
+  the open period after each failed probe, up to ``max_s``; a probe that succeeds resets
+  it. Without it every open period is ``reset_timeout_s``.
+
+Every transition goes through :meth:`ModelBreaker._on_transition` (pybreaker's listener):
+that is the one place where the generation and the failed-probe count move.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,44 +96,27 @@ class _CountedFailure(Exception):
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(
-        self, breaker: ModelBreaker, on_transition: list[TransitionListener], clock: WallClock | None = None
-    ) -> None:
+    def __init__(self, breaker: ModelBreaker, clock: WallClock | None = None) -> None:
         self.breaker = breaker
-        self.on_transition = on_transition
         self.clock = clock
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         if self.clock is not None and new_state.name == OPEN:
             cb._state_storage.opened_at = self.clock()  # pybreaker stamped the wall clock; use ours
-        old = old_state.name if old_state is not None else "none"
-        new = str(new_state.name)
-        breaker = self.breaker
-        failures = int(cb.fail_counter)
-        open_until = None
-        if new == OPEN:
-            cause = "probe_failed" if old == HALF_OPEN else "consecutive_failures"
-            opened_at: datetime | None = cb._state_storage.opened_at
-            if opened_at is not None:
-                open_until = opened_at.timestamp() + breaker.settings.reset_timeout_s
-        elif new == HALF_OPEN:
-            cause = "reset_timeout_elapsed"
-        else:
-            cause = "probe_succeeded" if old == HALF_OPEN and breaker.last_kind != _RESET else "reset"
-        info = BreakerTransition(
-            breaker.model, old, new, cause, failures, breaker.last_kind if new == OPEN else None, open_until
-        )
-        breaker.last_transition = info
-        log.warning("breaker %s: %s -> %s (%s, %d failures)", breaker.model, old, new, cause, failures)
-        for fn in list(self.on_transition):
-            fn(breaker.model, old, new, info)
+        self.breaker._on_transition(old_state.name if old_state is not None else "none", str(new_state.name))
 
 
 @dataclass
 class ProbeTicket:
-    """Handed out with every admission; tells :meth:`ModelBreaker.record` whether to release the gate."""
+    """Handed out with every admission.
+
+    ``probe``: this request holds the half-open probe slot (:meth:`ModelBreaker.record`
+    releases it). ``generation``: the breaker generation it was admitted in; an outcome
+    reported after a later transition is stale and moves nothing.
+    """
 
     probe: bool
+    generation: int = 0
 
 
 _RESET = "reset"  # ModelBreaker.last_kind while an operator closes the breaker
@@ -141,16 +139,20 @@ class ModelBreaker:
         self.last_transition: BreakerTransition | None = None
         self._open_until: float | None = None
         self._clock = clock
+        self._on_transition_listeners = on_transition
+        self._generation = 0
+        self._failed_probes = 0  # consecutive half-open -> open transitions (reset backoff)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
             success_threshold=settings.success_threshold,
-            listeners=[_Listener(self, on_transition, clock)],
+            listeners=[_Listener(self, clock)],
             state_storage=state_storage,
             name=model,
             throw_new_error_on_trip=True,
         )
-        self._gate = threading.Lock()
+        self.last_used = 0.0  # monotonic; set by the registry on every lookup
+        self._gate = threading.RLock()  # re-entered when a transition happens while it is held
         self._probe_in_flight = False
 
     @property
@@ -161,52 +163,125 @@ class ModelBreaker:
     def fail_counter(self) -> int:
         return int(self._cb.fail_counter)
 
+    @property
+    def evictable(self) -> bool:
+        """Closed with no probe in flight: forgetting it loses nothing but recent failure counts."""
+        return not self._probe_in_flight and self._cb.current_state == CLOSED
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every transition; tickets from an older generation are stale."""
+        return self._generation
+
+    @property
+    def open_period_s(self) -> float:
+        """How long the breaker stays open before the next probe (grows with ``reset_backoff``)."""
+        base = self.settings.reset_timeout_s
+        backoff = self.settings.reset_backoff
+        if backoff is None or self._failed_probes == 0:
+            return base
+        return min(backoff.max_s, base * backoff.factor**self._failed_probes)
+
+    def _on_transition(self, old: str, new: str) -> None:
+        """Every state change passes here (pybreaker's listener): the one place the bookkeeping moves."""
+        with self._gate:
+            self._generation += 1
+            if old == HALF_OPEN and new == OPEN:
+                self._failed_probes += 1
+            elif new == CLOSED:
+                self._failed_probes = 0
+        failures = int(self._cb.fail_counter)
+        open_until = None
+        if new == OPEN:
+            cause = "probe_failed" if old == HALF_OPEN else "consecutive_failures"
+            opened_at: datetime | None = self._cb._state_storage.opened_at
+            if opened_at is not None:
+                open_until = opened_at.timestamp() + self.open_period_s
+        elif new == HALF_OPEN:
+            cause = "reset_timeout_elapsed"
+        else:
+            cause = "probe_succeeded" if old == HALF_OPEN and self.last_kind != _RESET else "reset"
+        info = BreakerTransition(
+            self.model, old, new, cause, failures, self.last_kind if new == OPEN else None, open_until
+        )
+        self.last_transition = info
+        log.warning("breaker %s: %s -> %s (%s, %d failures)", self.model, old, new, cause, failures)
+        for fn in list(self._on_transition_listeners):
+            fn(self.model, old, new, info)
+
     def _reset_timeout_elapsed(self) -> bool:
         # pybreaker keeps opened_at in its storage (wall clock, so Redis-shared breakers agree).
         opened_at: datetime | None = self._cb._state_storage.opened_at
         if opened_at is None:
             return True
-        self._open_until = opened_at.timestamp() + self.settings.reset_timeout_s  # for open_until()
+        period = self.open_period_s
+        self._open_until = opened_at.timestamp() + period  # for open_until()
         now = self._clock() if self._clock is not None else datetime.now(UTC)
-        return (now - opened_at).total_seconds() >= self.settings.reset_timeout_s
+        return (now - opened_at).total_seconds() >= period
 
     def admit(self) -> Admission:
         """May a request go to this model now? Never blocks; never sends anything."""
-        state = self._cb.current_state
-        if state == CLOSED:
-            return Admission.ADMIT
-        if state == OPEN and not self._reset_timeout_elapsed():
-            return Admission.OPEN
+        return self.admit_with_ticket()[0]
+
+    def admit_with_ticket(self) -> tuple[Admission, ProbeTicket]:
+        """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically)."""
+        generation = self._generation  # read before the state: a transition in between only makes it stale
+        if self._cb.current_state == CLOSED:
+            return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
         with self._gate:
+            # Decided entirely under the gate: a probe that fails re-opens the breaker before it
+            # frees the slot, so whoever takes the slot next sees the new opened_at.
+            state = self._cb.current_state
+            if state == CLOSED:
+                return Admission.ADMIT, ProbeTicket(probe=False, generation=self._generation)
+            if state == OPEN and not self._reset_timeout_elapsed():
+                return Admission.OPEN, ProbeTicket(probe=False, generation=self._generation)
             if self._probe_in_flight:
-                return Admission.PROBE_BUSY
+                return Admission.PROBE_BUSY, ProbeTicket(probe=False, generation=self._generation)
             self._probe_in_flight = True
-        if self._cb.current_state == OPEN:
-            self._cb.half_open()
-        return Admission.PROBE
+            if state == OPEN:
+                self._cb.half_open()
+            return Admission.PROBE, ProbeTicket(probe=True, generation=self._generation)
 
     def record(self, ticket: ProbeTicket, failure_kind: str | None) -> None:
         """Report an attempt's outcome: ``None`` for success, else the kind of failure.
 
         Kinds the policy does not count (``breakers.*.count``) are neutral: they neither
         count nor reset the consecutive-failure counter, so a stream of caller errors
-        cannot hide a provider that is failing.
+        cannot hide a provider that is failing. An outcome from a request admitted before
+        the last transition (a stale ticket) moves nothing.
         """
         self.last_kind = failure_kind
         try:
-            if failure_kind is None:
-                self._cb.call(_succeed)
-            elif failure_kind in self.settings.count:
-                self._cb.call(_fail, failure_kind)
+            with self._gate:
+                if ticket.generation != self._generation or self._cb.current_state == OPEN:
+                    return  # stale, or nothing to decide while open (only a probe may move it)
+                if failure_kind is None:
+                    self._cb.call(_succeed)
+                elif failure_kind in self.settings.count:
+                    self._cb.call(_fail, failure_kind)
         except _CountedFailure:
             pass
         except pybreaker.CircuitBreakerError:
-            # Raised by the call that trips the breaker, or when an attempt admitted before
-            # the breaker opened reports late: either way the state is already right.
+            # Raised by the call that trips the breaker (or when shared storage says another
+            # process opened it): either way the state is already right.
             pass
         finally:
             if ticket.probe:
                 self.release(ticket)
+
+    def probe_passed(self, ticket: ProbeTicket) -> None:
+        """A probe's provider answered (a stream's first content): record its success now.
+
+        The caller may read the rest of the stream for a long time; the model is not kept
+        out of rotation meanwhile. The ticket becomes an ordinary one of the new generation,
+        so the attempt's final outcome (a cut later on, say) still counts, once, as any
+        request's would.
+        """
+        if not ticket.probe:
+            return
+        self.record(ticket, None)
+        ticket.generation = self._generation
 
     def release(self, ticket: ProbeTicket) -> None:
         """Free the probe slot without counting (the attempt was cancelled or never sent)."""
@@ -225,8 +300,8 @@ class ModelBreaker:
     def reset(self) -> None:
         """Close the breaker (used by tests and by ``llm-resilience`` operators)."""
         self.last_kind = _RESET
-        self._cb.close()
-        with self._gate:
+        with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
+            self._cb.close()
             self._probe_in_flight = False
 
 
@@ -239,13 +314,29 @@ def _fail(kind: str) -> None:
 
 
 class BreakerRegistry:
-    """Creates breakers on first use; one per model name."""
+    """Creates breakers on first use; one per model name, at most about ``max_breakers``.
 
-    def __init__(self, settings_for: Callable[[str], BreakerSettings], clock: WallClock | None = None) -> None:
+    Callers may pass any litellm model string (an ad-hoc route per string), so the registry
+    is bounded: when it grows past ``max_breakers`` the least recently used breakers are
+    evicted, down to 7/8 of the bound (eviction is amortised: one sort per many inserts).
+    Only a breaker that is closed with no probe in flight may go. An open or half-open one
+    is what keeps traffic off a sick model: forgetting it would send that model full traffic
+    again, so it stays (the bound may then be exceeded by the number of sick models in use).
+    A closed breaker that is evicted loses its count of recent failures, as if it had not
+    been used for a while, which is what least-recently-used means.
+    """
+
+    def __init__(
+        self,
+        settings_for: Callable[[str], BreakerSettings],
+        clock: WallClock | None = None,
+        max_breakers: int = 1024,
+    ) -> None:
         self._settings_for = settings_for
         self._clock = clock  # None: the wall clock (simulations pass their own)
         self._breakers: dict[str, ModelBreaker] = {}
         self._lock = threading.Lock()
+        self.max_breakers = max_breakers
         self.listeners: list[TransitionListener] = []
 
     def get(self, model: str) -> ModelBreaker:
@@ -254,9 +345,24 @@ class BreakerRegistry:
             with self._lock:
                 b = self._breakers.get(model)
                 if b is None:
+                    if len(self._breakers) >= self.max_breakers:
+                        self._evict()
                     b = ModelBreaker(model, self._settings_for(model), self.listeners, clock=self._clock)
                     self._breakers[model] = b
+        b.last_used = time.monotonic()  # lock-free: an approximate recency is all eviction needs
         return b
 
+    def _evict(self) -> None:
+        keep = self.max_breakers * 7 // 8
+        idle = [b for b in self._breakers.values() if b.evictable]
+        idle.sort(key=lambda b: b.last_used)
+        for b in idle[: max(0, len(self._breakers) - keep)]:
+            del self._breakers[b.model]
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
     def states(self) -> dict[str, str]:
-        return {name: b.state for name, b in self._breakers.items()}
+        with self._lock:
+            breakers = list(self._breakers.values())
+        return {b.model: b.state for b in breakers}

@@ -13,10 +13,16 @@ Exception tree::
 
 Errors from the provider that must not fall back (an ordinary 400, say) are raised
 unchanged: the caller's existing ``except litellm.BadRequestError`` stays correct.
+
+``AllAttemptsFailed`` and ``StreamInterrupted`` pickle and copy (a worker process of a
+``ProcessPoolExecutor`` may raise them): the copy keeps the message and the fields, while
+the provider exceptions they wrap (``__cause__``, ``AttemptRecord.error``), which often
+cannot be pickled, are left behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +66,10 @@ class AllAttemptsFailed(LLMResilienceError, litellm.exceptions.ServiceUnavailabl
         )
         self.message = self.message.replace("litellm.ServiceUnavailableError", "llm_resilience.AllAttemptsFailed", 1)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        records = [dataclasses.replace(a, error=None) for a in self.attempts]
+        return (type(self), (self.route, self.prompt_class, records))
+
 
 class StreamInterrupted(LLMResilienceError, litellm.exceptions.MidStreamFallbackError):  # type: ignore[misc]
     """A stream broke after the caller had received chunks.
@@ -80,7 +90,8 @@ class StreamInterrupted(LLMResilienceError, litellm.exceptions.MidStreamFallback
         self.chunks_delivered = chunks_delivered
         self.chars_delivered = len(generated_content)
         self.reason = reason
-        original: Any = original_exception
+        # litellm wraps a mid-stream failure in its own MidStreamFallbackError: keep what it wraps.
+        original: Any = getattr(original_exception, "original_exception", None) or original_exception
         super().__init__(
             message=f"stream from '{model}' interrupted after {chunks_delivered} chunks "
             f"({len(generated_content)} characters delivered): {reason}",
@@ -90,3 +101,12 @@ class StreamInterrupted(LLMResilienceError, litellm.exceptions.MidStreamFallback
             generated_content=generated_content,
         )
         self.message = self.message.replace("litellm.MidStreamFallbackError", "llm_resilience.StreamInterrupted", 1)
+
+    def __str__(self) -> str:
+        # litellm's __str__ appends "Original exception: <type>: <its message>", which repeats
+        # litellm's own prefixes; the reason already names the kind and type of the cause.
+        return str(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.model, self.chunks_delivered, self.generated_content, self.reason)
+        return (type(self), args)

@@ -267,10 +267,13 @@ class Call:
         self.klass = policy.classes[self.prompt_class]
         self.route = policy.route_for(request.model, self.prompt_class)
         caller_timeout = request.kwargs.get("timeout")
-        if isinstance(caller_timeout, int | float) and caller_timeout > 0:
+        self.caller_deadline_at: float | None = None
+        """The caller's own ``timeout=``, as a monotonic time: it caps even a committed stream."""
+        if isinstance(caller_timeout, int | float) and not isinstance(caller_timeout, bool) and caller_timeout > 0:
             if self.klass is BUILTIN_CLASS:  # see caller_timeout_class: never shorter than the caller asked
                 self.klass = caller_timeout_class(float(caller_timeout))
             deadline = min(self.klass.deadline_s, float(caller_timeout))  # the caller's own bound still holds
+            self.caller_deadline_at = now + float(caller_timeout)
         else:
             deadline = self.klass.deadline_s
         self.deadline_at = now + deadline
@@ -453,7 +456,7 @@ class Call:
             return None
         breaker = self.planner.breakers.get(spec.name)
         seen = breaker.last_transition
-        admission = breaker.admit()
+        admission, ticket = breaker.admit_with_ticket()
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -464,7 +467,6 @@ class Call:
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
             return None
-        ticket = ProbeTicket(probe=admission is Admission.PROBE)
         if ticket.probe:
             record.extra["probe"] = True
         params, missing = spec.resolved_params()
@@ -580,8 +582,28 @@ class Call:
         From now on a failure of it ends the call (the stream driver raises ``StreamInterrupted``)
         instead of falling back, and a validator that says ``fall_back`` only flags the answer,
         since the caller already has the text. Both still count toward the model's breaker.
+
+        A half-open probe is judged here, at its first content, not when the caller finishes
+        reading: the provider has shown it accepts requests and generates, which is what the
+        probe asks, and a slow reader must not keep a healed model out of rotation. (Waiting
+        for the provider's end would need reading ahead of the caller, giving up back-pressure.)
+        A first chunk later than the soft timeout is a failed probe. Whatever happens to the
+        stream afterwards counts once more, as an ordinary request's outcome.
         """
         self._committed = attempt
+        if not attempt.ticket.probe:
+            return
+        ttfc = attempt.record.time_to_first_chunk_s
+        soft = attempt.soft_timeout_s
+        if soft is not None and ttfc is not None and ttfc > soft:
+            attempt.record.extra["slow"] = True  # the end of the stream counts nothing more
+            self._count(attempt, k.SOFT_TIMEOUT)
+            return
+        breaker = self.planner.breakers.get(attempt.spec.name)
+        before = breaker.state
+        breaker.probe_passed(attempt.ticket)
+        if breaker.state != before:
+            attempt.record.breaker_transitions.append((before, breaker.state))
 
     def on_response(self, attempt: Attempt, response: Any, now: float) -> None:
         """A 200 came back (for streams: the assembled response)."""
@@ -737,6 +759,24 @@ class Call:
             self.answered_by = self._committed.record  # it answered in part before the caller stopped reading
         self._final = Fail(LLMResilienceError("the call was cancelled by the caller"))
         self.planner.hooks.call_ended(self, None, None)
+
+    def expire(self, error: BaseException, now: float) -> None:
+        """The caller's own ``timeout=`` ran out while a committed stream was still delivering.
+
+        The call ends with ``error`` (a ``StreamInterrupted``); the attempt is recorded as
+        cancelled with reason ``deadline`` and does not count toward the breaker: the provider
+        was answering, the caller chose the bound.
+        """
+        if self._final is not None:
+            return
+        for attempt in self._in_flight:
+            attempt.record.reason = k.DEADLINE
+        self._abandon_in_flight(now)
+        if self._committed is not None:
+            self.answered_by = self._committed.record
+            self._committed.record.reason = k.DEADLINE
+        self._final = Fail(error)
+        self.planner.hooks.call_ended(self, None, error)
 
     def _abandon_in_flight(self, now: float) -> None:
         # The call is decided: attempts still running (hedges) lose. Recording that here,

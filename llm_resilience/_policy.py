@@ -311,11 +311,21 @@ class Route(_Strict):
     truncation: TruncationConfig = Field(default_factory=TruncationConfig)
 
 
+class ResetBackoff(_Strict):
+    """Lengthen the open period after each failed probe (opt-in; a successful probe resets it)."""
+
+    factor: float = Field(2.0, ge=1.0, le=100.0, description="Open period multiplier per consecutive failed probe.")
+    max_s: Seconds = Field(description="Longest open period, seconds.")
+
+
 class BreakerConfig(_Strict):
     """Circuit breaker settings; under ``default`` or a model name (which overrides the default)."""
 
     fail_max: PositiveInt | None = Field(None, description="Consecutive failures that open the breaker.")
-    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe.")
+    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe (default 10).")
+    reset_backoff: ResetBackoff | None = Field(
+        None, description="Opt-in: after n failed probes in a row stay open reset_timeout_s * factor^n, up to max_s."
+    )
     success_threshold: PositiveInt | None = Field(None, description="Probe successes needed to close.")
     count: list[str] | None = Field(
         None,
@@ -390,8 +400,9 @@ def caller_timeout_class(timeout_s: float) -> PromptClass:
 @dataclass(frozen=True)
 class BreakerSettings:
     fail_max: int = 5
-    reset_timeout_s: float = 30.0
+    reset_timeout_s: float = 10.0
     success_threshold: int = 1
+    reset_backoff: ResetBackoff | None = None
     count: frozenset[str] = frozenset(DEFAULT_BREAKER_COUNTS)
 
 
@@ -627,6 +638,7 @@ def _merge_breaker(base: BreakerSettings, cfg: BreakerConfig) -> BreakerSettings
         fail_max=cfg.fail_max if cfg.fail_max is not None else base.fail_max,
         reset_timeout_s=cfg.reset_timeout_s if cfg.reset_timeout_s is not None else base.reset_timeout_s,
         success_threshold=(cfg.success_threshold if cfg.success_threshold is not None else base.success_threshold),
+        reset_backoff=cfg.reset_backoff if cfg.reset_backoff is not None else base.reset_backoff,
         count=frozenset(cfg.count) if cfg.count is not None else base.count,
     )
 

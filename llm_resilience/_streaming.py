@@ -207,7 +207,9 @@ class _StreamCore:
         attempt = self.attempt
         assert attempt is not None
         if self.committed:
-            return attempt.idle_timeout_s or attempt.timeout_s
+            idle = attempt.idle_timeout_s or attempt.timeout_s
+            caller_deadline = self.call.caller_deadline_at
+            return idle if caller_deadline is None else max(0.0, min(idle, caller_deadline - now))
         return max(0.0, self._first_token_by - now)
 
     def feed(self, event: _Event, now: float) -> tuple[list[Any], bool]:
@@ -228,6 +230,9 @@ class _StreamCore:
             self._deliver(out)
             return out, False
         if event.kind == "timeout":
+            caller_deadline = self.call.caller_deadline_at
+            if self.committed and caller_deadline is not None and now >= caller_deadline:
+                raise self._caller_timeout(now)
             if self.committed:
                 idle = attempt.idle_timeout_s or attempt.timeout_s
                 raise self._interrupt(
@@ -286,7 +291,18 @@ class _StreamCore:
         messages = self.attempt.kwargs.get("messages")
         return litellm.stream_chunk_builder(chunks, messages=list(messages) if messages is not None else None)
 
-    def _interrupt(self, error: Exception, reason: str, now: float) -> StreamInterrupted:
+    def _caller_timeout(self, now: float) -> StreamInterrupted:
+        """The caller's own ``timeout=`` ran out mid-stream: end it; the provider is not blamed."""
+        attempt = self.attempt
+        assert attempt is not None
+        bound = self.call.request.kwargs.get("timeout")
+        error = TimeoutError(f"the caller's timeout={bound:g} s elapsed")
+        interrupted = self._interrupted(error, f"the caller's timeout ({bound:g} s) elapsed")
+        self.finished = True
+        self.call.expire(interrupted, now)
+        return interrupted
+
+    def _interrupted(self, error: Exception, reason: str) -> StreamInterrupted:
         attempt = self.attempt
         assert attempt is not None
         interrupted = StreamInterrupted(
@@ -296,9 +312,15 @@ class _StreamCore:
             reason=reason,
             original_exception=error,
         )
+        interrupted.__cause__ = error
+        return interrupted
+
+    def _interrupt(self, error: Exception, reason: str, now: float) -> StreamInterrupted:
+        attempt = self.attempt
+        assert attempt is not None
         # classify_error follows the cause chain: an idle timeout counts as a timeout, a cut as a
         # connection error, on the breaker and in the span.
-        interrupted.__cause__ = error
+        interrupted = self._interrupted(error, reason)
         self.finished = True
         self.call.on_error(attempt, interrupted, now)  # committed: the planner ends the call with it
         return interrupted

@@ -673,3 +673,39 @@ def test_module_level_completion_streams(
     chunks = list(llm_resilience.completion(model="chat", messages=MESSAGES, stream=True))
 
     assert text(chunks) == BIG
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_callers_own_timeout_caps_a_committed_stream(
+    mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, providers: Any
+) -> None:
+    """Issue 12 item 3: ``timeout=0.5`` held for plain calls, but streams ran 1.52 s."""
+    big, small = providers
+    # Every gap (0.2 s) is well within the idle timeout: only the caller's bound can stop it.
+    engine = make_engine(policy_dict(["big", "small"], prompt_classes=stream_class(2.0, 2.0)))
+    big.set(Behavior(content="abcdefghijkl", chunks=12, inter_chunk_s=0.2))
+    engine.completion("chat", MESSAGES)  # not the first request of this engine: no lazy imports inside the bound
+
+    started = time.monotonic()
+    received: list[Any] = []
+    if mode == "sync":
+        with pytest.raises(StreamInterrupted) as info:
+            for chunk in engine.completion("chat", MESSAGES, stream=True, timeout=0.5):
+                received.append(chunk)
+    else:
+
+        async def run() -> None:
+            async for chunk in await engine.acompletion("chat", MESSAGES, stream=True, timeout=0.5):
+                received.append(chunk)
+
+        with pytest.raises(StreamInterrupted) as info:
+            asyncio.run(run())
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 0.5 + 1.0, elapsed  # the whole stream ended near the caller's bound, not after 12 x 0.2 s
+    assert 0 < len(text(received)) < 12
+    assert "timeout (0.5 s) elapsed" in str(info.value)
+    assert small.request_count == 0
+    assert engine.breakers.get("big").fail_counter == 0  # the caller chose the bound: not the provider's fault
+    assert big.wait_idle(2.0)
+    assert big.requests[-1].disconnected
