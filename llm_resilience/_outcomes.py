@@ -35,6 +35,10 @@ PROBE_IN_FLIGHT: Final = "probe_in_flight"
 CONTEXT_TOO_SMALL: Final = "context_too_small"
 DEADLINE: Final = "deadline_exceeded"
 MISSING_API_KEY: Final = "missing_api_key"
+NO_PREFILL: Final = "no_prefill"  # a stream continuation needs a model that accepts an assistant prefill
+
+# A continuation attempt's 400 that names the prefill: the model cannot continue text, not a bad request.
+PREFILL_REJECTED: Final = "prefill_rejected"
 
 ERROR_KINDS: Final = (
     TIMEOUT,

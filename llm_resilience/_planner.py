@@ -286,6 +286,11 @@ class Call:
         self._last_error: BaseException | None = None
         self._best_flagged: tuple[AttemptRecord, Any] | None = None
         self._committed: Attempt | None = None  # a stream whose output reached the caller (see commit)
+        # Streams with on_interrupt: continue, after a committed stream broke: the text the caller
+        # already has (the next model is asked to continue it) and the error to raise if none can.
+        self._continue_text: str | None = None
+        self._interrupted: BaseException | None = None
+        self._joins: list[dict[str, Any]] = []
         self._shrink = 1.0  # < 1 after a provider said the prompt was too long
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
         if len(self._base_kwargs) != len(request.kwargs) or (request.stream and "stream_timeout" in request.kwargs):
@@ -469,6 +474,10 @@ class Call:
             return None
         if ticket.probe:
             record.extra["probe"] = True
+        if self._continue_text is not None and not _accepts_prefill(spec):
+            breaker.release(ticket)
+            self._skip(record, k.NO_PREFILL)
+            return None
         params, missing = spec.resolved_params()
         if missing is not None:
             breaker.release(ticket)
@@ -515,6 +524,11 @@ class Call:
             # so one attempt's bookkeeping never leaks into the next one or back to the caller.
             kwargs["metadata"] = dict(kwargs["metadata"])
         kwargs["messages"] = fit.messages
+        if self._continue_text is not None:
+            # Continue the text the caller already has: litellm's assistant-prefill form.
+            prefill = {"role": "assistant", "content": self._continue_text, "prefix": True}
+            kwargs["messages"] = [*fit.messages, prefill]
+            record.extra["prefill_chars"] = len(self._continue_text)
         kwargs["timeout"] = soft if soft_cut and soft is not None and not self.request.stream else timeout
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
@@ -564,6 +578,10 @@ class Call:
         hooks.attempt_ended(self, record, None)
 
     def _finish_exhausted(self) -> Action:
+        if self._interrupted is not None:  # no model could continue the stream: the caller has part of it
+            self._final = Fail(self._interrupted)
+            self.planner.hooks.call_ended(self, None, self._interrupted)
+            return self._final
         if self._best_flagged is not None and self.route.on_all_invalid == "return_best":
             record, response = self._best_flagged
             record.extra["returned_as_best"] = True
@@ -591,6 +609,13 @@ class Call:
         stream afterwards counts once more, as an ordinary request's outcome.
         """
         self._committed = attempt
+        if self._continue_text is not None:  # the continuation took over: the join is complete
+            attempt.record.extra["continues"] = self._joins[-1]["from"] if self._joins else None
+            if self._joins:
+                self._joins[-1]["to"] = attempt.record.index
+                self._joins[-1]["model"] = attempt.record.model
+            self._continue_text = None
+            self._interrupted = None
         if not attempt.ticket.probe:
             return
         ttfc = attempt.record.time_to_first_chunk_s
@@ -642,6 +667,37 @@ class Call:
         self._abandon_in_flight(now)
         self._succeed(record, response)
 
+    def on_interrupted(self, attempt: Attempt, error: BaseException, delivered_text: str, now: float) -> None:
+        """A committed stream broke (``error`` is the ``StreamInterrupted`` the caller would get).
+
+        With the route's ``streaming.on_interrupt: continue``, text delivered and an error kind
+        that falls back, the call goes on: the next models are asked to continue
+        ``delivered_text`` (an assistant prefill; models that cannot are skipped), and only a
+        continuation reaches the caller. The continuation gets the class deadline anew (the
+        broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
+        If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
+        """
+        kind = classify_error(error)
+        fall_back = kind in self.planner.policy.fall_back_on
+        if (
+            self.route.on_interrupt != "continue"
+            or not delivered_text
+            or not fall_back
+            or attempt not in self._in_flight
+        ):
+            self.on_error(attempt, error, now)
+            return
+        self._committed = None  # from here on, an ordinary failure that falls back
+        self._continue_text = delivered_text
+        self._interrupted = error
+        self._joins.append({"from": attempt.record.index, "at_chars": len(delivered_text), "to": None})
+        attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
+        deadline = now + self.klass.deadline_s
+        if self.caller_deadline_at is not None:
+            deadline = min(deadline, self.caller_deadline_at)
+        self.deadline_at = max(self.deadline_at, deadline)
+        self.on_error(attempt, error, now)
+
     def on_error(self, attempt: Attempt, error: BaseException, now: float) -> None:
         """The attempt raised."""
         if attempt not in self._in_flight:
@@ -649,6 +705,11 @@ class Call:
         counted = "slow" in attempt.record.extra  # _flag_slow already counted it as one slow call
         record = self._settle(attempt, now)
         kind = classify_error(error)
+        continuing = self._continue_text is not None and attempt is not self._committed
+        if continuing and kind == k.BAD_REQUEST and _names_prefill(error):
+            kind = k.PREFILL_REJECTED  # this model cannot continue text: skip it, never the final error
+            counted = True  # not the provider's sickness: nothing for the breaker
+            self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
         if kind == k.TIMEOUT or kind == k.SOFT_TIMEOUT:
@@ -668,8 +729,10 @@ class Call:
             self._shrink *= 0.75  # the size estimate was wrong: ask the fitter for a smaller prompt
         if retrying:
             return
-        if attempt is not self._committed and (kind == k.SOFT_TIMEOUT or kind in self.planner.policy.fall_back_on):
-            return
+        if attempt is not self._committed and (
+            kind == k.SOFT_TIMEOUT or kind in self.planner.policy.fall_back_on or continuing
+        ):
+            return  # (a continuation never ends the call with its own error: the caller has text)
         if self._final is None:
             self._abandon_in_flight(now)
             self._final = Fail(error)  # e.g. an ordinary 400: the request itself is wrong
@@ -809,13 +872,19 @@ class Call:
         return self._final
 
     @property
+    def finished(self) -> bool:
+        """The call is decided (answered, failed or cancelled)."""
+        return self._final is not None
+
+    @property
     def in_flight(self) -> list[Attempt]:
         return list(self._in_flight)
 
     def summary(self) -> dict[str, Any]:
         """What happened, as attached to the response under ``_hidden_params["llm_resilience"]``."""
         answered = self.answered_by
-        return {
+        joins = {"joins": [dict(j) for j in self._joins]} if self._joins else {}
+        return joins | {
             "route": self.route.name,
             "prompt_class": self.prompt_class,
             "model": answered.model if answered else None,
@@ -825,6 +894,23 @@ class Call:
             "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],
         }
+
+
+def _accepts_prefill(spec: ModelSpec) -> bool:
+    """Can this model continue a prefilled assistant message? The policy's word, else litellm's map."""
+    if spec.assistant_prefill is not None:
+        return spec.assistant_prefill
+    try:
+        from litellm.utils import supports_assistant_prefill
+
+        return bool(supports_assistant_prefill(spec.litellm_model))
+    except Exception:  # unknown to litellm's map: assume not (litellm's own choice)
+        return False
+
+
+def _names_prefill(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "prefill" in text or "prefix" in text
 
 
 def retry_after_s(error: BaseException | None) -> float | None:

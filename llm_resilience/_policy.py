@@ -115,6 +115,11 @@ class ModelConfig(_Strict):
     )
     input_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per input token.")
     output_cost_per_token: NonNegativeFloat | None = Field(None, description="USD per output token.")
+    assistant_prefill: bool | None = Field(
+        None,
+        description="Streams with on_interrupt: continue: can this model continue a prefilled assistant message? "
+        "(default: litellm's supports_assistant_prefill; unknown models: no).",
+    )
 
     @field_validator("litellm_params")
     @classmethod
@@ -277,6 +282,16 @@ class TruncationConfig(_Strict):
     )
 
 
+class StreamingConfig(_Strict):
+    """What a stream does when it breaks after content reached the caller."""
+
+    on_interrupt: Literal["raise", "continue"] = Field(
+        "raise",
+        description="raise: StreamInterrupted. continue: the next model that accepts an assistant prefill "
+        "continues the text already sent; only the continuation reaches the caller.",
+    )
+
+
 class RouteOptions(_Strict):
     """Per prompt class overrides inside a route."""
 
@@ -289,6 +304,7 @@ class RouteOptions(_Strict):
     on_all_invalid: Literal["raise", "return_best"] | None = None
     hedge: HedgeConfig | None = None
     retries: RetryConfig | None = None
+    streaming: StreamingConfig | None = None
 
 
 class Route(_Strict):
@@ -309,6 +325,7 @@ class Route(_Strict):
     hedge: HedgeConfig | None = None
     retries: RetryConfig | None = None
     truncation: TruncationConfig = Field(default_factory=TruncationConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
 
 
 class ResetBackoff(_Strict):
@@ -417,6 +434,8 @@ class ModelSpec:
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
     adhoc: bool = False
+    assistant_prefill: bool | None = None
+    """Declared by the policy; ``None``: ask litellm's model map."""
 
     @property
     def litellm_model(self) -> str:
@@ -452,6 +471,8 @@ class ResolvedRoute:
     hedge: HedgeConfig | None
     retries: RetryConfig | None
     truncation: TruncationConfig
+    on_interrupt: str = "raise"
+    """Streams: ``raise`` or ``continue`` with the next model after a break mid-stream."""
 
 
 @dataclass(frozen=True)
@@ -555,6 +576,7 @@ class Policy:
                 max_output_tokens=m.max_output_tokens,
                 input_cost_per_token=m.input_cost_per_token,
                 output_cost_per_token=m.output_cost_per_token,
+                assistant_prefill=m.assistant_prefill,
             )
             for name, m in doc.models.items()
         }
@@ -623,6 +645,7 @@ class Policy:
                 hedge=over.hedge if over and over.hedge else route.hedge,
                 retries=over.retries if over and over.retries else route.retries,
                 truncation=route.truncation,
+                on_interrupt=(over.streaming if over and over.streaming else route.streaming).on_interrupt,
             )
         spec = self.models.get(model) or self.by_litellm_model.get(model)
         if spec is None:

@@ -235,7 +235,7 @@ class _StreamCore:
                 raise self._caller_timeout(now)
             if self.committed:
                 idle = attempt.idle_timeout_s or attempt.timeout_s
-                raise self._interrupt(
+                return self._interrupt(
                     StreamIdleTimeout(f"no chunk for {idle:g} s"), f"no chunk for {idle:g} s (idle timeout)", now
                 )
             waited = attempt.first_token_timeout_s or attempt.timeout_s
@@ -245,7 +245,7 @@ class _StreamCore:
         if event.kind == "error":
             assert event.error is not None
             if self.committed:
-                raise self._interrupt(event.error, _describe(event.error), now)
+                return self._interrupt(event.error, _describe(event.error), now)
             self._pending = []
             self.call.on_error(attempt, event.error, now)
             return [], True
@@ -253,7 +253,7 @@ class _StreamCore:
         if self.committed:
             if not _has_finish_reason(self._delivered):
                 error = IncompleteStream("the stream ended without a finish reason")
-                raise self._interrupt(error, "the stream ended without a finish reason", now)
+                return self._interrupt(error, "the stream ended without a finish reason", now)
             self.response = self._assemble(self._delivered)
             self.finished = True
             self.call.on_response(attempt, self.response, now)
@@ -315,15 +315,26 @@ class _StreamCore:
         interrupted.__cause__ = error
         return interrupted
 
-    def _interrupt(self, error: Exception, reason: str, now: float) -> StreamInterrupted:
+    def _interrupt(self, error: Exception, reason: str, now: float) -> tuple[list[Any], bool]:
+        """A committed stream broke: raise :class:`StreamInterrupted`, unless the planner continues it.
+
+        With ``streaming.on_interrupt: continue`` the planner may go on with another model asked
+        to continue the text delivered so far; then this attempt is over (its reader is dropped)
+        and the next step launches the continuation, whose chunks are held back until its first
+        content, like any attempt's.
+        """
         attempt = self.attempt
         assert attempt is not None
         # classify_error follows the cause chain: an idle timeout counts as a timeout, a cut as a
         # connection error, on the breaker and in the span.
         interrupted = self._interrupted(error, reason)
-        self.finished = True
-        self.call.on_error(attempt, interrupted, now)  # committed: the planner ends the call with it
-        return interrupted
+        self.call.on_interrupted(attempt, interrupted, "".join(self._text), now)
+        if self.call.finished:
+            self.finished = True
+            raise interrupted
+        self.committed = False
+        self._pending = []
+        return [], True
 
 
 class _StreamInfo:

@@ -58,6 +58,7 @@ DEFAULT_CONTENT = "Hello from the fake provider."
 CONTEXT_LENGTH_MESSAGE = (
     "This model's maximum context length is 4096 tokens. However, your messages resulted in 5000 tokens."
 )
+PREFILL_REJECTED_MESSAGE = "This model does not support assistant message prefill."
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
@@ -105,7 +106,13 @@ class Behavior:
 
     Streaming: the content is split into ``chunks`` content chunks sent ``inter_chunk_s`` apart;
     with ``cut_after_chunks=N`` the connection is closed where chunk N+1 would have been sent,
-    leaving the chunked HTTP body incomplete (no finish chunk, no ``[DONE]``).
+    leaving the chunked HTTP body incomplete (no finish chunk, no ``[DONE]``). ``no_done``
+    ends a stream normally (finish chunk, end of the HTTP body) but without ``data: [DONE]``.
+
+    ``trickle_byte_s``: after the headers, the body is written one byte at a time, this many
+    seconds apart (every read sees progress, so a per-read timeout never fires).
+    ``reject_prefill``: a request whose last message is the assistant's (a prefill) gets a 400
+    saying prefill is not supported; other requests are answered as scripted.
     """
 
     latency_s: float = 0.0
@@ -121,6 +128,9 @@ class Behavior:
     chunks: int = 3
     inter_chunk_s: float = 0.0
     cut_after_chunks: int | None = None
+    no_done: bool = False
+    trickle_byte_s: float | None = None
+    reject_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.latency_s < 0 or self.inter_chunk_s < 0:
@@ -561,6 +571,9 @@ class _Handler(BaseHTTPRequestHandler):
         if behavior.body == "reset":
             self._reset_connection()
             return False
+        if behavior.reject_prefill and record.messages and record.messages[-1].get("role") == "assistant":
+            self._send_error_json(400, PREFILL_REJECTED_MESSAGE)
+            return True
         if behavior.status >= 400:
             err_type, message, code = _error_defaults(behavior.status)
             self._send_error_json(
@@ -576,8 +589,24 @@ class _Handler(BaseHTTPRequestHandler):
         if behavior.body == "malformed":
             self._send_raw(behavior.status, "application/json", _MALFORMED_BODY, behavior.retry_after_s)
             return True
+        if behavior.trickle_byte_s is not None:
+            self._send_trickle(
+                behavior.status, json.dumps(_completion(record, behavior)).encode(), behavior.trickle_byte_s
+            )
+            return True
         self._send_json(behavior.status, _completion(record, behavior), retry_after_s=behavior.retry_after_s)
         return True
+
+    def _send_trickle(self, status: int, body: bytes, interval_s: float) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        for i in range(len(body)):
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+            self._wait(interval_s)
 
     def _send_stream(self, record: RecordedRequest, behavior: Behavior) -> bool:
         self.send_response(behavior.status)
@@ -636,7 +665,8 @@ class _Handler(BaseHTTPRequestHandler):
             usage_chunk["choices"] = []
             usage_chunk["usage"] = _usage(record, behavior)
             self._write_event(usage_chunk)
-        self._write_chunk(b"data: [DONE]\n\n")
+        if not behavior.no_done:
+            self._write_chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         return True
 
