@@ -81,6 +81,24 @@ def outcomes(response_or_attempts: Any) -> list[tuple[str, str | None, str | Non
     return out
 
 
+FAULT_MATRIX: dict[tuple[str, str], str] = {}
+"""(scenario, mode) -> outcome, filled by ``test_fault_scenarios.py`` and printed after the run."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_MATRIX:
+        return
+    modes = ["sync", "async", "sync stream", "async stream"]
+    scenarios = list(dict.fromkeys(name for name, _ in FAULT_MATRIX))
+    width = max(len(s) for s in scenarios)
+    cells = {key: value.replace("answered by ", "").replace("raises ", "") for key, value in FAULT_MATRIX.items()}
+    terminalreporter.section("fault scenarios (faulty model first; cell: answering model or exception raised)")
+    terminalreporter.write_line(f"{'scenario':<{width}} | " + " | ".join(f"{m:<18}" for m in modes))
+    for name in scenarios:
+        row = " | ".join(f"{cells.get((name, m), 'n/a'):<18}" for m in modes)
+        terminalreporter.write_line(f"{name:<{width}} | {row}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # pydantic warns about litellm's own TypedDicts on first use; not ours to fix, and it buries real warnings.
     config.addinivalue_line("filterwarnings", "ignore:.*ReadOnly. qualifier:UserWarning")

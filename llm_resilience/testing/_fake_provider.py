@@ -618,6 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
         if behavior.retry_after_s is not None:
             self.send_header("Retry-After", _format_seconds(behavior.retry_after_s))
         self.end_headers()
+        self._trickle_byte_s = behavior.trickle_byte_s
 
         chunk_id = _new_id()
         created = int(time.time())
@@ -674,7 +675,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        frame = b"%x\r\n%s\r\n" % (len(data), data)
+        trickle = getattr(self, "_trickle_byte_s", None)
+        if trickle is None:
+            self.wfile.write(frame)
+            return
+        for i in range(len(frame)):
+            self.wfile.write(frame[i : i + 1])
+            self._wait(trickle)
 
     def _send_json(self, status: int, payload: Any, *, retry_after_s: float | None = None) -> None:
         self._send_raw(status, "application/json", json.dumps(payload).encode(), retry_after_s)
