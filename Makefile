@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit jaeger bench schema lock clean
+.PHONY: setup demo test lint typecheck unit jaeger bench soak schema lock clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ jaeger:
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
+
+# Robustness under sustained mixed faults (not part of `make test`): SOAK_CALLS calls, default 100000.
+SOAK_CALLS ?= 100000
+soak: setup
+	SOAK_CALLS=$(SOAK_CALLS) $(BIN)/python tests/soak.py
 
 schema: setup
 	$(BIN)/llm-resilience schema > policies/policy.schema.json

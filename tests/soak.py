@@ -1,0 +1,309 @@
+"""Soak: many calls with mixed faults from threads and tasks; memory flat, breakers consistent, no leaks.
+
+Run with ``make soak`` (``SOAK_CALLS=100000`` by default; ``make soak SOAK_CALLS=10000`` for a
+shorter run). Not part of ``make test``. Half the calls come from 32 threads (sync), half from
+500 asyncio tasks in one event loop; a fifth of them are streams. A chaos thread switches the
+primary's behaviour every 200 ms between healthy and one of the provider faults of the fault
+suite (errors, resets, silence, slowness, cut and stalled streams, malformed bodies), so its
+breaker opens, probes and closes again many times. Exits non-zero when a check fails.
+
+Checks:
+
+* every call ends with an answer, ``AllAttemptsFailed`` or ``StreamInterrupted`` (anything else
+  is a bug), within its deadline plus a bound;
+* breakers are consistent: every model's transitions chain (each starts where the previous
+  ended), its final state is the last transition's, and no probe slot is still held;
+* nothing leaks: stream helper threads back to zero, threads and file descriptors back near
+  their start; RSS at start, along the way and at the end is printed (memory flat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import llm_resilience
+from llm_resilience import AllAttemptsFailed, Policy, Resilience, StreamInterrupted
+from llm_resilience.testing import Behavior, FakeProvider
+
+THREADS = 32
+TASKS = 500
+TIMEOUT_S = 1.0
+DEADLINE_S = 3.0
+# 532 concurrent callers saturate a 2-core machine: the event loop and the GIL are late to wake a
+# call at its deadline, so overruns are reported; only one far beyond (a hang) fails the soak.
+HANG_S = DEADLINE_S + 15.0
+MESSAGES = [{"role": "user", "content": "soak"}]
+
+FAULTS: list[Behavior] = [
+    Behavior.ok("healthy"),
+    Behavior.ok("healthy"),
+    Behavior.error(500),
+    Behavior.error(503),
+    Behavior.error(429, retry_after_s=1),
+    Behavior(body="reset"),
+    Behavior(body="hang"),
+    Behavior.slow(1.5),
+    Behavior(body="malformed"),
+    Behavior(content="cut stream", chunks=4, inter_chunk_s=0.01, cut_after_chunks=2),
+    Behavior(content="stalled stream", chunks=3, inter_chunk_s=1.0),
+    Behavior(no_done=True),
+]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def stream_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "llm-resilience-stream")
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: Counter[str] = Counter()
+        self.late: list[float] = []
+        self.unexpected: list[str] = []
+        self.done = 0
+
+    def add(self, outcome: str, elapsed: float, error: BaseException | None = None) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            self.done += 1
+            if elapsed > DEADLINE_S + 1.0:
+                self.late.append(elapsed)
+            if error is not None and len(self.unexpected) < 20:
+                self.unexpected.append(f"{type(error).__name__}: {str(error)[:200]}")
+
+
+def classify(error: BaseException | None) -> str:
+    if error is None:
+        return "answered"
+    if isinstance(error, AllAttemptsFailed):
+        return "AllAttemptsFailed"
+    if isinstance(error, StreamInterrupted):
+        return "StreamInterrupted"
+    return "unexpected"
+
+
+def sync_call(engine: Resilience, stream: bool, tally: Tally) -> None:
+    started = time.monotonic()
+    error: BaseException | None = None
+    try:
+        if stream:
+            with engine.completion("chat", MESSAGES, stream=True) as s:
+                for _ in s:
+                    pass
+        else:
+            engine.completion("chat", MESSAGES)
+    except Exception as e:
+        error = e
+    outcome = classify(error)
+    tally.add(outcome, time.monotonic() - started, error if outcome == "unexpected" else None)
+
+
+async def async_call(engine: Resilience, stream: bool, tally: Tally) -> None:
+    started = time.monotonic()
+    error: BaseException | None = None
+    try:
+        if stream:
+            s = await engine.acompletion("chat", MESSAGES, stream=True)
+            async with s:
+                async for _ in s:
+                    pass
+        else:
+            await engine.acompletion("chat", MESSAGES)
+    except Exception as e:
+        error = e
+    outcome = classify(error)
+    tally.add(outcome, time.monotonic() - started, error if outcome == "unexpected" else None)
+
+
+def run_threads(engine: Resilience, calls: int, tally: Tally) -> None:
+    counter = iter(range(calls))
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            sync_call(engine, rng.random() < 0.2, tally)
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"soak-{i}") for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+async def run_tasks(engine: Resilience, calls: int, tally: Tally) -> None:
+    remaining = calls
+
+    async def worker(seed: int) -> None:
+        nonlocal remaining
+        rng = random.Random(seed)
+        while remaining > 0:
+            remaining -= 1
+            await async_call(engine, rng.random() < 0.2, tally)
+
+    await asyncio.gather(*(worker(1000 + i) for i in range(TASKS)))
+
+
+def chaos(provider: FakeProvider, stop: threading.Event) -> None:
+    rng = random.Random(7)
+    while not stop.wait(0.2):
+        provider.set(rng.choice(FAULTS))
+    provider.set(Behavior.ok("healthy"))
+
+
+def main() -> int:
+    calls = int(os.environ.get("SOAK_CALLS", "100000"))
+    providers = {name: FakeProvider().start() for name in ("big", "small", "tiny")}
+    policy = Policy.from_dict(
+        {
+            "models": {
+                name: {"litellm_params": {"model": f"openai/{name}", "api_base": p.base_url, "api_key": "sk-soak"}}
+                for name, p in providers.items()
+            },
+            "routes": {"chat": {"chain": ["big", "small", "tiny"]}},
+            "prompt_classes": {
+                "default": {
+                    "timeout_s": TIMEOUT_S,
+                    "deadline_s": DEADLINE_S,
+                    "first_token_timeout_s": TIMEOUT_S,
+                    "idle_timeout_s": 0.5,
+                }
+            },
+            "breakers": {"default": {"fail_max": 5, "reset_timeout_s": 0.5}},
+        }
+    )
+    transitions: dict[str, list[tuple[str, str]]] = {}
+    transitions_lock = threading.Lock()
+
+    def on_transition(model: str, old: str, new: str, info: Any) -> None:
+        with transitions_lock:
+            transitions.setdefault(model, []).append((old, new))
+
+    engine = Resilience(policy)
+    engine.breakers.listeners.append(on_transition)
+    # Warm up (litellm's lazy imports, connection pools), then measure from here.
+    for _ in range(20):
+        sync_call(engine, False, Tally())
+        sync_call(engine, True, Tally())
+    asyncio.run(async_call(engine, True, Tally()))
+    gc.collect()
+    start = {"rss_mb": rss_mb(), "threads": threading.active_count(), "fds": fds()}
+    print(f"soak: {calls} calls, {THREADS} threads + {TASKS} tasks; start {start}", flush=True)
+
+    stop = threading.Event()
+    chaos_thread = threading.Thread(target=chaos, args=(providers["big"], stop), name="chaos")
+    chaos_thread.start()
+    tally = Tally()
+    samples: list[tuple[int, float]] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(5.0):
+            samples.append((tally.done, rss_mb()))
+            print(f"  {tally.done:>7} calls  rss {samples[-1][1]:.0f} MB  {dict(tally.outcomes)}", flush=True)
+
+    sampler = threading.Thread(target=sample, name="sampler", daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    thread_calls = calls // 2
+    task_runner = threading.Thread(target=lambda: asyncio.run(run_tasks(engine, calls - thread_calls, tally)))
+    task_runner.start()
+    run_threads(engine, thread_calls, tally)
+    task_runner.join()
+    elapsed = time.monotonic() - started
+    stop.set()
+    chaos_thread.join()
+    sampling.set()
+
+    for p in providers.values():
+        p.wait_idle(5.0)
+    wait_for(lambda: stream_threads() == 0)
+    gc.collect()
+    end = {"rss_mb": rss_mb(), "threads": threading.active_count(), "fds": fds()}
+
+    problems: list[str] = []
+    if tally.outcomes["unexpected"]:
+        problems.append(f"{tally.outcomes['unexpected']} calls raised something else: {tally.unexpected[:5]}")
+    hung = [t for t in tally.late if t > HANG_S]
+    if hung:
+        problems.append(f"{len(hung)} calls took longer than {HANG_S:g} s (max {max(hung):.2f} s)")
+    if tally.done != calls:
+        problems.append(f"{tally.done} calls finished out of {calls}")
+    for name in providers:
+        b = engine.breakers.get(name)
+        chain = transitions.get(name, [])
+        for (_, new), (old, _) in itertools.pairwise(chain):
+            if new != old:
+                problems.append(f"breaker {name}: transition from {old} after one to {new}")
+                break
+        if chain and chain[-1][1] != b.state:
+            problems.append(f"breaker {name}: state {b.state} but last transition to {chain[-1][1]}")
+        if b._probe_in_flight:
+            problems.append(f"breaker {name}: a probe slot is still held after every call ended")
+    if stream_threads():
+        problems.append(f"{stream_threads()} stream helper threads left")
+    # litellm's attempt pool (up to 64 threads) and kept-alive connections may have grown once.
+    if end["threads"] > start["threads"] + 64:
+        problems.append(f"threads {start['threads']} -> {end['threads']}")
+    if end["fds"] > start["fds"] + 64:
+        problems.append(f"file descriptors {start['fds']} -> {end['fds']}")
+
+    counts = {name: Counter(f"{o}->{n}" for o, n in transitions.get(name, [])) for name in providers}
+    print(f"soak: {tally.done} calls in {elapsed:.0f} s ({tally.done / elapsed:.0f}/s)")
+    print(f"  outcomes: {dict(tally.outcomes)}")
+    late = f"max {max(tally.late):.2f} s" if tally.late else "none"
+    print(f"  calls over deadline + 1 s (CPU saturation): {len(tally.late)} ({late})")
+    print(f"  breaker transitions: {counts}")
+    print(f"  breaker states at end: {engine.breaker_states()}")
+    print(f"  start {start}")
+    print(f"  end   {end}")
+    if samples:
+        print(
+            "  rss along the way (calls, MB): "
+            + ", ".join(f"({n}, {m:.0f})" for n, m in samples[:: max(1, len(samples) // 10)])
+        )
+    for p in providers.values():
+        p.stop()
+    if problems:
+        print("soak: FAILED\n  " + "\n  ".join(problems))
+        return 1
+    print("soak: OK")
+    return 0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+if __name__ == "__main__":
+    llm_resilience.set_default_engine(None)
+    sys.exit(main())
