@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import llm_resilience
 from llm_resilience import AllAttemptsFailed, Policy, Resilience, StreamInterrupted

@@ -44,7 +44,7 @@ SLOW_S = 3.0  # far beyond every timeout here: a test that waited for it would b
 def stream_class(first_token_s: float = FIRST_TOKEN_S, idle_s: float = IDLE_S) -> dict[str, Any]:
     return {
         "default": {
-            "timeout_s": 2.0,
+            "timeout_s": max(2.0, first_token_s, idle_s),  # the policy rejects a first token beyond the attempt
             "deadline_s": 8.0,
             "first_token_timeout_s": first_token_s,
             "idle_timeout_s": idle_s,
