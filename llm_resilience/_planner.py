@@ -610,6 +610,7 @@ class Call:
         """
         self._committed = attempt
         if self._continue_text is not None:  # the continuation took over: the join is complete
+            attempt.record.extra["join"] = True  # the path shows it: "(join)"
             attempt.record.extra["continues"] = self._joins[-1]["from"] if self._joins else None
             if self._joins:
                 self._joins[-1]["to"] = attempt.record.index

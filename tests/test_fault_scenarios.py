@@ -278,7 +278,7 @@ def test_fault_scenario(
     big.set(scenario.behavior)
     small.set(Behavior(content="healthy answer", reject_prefill=True))
     threads_before, fds_before = _stream_threads(), _fds()
-    outcome = "?"
+    outcome = "xfail (issue 7.1)" if mode in scenario.xfail else "FAILED"
     try:
         flapping = scenario.name == "primary flaps down then healthy"
         result = _flap(mode, engine, big) if flapping else run(mode, engine)
