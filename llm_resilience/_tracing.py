@@ -224,6 +224,7 @@ class TracingHook(Hook):
         if record.extra:
             _extra_attributes(attrs, record.extra)
         if record.truncated:
+            attrs[f"{NS}.truncated"] = True
             attrs[f"{NS}.tokens.before"] = record.tokens_before
             attrs[f"{NS}.tokens.after"] = record.tokens_after
         if record.time_to_first_chunk_s is not None:
