@@ -17,6 +17,7 @@ import functools
 import importlib
 import logging
 import os
+import time
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -147,14 +148,10 @@ class TracingHook(Hook):
     def call_started(self, call: Call) -> None:
         request = call.request
         # The call span's name and attributes repeat call after call: built once per combination.
-        key = (call.route.name, request.model, call.prompt_class, request.stream, call.klass.deadline_s)
+        key = (call.route.name, request.model, call.prompt_class, request.stream)
         cached = self._call_attrs.get(key)
         if cached is None:
-            attrs: dict[str, Any] = {
-                f"{NS}.route": call.route.name,
-                f"{NS}.prompt_class": call.prompt_class,
-                f"{NS}.deadline_ms": _ms(call.klass.deadline_s),
-            }
+            attrs: dict[str, Any] = {f"{NS}.route": call.route.name, f"{NS}.prompt_class": call.prompt_class}
             if request.model != call.route.name:  # a model name or litellm string used as a one-model route
                 attrs[f"{NS}.requested_model"] = request.model
             if request.stream:
@@ -181,7 +178,20 @@ class TracingHook(Hook):
         data = call.hook_data.get(self)
         if data is None or data[2] is None or record.outcome == "skipped":
             return  # a skip gets its span in attempt_ended: it has started and ended by then
-        _parent, context, spans = data
+        # The span itself is created when the attempt ends, with every attribute in one pass (the
+        # SDK validates attributes on each call) and this start time: the same span, built once.
+        data[2][record.index] = time.time_ns()
+
+    def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
+        data = call.hook_data.get(self)
+        if data is None or data[2] is None:
+            return
+        if record.outcome == "skipped":
+            self._skip_span(data[1], record)
+            return
+        started_ns = data[2].pop(record.index, None)
+        if started_ns is None:
+            return
         # The requested model and the class determine the route, hence the model's spec and the
         # attributes fixed for it: looked up once per combination, not on every attempt.
         key = (call.request.model, call.prompt_class, record.model)
@@ -195,45 +205,26 @@ class TracingHook(Hook):
             }
             cached = _bounded_put(self._attempt_base, key, (spec, base))
         spec, base = cached
-        attrs: dict[str, Any] = {**base, f"{NS}.attempt.index": record.index}
+        outcome = record.outcome or "unknown"
+        attrs: dict[str, Any] = {**base, f"{NS}.attempt.index": record.index, f"{NS}.outcome": outcome}
         if record.timeout_s is not None:
             attrs[f"{NS}.timeout_ms"] = _ms(record.timeout_s)
+            if record.latency_s > record.timeout_s:
+                # The timeout bounds the wait for the provider; litellm's own work before the request
+                # is written and after the timer fires (and a busy CPU) comes on top of it.
+                attrs[f"{NS}.overrun_ms"] = _ms(record.latency_s - record.timeout_s)
+        if record.reason:
+            attrs[f"{NS}.reason"] = record.reason
         if record.breaker_state != "closed":
             attrs[f"{NS}.breaker.state"] = record.breaker_state
         if record.hedged:
             attrs[f"{NS}.hedged"] = True
         if record.retry_of is not None:
             attrs[f"{NS}.retry_of"] = record.retry_of
-        span = self.tracer.start_span(
-            f"chat {record.litellm_model}", context=context, kind=SpanKind.CLIENT, attributes=attrs
-        )
-        for info in record.breaker_events:  # open -> half-open: this attempt is the probe
-            span.add_event(_BREAKER_EVENT, _transition_attributes(info))
-        spans[record.index] = (span, spec, len(record.breaker_events))
-
-    def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
-        data = call.hook_data.get(self)
-        if data is None or data[2] is None:
-            return
-        if record.outcome == "skipped":
-            self._skip_span(data[1], record)
-            return
-        entry = data[2].pop(record.index, None)
-        if entry is None:
-            return
-        span, spec, events_seen = entry
-        outcome = record.outcome or "unknown"
-        # One set_attributes call: each set_attribute takes the span's lock and re-validates.
-        attrs: dict[str, Any] = {f"{NS}.outcome": outcome}
-        if record.reason:
-            attrs[f"{NS}.reason"] = record.reason
-        if record.timeout_s is not None and record.latency_s > record.timeout_s:
-            # The timeout bounds the wait for the provider; litellm's own work before the request
-            # is written and after the timer fires (and a busy CPU) comes on top of it.
-            attrs[f"{NS}.overrun_ms"] = _ms(record.latency_s - record.timeout_s)
         if record.extra:
             _extra_attributes(attrs, record.extra)
         if record.truncated:
+            attrs[f"{NS}.truncated"] = True
             attrs[f"{NS}.tokens.before"] = record.tokens_before
             attrs[f"{NS}.tokens.after"] = record.tokens_after
         if record.time_to_first_chunk_s is not None:
@@ -246,11 +237,14 @@ class TracingHook(Hook):
             attrs["error.type"] = (
                 type(record.error).__name__ if record.error is not None else (record.reason or "error")
             )
-        span.set_attributes(attrs)
-        for info in record.breaker_events[events_seen:]:
+        span = self.tracer.start_span(
+            f"chat {record.litellm_model}", context=data[1], kind=SpanKind.CLIENT, attributes=attrs,
+            start_time=started_ns,
+        )  # fmt: skip
+        for info in record.breaker_events:  # open -> half-open (the probe), then what the outcome did
             span.add_event(_BREAKER_EVENT, _transition_attributes(info))
         if failed:
-            span.set_status(Status(StatusCode.ERROR))  # the reason and error.type say the rest
+            span.set_status(_ERROR)  # the reason and error.type say the rest
         span.end()
 
     def _skip_span(self, context: Any, record: AttemptRecord) -> None:
@@ -278,13 +272,10 @@ class TracingHook(Hook):
         if spans is None:
             span.end()
             return
-        for leftover, _spec, _seen in spans.values():  # defensive: never leak an open span
-            leftover.end()
         records = call.records
         answered = call.answered_by
         attrs: dict[str, Any] = {
             f"{NS}.path": call_path(records),
-            f"{NS}.attempts": len(records),
             # moves to another model: attempts that did not answer and had a successor
             f"{NS}.fallbacks": sum(1 for r in records[:-1] if r is not answered and r.outcome != "cancelled"),
         }
@@ -303,11 +294,12 @@ class TracingHook(Hook):
             attrs[f"{NS}.call_outcome"] = "cancelled"
         span.set_attributes(attrs)
         if error is not None:
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(_ERROR)
         span.end()
 
 
 _BREAKER_EVENT = f"{NS}.breaker.transition"
+_ERROR = Status(StatusCode.ERROR)
 _ERROR_OUTCOMES = frozenset(("failure", "soft_failure"))
 """Outcomes that put an error status on an attempt span (a skip or a cancelled hedge is not an error)."""
 _PATH_FLAGS = (("probe", "probe"), ("panic", "panic"), ("hedged", "hedge"), ("join", "join"))

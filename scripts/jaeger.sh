@@ -43,6 +43,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cp -r "$SRC/." "$WORK"
 chmod -R u+w "$WORK"
-(cd "$WORK" && go build -o "$BIN.partial" ./cmd/jaeger) >&2
+# -trimpath: the build cache then does not depend on the temporary directory (a rebuild reuses it)
+(cd "$WORK" && go build -trimpath -o "$BIN.partial" ./cmd/jaeger) >&2
 mv "$BIN.partial" "$BIN"
 echo "$BIN"
