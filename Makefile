@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit jaeger bench soak schema lock clean
+.PHONY: setup demo test lint typecheck unit jaeger wheel-check bench soak schema lock clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,11 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/llm-resilience demo
 
-test: setup lint typecheck jaeger unit
+test: setup lint typecheck jaeger unit wheel-check
 
 lint: setup
-	$(BIN)/ruff check llm_resilience tests benchmarks
-	$(BIN)/ruff format --check llm_resilience tests benchmarks
+	$(BIN)/ruff check llm_resilience tests benchmarks scripts
+	$(BIN)/ruff format --check llm_resilience tests benchmarks scripts
 
 typecheck: setup
 	$(BIN)/mypy
@@ -33,6 +33,10 @@ unit: setup
 # The real-Jaeger test's server: reuses a cached binary or builds it (~5 min the first time; needs Go).
 jaeger:
 	bash scripts/jaeger.sh
+
+# The built wheel in a fresh virtualenv, run from outside the checkout (scripts/check_wheel.sh).
+wheel-check: setup
+	bash scripts/check_wheel.sh
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
@@ -52,4 +56,4 @@ lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --generate-hashes --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache build dist

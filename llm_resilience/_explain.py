@@ -101,7 +101,7 @@ def explain(policy: Policy, route_name: str, prompt_class: str | None, prompt: P
         counted = ", ".join(sorted(b.count))
         w(
             f"     breaker: opens after {b.fail_max} consecutive failures counted as [{counted}]; "
-            f"one probe after {_s(b.reset_timeout_s)}; closes after {b.success_threshold} probe success"
+            f"one probe after {_s(b.reset_timeout_s)}{_backoff(b)}; closes after {b.success_threshold} probe success"
             f"{'es' if b.success_threshold != 1 else ''}\n"
         )
         window = spec.context_window or litellm_context_window(spec.litellm_model)
@@ -204,6 +204,13 @@ def _fit_line(fitter: Any, spec: ModelSpec, prompt: Prompt, route: ResolvedRoute
             f" ({dropped} message{'s' if dropped != 1 else ''} dropped)" if dropped else " (shortened)"
         )
     return f"{counted}: fits, sent unchanged"
+
+
+def _backoff(settings: Any) -> str:
+    backoff = getattr(settings, "reset_backoff", None)
+    if backoff is None:
+        return ""
+    return f" (x{backoff.factor:g} after each failed probe, up to {_s(backoff.max_s)})"
 
 
 def _s(seconds: float | None) -> str:

@@ -173,7 +173,9 @@ def test_explain_shows_the_class_chain_timing_rules_breakers_and_budgets(capsys:
     # small: 128,000-token window, minus the class's 300 output tokens
     assert "input budget: 127,700 tokens" in out
     big = out[out.index("2. big") :]
-    assert "opens after 3 consecutive failures" in big and "one probe after 20 s" in big
+    settings = Policy.from_file(EXAMPLE).breaker_settings("big")
+    assert f"opens after {settings.fail_max} consecutive failures" in big
+    assert f"one probe after {settings.reset_timeout_s:g} s" in big
 
 
 def test_explain_with_a_prompt_says_per_model_whether_it_fits_is_truncated_or_skipped(
