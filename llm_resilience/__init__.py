@@ -6,7 +6,8 @@ Change one import::
     response = llm_resilience.completion(model="chat", messages=[...])
 
 and a YAML policy (``LLM_RESILIENCE_POLICY``) decides fallbacks, breakers, timeouts and
-what counts as a failure. See README.md for the policy reference.
+what counts as a failure. Libraries that call ``litellm.completion`` themselves are
+covered by ``llm_resilience.install()``. See README.md for the policy reference.
 
 The public names are loaded on first use (PEP 562): ``import litellm`` costs ~2 s, and
 ``import llm_resilience`` (the CLI's ``--help``, ``validate``) must not pay it. The
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
         UnknownPromptClass,
     )
     from ._hooks import Hook
+    from ._install import install, uninstall
     from ._outcomes import AttemptRecord
     from ._policy import Policy
     from ._validators import register_validator
@@ -52,8 +54,10 @@ _EXPORTS: dict[str, str] = {
     "acompletion": "._engine",
     "completion": "._engine",
     "default_engine": "._engine",
+    "install": "._install",
     "register_validator": "._validators",
     "set_default_engine": "._engine",
+    "uninstall": "._install",
 }
 
 # A library logs, the application decides where logs go (nothing reaches stderr by default).
@@ -78,8 +82,10 @@ __all__ = [
     "acompletion",
     "completion",
     "default_engine",
+    "install",
     "register_validator",
     "set_default_engine",
+    "uninstall",
 ]
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import _litellm_calls
 from ._env import litellm
 from ._planner import Attempt, Call, Done, Fail, Launch, Wait
 
@@ -195,9 +196,9 @@ _leases = _Leases()
 
 def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
     if lease is None:
-        return litellm.completion(**kwargs)
+        return _litellm_calls.completion(**kwargs)
     try:
-        return litellm.completion(**kwargs, client=lease.client)
+        return _litellm_calls.completion(**kwargs, client=lease.client)
     finally:
         _leases.give_back(lease)
 
@@ -227,7 +228,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
             if isinstance(action, Launch):
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:
-                    _settle(call, attempt, clock, functools.partial(litellm.completion, **attempt.kwargs))
+                    _settle(call, attempt, clock, functools.partial(_litellm_calls.completion, **attempt.kwargs))
                 else:
                     lease = _leases.lease(attempt.kwargs)
                     running[_thread_pool().submit(_send_leased, attempt.kwargs, lease)] = (attempt, lease)
@@ -254,7 +255,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
 async def _send_async(attempt: Attempt) -> Any:
     # litellm's timeout bounds each socket read; asyncio.timeout bounds the whole attempt.
     async with asyncio.timeout(attempt.timeout_s):
-        return await litellm.acompletion(**attempt.kwargs)
+        return await _litellm_calls.acompletion(**attempt.kwargs)
 
 
 async def _settle_async(call: Call, attempt: Attempt, clock: Clock, pending: Any) -> None:

@@ -66,6 +66,17 @@ def _warn_dropped(kwargs: Mapping[str, Any], stream: bool) -> None:
                 _dropped_warned.add(name)
             log.warning("llm_resilience ignores the argument %r: %s (logged once)", name, _WHY_DROPPED[name])
 
+# Caller arguments that choose where a request goes, or as whom (every alias litellm 1.110's
+# completion accepts). For a model declared in the policy, the policy owns all of them: the
+# caller's are dropped, even those the policy leaves unset (litellm then uses its environment,
+# as for every other call to that model), so spans and breakers describe the endpoint called.
+_ENDPOINT_KWARGS = frozenset({
+    "api_base", "base_url", "api_key", "api_version", "custom_llm_provider", "organization", "deployment_id",
+    "model_list", "client", "use_litellm_proxy", "litellm_credential_name",
+    "client_id", "client_secret", "tenant_id",
+})  # fmt: skip
+_ENDPOINT_PREFIXES = ("azure_", "aws_", "vertex_")  # provider credentials and regions
+
 
 @dataclass(frozen=True)
 class CallRequest:
@@ -517,8 +528,11 @@ class Call:
             first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         if soft is not None:
             record.extra["soft_timeout_s"] = round(soft, 6)
-        kwargs = dict(self._base_kwargs)
-        kwargs.update(params)  # the policy's connection settings win over the caller's
+        if spec.adhoc:  # the caller's own model string: its endpoint arguments are the caller's to give
+            kwargs = dict(self._base_kwargs)
+        else:
+            kwargs = {key: v for key, v in self._base_kwargs.items() if not _is_endpoint_kwarg(key)}
+        kwargs.update(params)
         if isinstance(kwargs.get("metadata"), dict):
             # litellm writes into `metadata` (timings, hidden params): each attempt gets its own copy,
             # so one attempt's bookkeeping never leaks into the next one or back to the caller.
@@ -969,3 +983,7 @@ def content_text(content: Any) -> str:
             str(part.get("text", "")) for part in content if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return ""
+
+
+def _is_endpoint_kwarg(key: str) -> bool:
+    return key in _ENDPOINT_KWARGS or key.startswith(_ENDPOINT_PREFIXES)

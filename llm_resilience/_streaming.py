@@ -65,6 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import _litellm_calls
 from ._env import litellm
 from ._exceptions import StreamInterrupted
 from ._outcomes import classify_error
@@ -389,7 +390,7 @@ class _ThreadReader:
         stream: Any = None
         try:
             try:
-                stream = litellm.completion(**kwargs)
+                stream = _litellm_calls.completion(**kwargs)
             except Exception as error:
                 self._results.put(_Event("error", error=error))
                 return
@@ -550,7 +551,7 @@ class _TaskReader:
         try:
             async with scope:
                 if self._stream is None:
-                    self._stream = await litellm.acompletion(**self._kwargs)
+                    self._stream = await _litellm_calls.acompletion(**self._kwargs)
                 chunk = await self._stream.__anext__()
         except StopAsyncIteration:
             return _END

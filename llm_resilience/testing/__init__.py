@@ -6,6 +6,7 @@ from llm_resilience.testing._fake_provider import (
     BodyMode,
     FakeProvider,
     RecordedRequest,
+    credential_digest,
 )
 
-__all__ = ["DEFAULT_CONTENT", "Behavior", "BodyMode", "FakeProvider", "RecordedRequest"]
+__all__ = ["DEFAULT_CONTENT", "Behavior", "BodyMode", "FakeProvider", "RecordedRequest", "credential_digest"]

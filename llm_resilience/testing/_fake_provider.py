@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http
 import json
 import selectors
@@ -189,11 +190,18 @@ class Behavior:
         return max(0.0, float(value))
 
 
+def credential_digest(authorization: str) -> str:
+    """SHA-256 (hex) of an ``Authorization`` header value, e.g. ``credential_digest("Bearer sk-...")``."""
+    return hashlib.sha256(authorization.encode()).hexdigest()
+
+
 @dataclass
 class RecordedRequest:
     """One chat-completions request as the server saw it.
 
-    ``headers`` has lower-cased names, with credentials replaced by ``"<redacted>"``.
+    ``headers`` has lower-cased names, with credentials replaced by ``"<redacted>"``;
+    ``credential_sha256`` is the SHA-256 (hex) of the ``Authorization`` header's value, so a
+    test can tell which key was sent (compare with :func:`credential_digest`) without storing it.
     ``completed`` means a full, well-formed HTTP response was written (whatever its status);
     ``disconnected`` means the client went away before the server finished answering.
     """
@@ -208,6 +216,7 @@ class RecordedRequest:
     finished_at: float | None = None
     disconnected: bool = False
     completed: bool = False
+    credential_sha256: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -379,6 +388,9 @@ class FakeProvider:
                 headers={k.lower(): (_REDACTED if k.lower() in _SECRET_HEADERS else v) for k, v in headers},
                 received_at=time.monotonic(),
                 behavior=behavior,
+                credential_sha256=next(
+                    (credential_digest(v) for k, v in headers if k.lower() == "authorization"), None
+                ),
             )
             self._requests.append(record)
             return record
