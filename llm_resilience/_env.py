@@ -71,7 +71,7 @@ def _settle_after_late_import() -> None:
     if info.get("source") == "remote" and adopt is not None:
         # With the variable now set, litellm's own loader returns its bundled map; adopting it
         # re-applies what the application registered with register_model().
-        adopt(litellm.get_model_cost_map(url=litellm.model_cost_map_url))
+        adopt(cost_map_module.get_model_cost_map(url=litellm.model_cost_map_url))
 
 
 if IMPORTED_BEFORE:

@@ -36,7 +36,7 @@ print(json.dumps({
 class _CostMapServer(ThreadingHTTPServer):
     status = 200
     body = b""
-    headers: dict[str, str] = {}  # noqa: RUF012
+    headers: dict[str, str] = {}
 
 
 class _Handler(BaseHTTPRequestHandler):
