@@ -21,6 +21,7 @@ from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
 from ._policy import Policy
 from ._review_log import ReviewLogHook
+from ._routes import register_routes
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
 from ._validators import ResponseValidator
@@ -88,6 +89,7 @@ class Resilience:
             policy=self._policy, breakers=self.breakers, hooks=self.hooks, fitter=TokenFitter(), validator=validator,
             latency=self.latency,
         )  # fmt: skip
+        register_routes(self._policy, owner=self)  # litellm.get_model_info("<route>") & co. (again on reload)
 
     # -- construction --------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""Routes litellm knows: what ``litellm.get_model_info("chat")`` and friends answer for a route.
+
+Clients ask litellm about the model name they were given before they call it: dspy
+sends a JSON schema only if ``litellm.supports_response_schema(model)``, agents drop
+native tools unless ``supports_function_calling(model)``, others size prompts with
+``get_model_info(model)["max_input_tokens"]``. For a route name litellm would say
+"unknown", so each route (and each model name of ``models:``, callable as a one-model
+route) is registered in ``litellm.model_cost`` with what holds for *every* model its
+chains (default and per prompt class) can reach, the weakest link:
+
+- ``supports_function_calling`` / ``supports_response_schema`` / ``supports_vision`` /
+  ``supports_parallel_function_calling`` / ``supports_tool_choice``: true only if litellm
+  says so for every model (a model litellm does not know counts as not supporting it;
+  ``litellm.register_model`` it under its litellm model string before building the engine);
+- ``max_input_tokens``: the smallest window among the models whose window is known (the
+  model's ``context_window:`` in the policy, else litellm's); a prompt that fits it reaches
+  every model untruncated. Models with an unknown window do not lower it;
+- ``max_output_tokens``: the smallest known;
+- ``litellm_provider``: the first model's provider (litellm needs one to answer at all).
+  Prices are not registered: a response names the model that answered, and its cost is that model's.
+
+``token_counter(model=route)`` needs nothing registered: with the offline settings
+(:mod:`._env`, no tokenizer downloads) litellm counts every model with the same bundled
+tokenizer, so the count for a route is the count for each of its models.
+
+Names litellm already knows as real models are never overwritten (a route called
+``gpt-4o`` keeps litellm's entry for ``gpt-4o``). litellm's table is process-wide: when
+several engines declare the same route name, the engine built (or reloaded) last
+describes it. :func:`register_routes` runs when an engine is built; a reload calls it
+again with the new policy, which also removes the names the old one registered and the
+new one dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from ._env import litellm
+from ._policy import ModelSpec, Policy
+from ._truncation import litellm_context_window
+
+log = logging.getLogger("llm_resilience")
+
+CAPABILITIES = (
+    "supports_function_calling",
+    "supports_parallel_function_calling",
+    "supports_response_schema",
+    "supports_tool_choice",
+    "supports_vision",
+)
+
+_lock = threading.Lock()
+_registered: dict[str, tuple[int, dict[str, Any]]] = {}  # name -> (owner id, entry we wrote)
+
+
+def _supports(capability: str, spec: ModelSpec) -> bool:
+    check = getattr(litellm, capability, None)
+    if check is None:  # an older litellm without this question: read the model map instead
+        return bool(_model_info(spec).get(capability))
+    try:
+        return bool(check(model=spec.litellm_model, custom_llm_provider=spec.litellm_params.get("custom_llm_provider")))
+    except Exception:  # an unknown model or provider: not supported as far as anyone can tell
+        return False
+
+
+def _model_info(spec: ModelSpec) -> dict[str, Any]:
+    try:
+        info = litellm.get_model_info(spec.litellm_model)
+    except Exception:  # ModelNotMappedError: unknown to litellm
+        return {}
+    return dict(info)
+
+
+def _provider(spec: ModelSpec) -> str:
+    given = spec.litellm_params.get("custom_llm_provider")
+    if isinstance(given, str) and given:
+        return given
+    try:
+        return str(litellm.get_llm_provider(model=spec.litellm_model)[1])
+    except Exception:
+        return "openai"
+
+
+def _smallest(values: Iterable[Any]) -> int | None:
+    known = [v for v in values if isinstance(v, int) and v > 0]
+    return min(known) if known else None
+
+
+def route_entry(models: Iterable[ModelSpec]) -> dict[str, Any]:
+    """The ``litellm.model_cost`` entry for a route whose chains reach ``models`` (weakest link)."""
+    specs = list({spec.name: spec for spec in models}.values())  # in chain order, once each
+    entry: dict[str, Any] = {"mode": "chat", "litellm_provider": _provider(specs[0])}
+    window = _smallest(spec.context_window or litellm_context_window(spec.litellm_model) for spec in specs)
+    output = _smallest(spec.max_output_tokens or _model_info(spec).get("max_output_tokens") for spec in specs)
+    if window is not None:
+        entry["max_input_tokens"] = window
+    if output is not None:
+        entry["max_output_tokens"] = entry["max_tokens"] = output
+    for capability in CAPABILITIES:
+        entry[capability] = all(_supports(capability, spec) for spec in specs)
+    return entry
+
+
+def route_entries(policy: Policy) -> dict[str, dict[str, Any]]:
+    """Entries for every route of ``policy`` and every model name of its ``models:``."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, route in policy.document.routes.items():
+        chains = [route.chain, *(over.chain for over in route.classes.values() if over.chain)]
+        entries[name] = route_entry(policy.models[model] for chain in chains for model in chain)
+    for name, spec in policy.models.items():
+        entries.setdefault(name, route_entry([spec]))
+    return entries
+
+
+def register_routes(policy: Policy, owner: object) -> dict[str, dict[str, Any]]:
+    """Register ``policy``'s routes with litellm on behalf of ``owner`` (an engine); returns what was written.
+
+    Call again with the new policy on reload: names ``owner`` registered before and the
+    new policy no longer has are removed from litellm's table.
+    """
+    entries = route_entries(policy)
+    with _lock:
+        written: dict[str, dict[str, Any]] = {}
+        for name, entry in entries.items():
+            if name in litellm.model_cost and name not in _registered:
+                log.debug("route %r is also a model litellm knows: its litellm entry is kept", name)
+                continue
+            written[name] = entry
+        if written:
+            _register(written)
+        for name, entry in written.items():
+            _registered[name] = (id(owner), entry)
+        stale = [name for name, (who, _) in _registered.items() if who == id(owner) and name not in entries]
+        for name in stale:
+            del _registered[name]
+            litellm.model_cost.pop(name, None)
+        if stale:
+            _forget_lookups()
+    return written
+
+
+def _register(entries: dict[str, dict[str, Any]]) -> None:
+    try:  # litellm >= 1.80: a registration that is ours to replace, not replayed over future cost maps
+        litellm.register_model(entries, persist_across_reloads=False)
+    except TypeError:
+        litellm.register_model(entries)
+    litellm_context_window.cache_clear()
+
+
+def _forget_lookups() -> None:
+    invalidate = getattr(litellm.utils, "_invalidate_model_cost_lowercase_map", None)
+    if invalidate is not None:  # litellm caches a lower-cased copy of the table for lookups
+        invalidate()
+    litellm_context_window.cache_clear()
