@@ -4,7 +4,14 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check bench soak schema lock clean
+# A second venv on the oldest versions pyproject.toml allows (requirements-oldest.lock): the
+# lower bounds are tested, not guessed. It runs the tests that touch litellm's API most.
+OLD_VENV   := .venv-oldest
+OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproject.toml | cksum | cut -d' ' -f1)
+OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
+	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
+
+.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean
 
 setup: $(STAMP)
 
@@ -18,7 +25,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/llm-resilience demo
 
-test: setup lint typecheck jaeger unit wheel-check
+test: setup lint typecheck jaeger unit wheel-check test-oldest
 
 lint: setup
 	$(BIN)/ruff check llm_resilience tests benchmarks scripts
@@ -38,6 +45,15 @@ jaeger:
 wheel-check: setup
 	bash scripts/check_wheel.sh
 
+$(OLD_STAMP): requirements-oldest.lock pyproject.toml
+	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-oldest.lock
+	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(OLD_VENV)/.installed-* && touch $(OLD_STAMP)
+
+test-oldest: $(OLD_STAMP)
+	$(OLD_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
@@ -50,10 +66,21 @@ soak: setup
 schema: setup
 	$(BIN)/llm-resilience schema > policies/policy.schema.json
 
-# Re-pin after editing pyproject.toml dependencies (needs network to PyPI).
+# Re-pin after editing pyproject.toml dependencies (needs network to PyPI). requirements.lock: the
+# newest vetted set, integration clients included (they must co-resolve); requirements-oldest.lock:
+# every direct dependency at the lower bound of its range.
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --generate-hashes --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --generate-hashes \
+		--python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --resolution lowest-direct --generate-hashes \
+		--python-version 3.11 -o requirements-oldest.lock
+
+# Does `pip install llm-resilience` resolve next to the client libraries people use it with? (network)
+check-compat: setup
+	$(BIN)/pip install --quiet uv==0.13.9
+	printf '%s\n' . instructor langchain-litellm smolagents openai-agents dspy \
+		| $(BIN)/uv pip compile - --python-version 3.11 --quiet -o /dev/null
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist
