@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     )
     from ._hooks import Hook
     from ._install import install, uninstall
+    from ._offline import ImportOrderWarning
     from ._outcomes import AttemptRecord
     from ._policy import Policy
     from ._validators import register_validator
@@ -45,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "AllAttemptsFailed": "._exceptions",
     "AttemptRecord": "._outcomes",
     "Hook": "._hooks",
+    "ImportOrderWarning": "._offline",
     "LLMResilienceError": "._exceptions",
     "Policy": "._policy",
     "PolicyError": "._exceptions",
@@ -72,6 +74,7 @@ __all__ = [
     "AllAttemptsFailed",
     "AttemptRecord",
     "Hook",
+    "ImportOrderWarning",
     "LLMResilienceError",
     "Policy",
     "PolicyError",

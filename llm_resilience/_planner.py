@@ -66,6 +66,7 @@ def _warn_dropped(kwargs: Mapping[str, Any], stream: bool) -> None:
                 _dropped_warned.add(name)
             log.warning("llm_resilience ignores the argument %r: %s (logged once)", name, _WHY_DROPPED[name])
 
+
 # Caller arguments that choose where a request goes, or as whom (every alias litellm 1.110's
 # completion accepts). For a model declared in the policy, the policy owns all of them: the
 # caller's are dropped, even those the policy leaves unset (litellm then uses its environment,

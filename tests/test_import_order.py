@@ -69,7 +69,7 @@ def _import_litellm_first(server: _CostMapServer) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k not in ("LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_OFFLINE_MODE")}
     env["LITELLM_MODEL_COST_MAP_URL"] = f"http://127.0.0.1:{server.server_address[1]}/map.json"
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180, check=True
     )
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
