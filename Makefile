@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check bench soak schema lock clean
+.PHONY: setup demo test lint typecheck unit jaeger wheel-check bench soak schema lock clean test-services
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+unit: setup test-services
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The real-Jaeger test's server: reuses a cached binary or builds it (~5 min the first time; needs Go).
@@ -37,6 +37,16 @@ jaeger:
 # The built wheel in a fresh virtualenv, run from outside the checkout (scripts/check_wheel.sh).
 wheel-check: setup
 	bash scripts/check_wheel.sh
+
+# Services the tests use for real: redis-server (the shared-state tests start their own on a free
+# port). Installed from Debian when missing (CI runs as root); elsewhere, says how.
+test-services:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: sudo apt-get install -y redis-server (Redis tests are skipped without it)"; \
+	  fi; }
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
@@ -53,7 +63,7 @@ schema: setup
 # Re-pin after editing pyproject.toml dependencies (needs network to PyPI).
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --generate-hashes --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra redis --generate-hashes --python-version 3.11 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build dist
