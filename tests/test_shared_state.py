@@ -76,6 +76,7 @@ def redis_policy(policy_dict: PolicyBuilder, url: str, namespace: str = "t", **k
     # Generous timeouts: a replica's first litellm call imports lazily, slow on a busy machine.
     kwargs.setdefault("timeout_s", 10.0)
     kwargs.setdefault("deadline_s", 30.0)
+    kwargs.setdefault("reset_timeout_s", 300.0)  # an open breaker must not lapse while a slow machine catches up
     return policy_dict(state=state, **kwargs)
 
 
