@@ -11,7 +11,7 @@ OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproj
 OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
 	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean
+.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+unit: setup test-services
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The real-Jaeger test's server: reuses a cached binary or builds it (~5 min the first time; needs Go).
@@ -54,6 +54,16 @@ $(OLD_STAMP): requirements-oldest.lock pyproject.toml
 test-oldest: $(OLD_STAMP)
 	$(OLD_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
+# Services the tests use for real: redis-server (the shared-state tests start their own on a free
+# port). Installed from Debian when missing (CI runs as root); elsewhere, says how.
+test-services:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: sudo apt-get install -y redis-server (Redis tests are skipped without it)"; \
+	  fi; }
+
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
@@ -71,7 +81,7 @@ schema: setup
 # every direct dependency at the lower bound of its range.
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --generate-hashes \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --extra redis --generate-hashes \
 		--python-version 3.11 -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev --resolution lowest-direct --generate-hashes \
 		--python-version 3.11 -o requirements-oldest.lock

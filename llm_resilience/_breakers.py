@@ -42,6 +42,7 @@ from typing import Any
 import pybreaker
 
 from ._policy import BreakerSettings
+from ._shared_state import FleetAdmission, SharedBreakerState
 
 log = logging.getLogger("llm_resilience.breaker")
 
@@ -132,6 +133,7 @@ class ModelBreaker:
         on_transition: list[TransitionListener],
         state_storage: pybreaker.CircuitBreakerStorage | None = None,
         clock: WallClock | None = None,
+        fleet: SharedBreakerState | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -142,6 +144,7 @@ class ModelBreaker:
         self._on_transition_listeners = on_transition
         self._generation = 0
         self._failed_probes = 0  # consecutive half-open -> open transitions (reset backoff)
+        self.fleet: SharedBreakerState | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max,
             reset_timeout=settings.reset_timeout_s,
@@ -154,6 +157,8 @@ class ModelBreaker:
         self.last_used = 0.0  # monotonic; set by the registry on every lookup
         self._gate = threading.RLock()  # re-entered when a transition happens while it is held
         self._probe_in_flight = False
+        if fleet is not None:
+            self.share(fleet)
 
     @property
     def state(self) -> str:
@@ -226,6 +231,10 @@ class ModelBreaker:
     def admit_with_ticket(self) -> tuple[Admission, ProbeTicket]:
         """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically)."""
         generation = self._generation  # read before the state: a transition in between only makes it stale
+        if self.fleet is not None:  # the fleet's view, when Redis is reachable, decides first
+            shared = self.fleet.admission(self.model)
+            if shared is not FleetAdmission.DEFER:
+                return self._admit_fleet(shared)
         if self._cb.current_state == CLOSED:
             return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
         with self._gate:
@@ -243,6 +252,50 @@ class ModelBreaker:
                 self._cb.half_open()
             return Admission.PROBE, ProbeTicket(probe=True, generation=self._generation)
 
+    def _admit_fleet(self, shared: FleetAdmission) -> tuple[Admission, ProbeTicket]:
+        with self._gate:
+            if shared is FleetAdmission.OPEN:
+                self._open_until = self.fleet.open_until_epoch(self.model) if self.fleet is not None else None
+                return Admission.OPEN, ProbeTicket(probe=False, generation=self._generation)
+            if shared is FleetAdmission.PROBE and not self._probe_in_flight:
+                # This process holds the fleet's probe: one request, through the local gate.
+                self._probe_in_flight = True
+                if self._cb.current_state != HALF_OPEN:
+                    self._cb.half_open()
+                return Admission.PROBE, ProbeTicket(probe=True, generation=self._generation)
+            return Admission.PROBE_BUSY, ProbeTicket(probe=False, generation=self._generation)
+
+    def share(self, fleet: SharedBreakerState | None) -> None:
+        """Share this breaker with other processes through ``fleet`` (``None``: stop sharing)."""
+        self.fleet = fleet
+        if fleet is not None:
+            fleet.watch(self.model, self._mirror, self._open_for_s)
+
+    def _open_for_s(self) -> float | None:
+        """Seconds this breaker stays open by its own clock (``None``: not open); told to Redis on reconnect."""
+        opened_at: datetime | None = self._cb._state_storage.opened_at
+        if self._cb.current_state != OPEN or opened_at is None:
+            return None
+        now = self._clock() if self._clock is not None else datetime.now(UTC)
+        left = self.open_period_s - (now - opened_at).total_seconds()
+        return left if left > 0 else None
+
+    def _mirror(self, model: str, fleet_state: str) -> None:
+        # Called on the fleet's sync thread when another process opened or closed the breaker:
+        # the local breaker follows, so this process's logs and metrics show the transition.
+        with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
+            if fleet_state == "open" and self._cb.current_state == CLOSED:
+                self._cb.open()
+            elif fleet_state == "closed" and self._cb.current_state != CLOSED:
+                self._cb.close()
+
+    def reconfigure(self, settings: BreakerSettings) -> None:
+        """New settings from a policy reload; the state (open, counts) is kept."""
+        self.settings = settings
+        self._cb.fail_max = settings.fail_max
+        self._cb.reset_timeout = settings.reset_timeout_s
+        self._cb.success_threshold = settings.success_threshold
+
     def record(self, ticket: ProbeTicket, failure_kind: str | None) -> None:
         """Report an attempt's outcome: ``None`` for success, else the kind of failure.
 
@@ -252,13 +305,18 @@ class ModelBreaker:
         the last transition (a stale ticket) moves nothing.
         """
         self.last_kind = failure_kind
+        fleet = self.fleet
         try:
             with self._gate:
                 if ticket.generation != self._generation or self._cb.current_state == OPEN:
                     return  # stale, or nothing to decide while open (only a probe may move it)
                 if failure_kind is None:
                     self._cb.call(_succeed)
+                    if fleet is not None:
+                        fleet.record_success(self.model)
                 elif failure_kind in self.settings.count:
+                    if fleet is not None:
+                        fleet.record_failure(self.model, self.settings.fail_max, self.open_period_s)
                     self._cb.call(_fail, failure_kind)
         except _CountedFailure:
             pass
@@ -331,9 +389,12 @@ class BreakerRegistry:
         settings_for: Callable[[str], BreakerSettings],
         clock: WallClock | None = None,
         max_breakers: int = 1024,
+        *,
+        fleet: SharedBreakerState | None = None,
     ) -> None:
         self._settings_for = settings_for
         self._clock = clock  # None: the wall clock (simulations pass their own)
+        self.fleet = fleet
         self._breakers: dict[str, ModelBreaker] = {}
         self._lock = threading.Lock()
         self.max_breakers = max_breakers
@@ -347,7 +408,9 @@ class BreakerRegistry:
                 if b is None:
                     if len(self._breakers) >= self.max_breakers:
                         self._evict()
-                    b = ModelBreaker(model, self._settings_for(model), self.listeners, clock=self._clock)
+                    b = ModelBreaker(
+                        model, self._settings_for(model), self.listeners, clock=self._clock, fleet=self.fleet
+                    )
                     self._breakers[model] = b
         b.last_used = time.monotonic()  # lock-free: an approximate recency is all eviction needs
         return b
@@ -358,6 +421,8 @@ class BreakerRegistry:
         idle.sort(key=lambda b: b.last_used)
         for b in idle[: max(0, len(self._breakers) - keep)]:
             del self._breakers[b.model]
+            if self.fleet is not None:
+                self.fleet.unwatch(b.model)
 
     def __len__(self) -> int:
         return len(self._breakers)
@@ -366,3 +431,18 @@ class BreakerRegistry:
         with self._lock:
             breakers = list(self._breakers.values())
         return {b.model: b.state for b in breakers}
+
+    def models(self) -> list[str]:
+        return list(self._breakers)
+
+    def drop(self, model: str) -> None:
+        """Forget ``model``'s breaker (a policy reload changed what the model is): a fresh one on next use."""
+        with self._lock:
+            self._breakers.pop(model, None)
+
+    def share(self, fleet: SharedBreakerState | None) -> None:
+        """Share every breaker, present and future, through ``fleet`` (``None``: per process)."""
+        with self._lock:
+            self.fleet = fleet
+            for b in self._breakers.values():
+                b.share(fleet)

@@ -12,16 +12,20 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from ._breakers import BreakerRegistry
+from ._breakers import BreakerRegistry, BreakerTransition
+from ._budget import Budgets
 from ._drivers import run_async, run_sync
+from ._exceptions import PolicyError
 from ._hooks import Hook, HookSet
 from ._latency import LatencyStats
 from ._metrics import MetricsHook
 from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
-from ._policy import Policy
+from ._policy import ENV_PREFIX, Policy, StateConfig
+from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
+from ._shared_state import SharedBreakerState
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
 from ._validators import ResponseValidator
@@ -69,34 +73,97 @@ class Resilience:
         meter_provider: metrics.MeterProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._policy = policy or Policy.defaults()
+        policy = policy or Policy.defaults()
         self._clock = clock
-        validator = ResponseValidator(self._policy)  # first: a policy naming an unknown validator fails here
+        self._tracer_provider = tracer_provider
+        self._user_hooks = list(hooks)
+        ResponseValidator(policy)  # first: a policy naming an unknown validator fails here, before threads start
+        # Live state: outlives policy reloads (see _install for what a reload resets).
         self.breakers = BreakerRegistry(self._breaker_settings)
-        tracing = TracingHook(tracer_provider, record_content=self._policy.document.telemetry.record_content)
-        review_log = ReviewLogHook.from_policy(self._policy, tracing)
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
-        hook_list: list[object] = [
-            tracing,
-            MetricsHook(meter_provider, self.breakers),
-            LoggingHook(),
-            *([review_log] if review_log is not None else []),
-            *hooks,
-        ]
-        self.hooks = HookSet(hook_list)
-        self.breakers.listeners.append(self.hooks.breaker_transition)
-        self._planner = Planner(
-            policy=self._policy, breakers=self.breakers, hooks=self.hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency,
+        self.budgets = Budgets()
+        self._metrics = MetricsHook(meter_provider, self.breakers)
+        self._logging = LoggingHook()
+        self.breakers.listeners.append(self._breaker_transition)
+        self._shared: SharedBreakerState | None = None
+        self._watcher: PolicyFileWatcher | None = None
+        self._reload_lock = threading.Lock()
+        self._policy = policy
+        self._install(policy, previous=None)
+
+    def _install(self, policy: Policy, previous: Policy | None) -> None:
+        """Put ``policy`` in force: everything derived from it is built first, then swapped in at once.
+
+        Calls already running keep the planner (and so the policy, hooks and validator) they
+        started with. Kept across a reload: breakers, latency windows and budgets of every
+        model whose definition did not change. A model whose ``breakers:`` settings changed
+        keeps its breaker state (an open breaker stays open) under the new settings; a model
+        whose ``litellm_params`` changed is a different backend, so it gets a fresh breaker
+        and forgets its latency.
+        """
+        validator = ResponseValidator(policy)
+        tracing = TracingHook(self._tracer_provider, record_content=policy.document.telemetry.record_content)
+        review_log = ReviewLogHook.from_policy(policy, tracing)
+        extra = [review_log] if review_log is not None else []
+        hooks = HookSet([tracing, self._metrics, self._logging, *extra, *self._user_hooks])
+        planner = Planner(
+            policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
+            latency=self.latency, budgets=self.budgets,
         )  # fmt: skip
-        register_routes(self._policy, owner=self)  # litellm.get_model_info("<route>") & co. (again on reload)
+        self._policy = policy  # first: breakers created from here on take their settings from it
+        if previous is not None:
+            for model in self.breakers.models():
+                old_spec, new_spec = previous.models.get(model), policy.models.get(model)
+                if (old_spec and old_spec.litellm_params) != (new_spec and new_spec.litellm_params):
+                    self.breakers.drop(model)
+                    self.latency.forget(model)
+                elif previous.breaker_settings(model) != policy.breaker_settings(model):
+                    self.breakers.get(model).reconfigure(policy.breaker_settings(model))
+        if previous is None or previous.document.state != policy.document.state:
+            self._share_state(policy)
+        self.hooks = hooks
+        self._planner = planner
+        # The one place that follows a policy change: anything registered per policy is
+        # (re-)registered here, on build and on every reload.
+        register_routes(policy, owner=self)  # litellm.get_model_info("<route>") & co.
+
+    def _share_state(self, policy: Policy) -> None:
+        old, self._shared = self._shared, _shared_state_for(policy.document.state)
+        self.breakers.share(self._shared)
+        if self._shared is not None:  # watched before the first sync: a replica's first request already knows
+            for model in policy.models:
+                self.breakers.get(model)
+            self._shared.start()
+        if old is not None:
+            old.close()
+
+    def _breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition) -> None:
+        self.hooks.breaker_transition(model, old, new, info)
+        shared = self._shared
+        if shared is not None:
+            shared.on_transition(model, old, new, self.breakers.get(model).open_period_s)
 
     # -- construction --------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Resilience:
-        """Build an engine from a YAML policy file. Raises :class:`PolicyError`."""
-        return cls(Policy.from_file(path), **options)
+    def from_file(
+        cls, path: str | os.PathLike[str], *, reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S, **options: Any
+    ) -> Resilience:
+        """Build an engine from a YAML policy file. Raises :class:`PolicyError`.
+
+        The engine follows edits of the file: at most every ``reload_interval_s`` seconds
+        (``0``: never by itself) a call checks whether the file changed, and a valid new
+        version is put in force without a restart (see :meth:`reload`).
+        """
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+        policy = Policy.from_yaml(data.decode("utf-8", errors="replace"), source=str(p))
+        engine = cls(policy, **options)
+        engine._watcher = PolicyFileWatcher(p, reload_interval_s, policy, data)
+        return engine
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **options: Any) -> Resilience:
@@ -111,12 +178,54 @@ class Resilience:
     def _breaker_settings(self, model: str) -> Any:
         return self._policy.breaker_settings(model)
 
+    def reload(self) -> bool:
+        """Re-read the policy file now; ``True`` when a new policy was put in force.
+
+        An invalid file is logged (one ERROR line with its ``file:line: field: message``
+        problems) and the policy in force keeps serving; this never raises for a bad file.
+        Calls already running finish on the policy they started with. Engines not built
+        with :meth:`from_file` have no file to read: ``False``.
+        """
+        return self._check_policy_file(force=True)
+
+    def _check_policy_file(self, *, force: bool = False) -> bool:
+        watcher = self._watcher
+        if watcher is None:
+            return False
+        # One reload at a time; a call that finds one under way goes on instead of waiting.
+        if not self._reload_lock.acquire(blocking=force):
+            return False
+        try:
+            policy = watcher.poll(force=force)
+            if policy is None:
+                return False
+            try:
+                self._install(policy, previous=self._policy)
+            except Exception as e:  # e.g. an unknown validator name: same rule as a bad file
+                log.error("policy reload rejected, still serving the last good policy from %s: %s", watcher.path, e)
+                return False
+            watcher.accepted(policy)
+            return True
+        finally:
+            self._reload_lock.release()
+
+    def close(self) -> None:
+        """Stop background work (the shared-state sync thread). Calls still work, per process."""
+        self._watcher = None
+        shared, self._shared = self._shared, None
+        self.breakers.share(None)
+        if shared is not None:
+            shared.close()
+
     # -- calls ----------------------------------------------------------------------
 
     def _start(self, model: str, messages: Sequence[Mapping[str, Any]], kwargs: dict[str, Any]) -> Call:
         prompt_class = kwargs.pop("prompt_class", None)
         stream = bool(kwargs.pop("stream", False))
         request = CallRequest(model=model, messages=messages, kwargs=kwargs, prompt_class=prompt_class, stream=stream)
+        watcher = self._watcher
+        if watcher is not None and time.monotonic() >= watcher.next_check:
+            self._check_policy_file()
         return self._planner.start(request, self._clock())
 
     def completion(self, model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:
@@ -146,6 +255,23 @@ class Resilience:
     def breaker_states(self) -> dict[str, str]:
         """Current breaker state per model that has been used."""
         return self.breakers.states()
+
+
+def _shared_state_for(cfg: StateConfig) -> SharedBreakerState | None:
+    """The shared state the policy asks for; ``None`` for in-process (or when it cannot be had)."""
+    if cfg.backend != "redis" or cfg.url is None:
+        return None
+    url = cfg.url
+    if url.startswith(ENV_PREFIX):
+        url = os.environ.get(url[len(ENV_PREFIX) :], "")
+        if not url:
+            log.warning("state.url %s is not set; breakers are per process", cfg.url)
+            return None
+    from ._shared_state import from_url
+
+    return from_url(
+        url, cfg.namespace, failure_window_s=cfg.failure_window_s, sync_interval_s=cfg.sync_interval_s, start=False
+    )
 
 
 _default: Resilience | None = None

@@ -138,6 +138,12 @@ class LatencyStats:
             window.expire(now - self.max_age_s)
             window.add(now, _CENSORED, self.capacity)
 
+    def forget(self, model: str) -> None:
+        """Drop every window of ``model`` (a policy reload pointed the name at another backend)."""
+        with self._lock:
+            for key in [key for key in self._windows if key[0] == model]:
+                del self._windows[key]
+
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None:
         """The ``q``-th percentile (0-100, nearest rank) of recent latency, in seconds.
 

@@ -377,6 +377,32 @@ class TelemetryConfig(_Strict):
     record_content: bool = Field(False, description="Opt in to prompt and answer text in spans (off: never recorded).")
 
 
+class StateConfig(_Strict):
+    """Where breaker state lives: in this process, or shared by every replica through Redis."""
+
+    backend: Literal["in_process", "redis"] = Field(
+        "in_process", description="in_process: each process learns alone. redis: breakers are shared by the fleet."
+    )
+    url: str | None = Field(
+        None, description="Redis URL, e.g. os.environ/REDIS_URL or redis://host:6379/0. Required for redis."
+    )
+    namespace: str = Field(
+        "default", min_length=1, description="Processes with the same namespace (and Redis) share breakers."
+    )
+    failure_window_s: PositiveFloat = Field(
+        60.0, description="Fleet failures older than this no longer count toward fail_max, seconds."
+    )
+    sync_interval_s: PositiveFloat = Field(
+        0.5, description="How often each process refreshes its view of the fleet's breakers, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StateConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("state.backend redis needs 'url' (e.g. os.environ/REDIS_URL)")
+        return self
+
+
 class PolicyDocument(_Strict):
     """The top level of a policy file."""
 
@@ -393,6 +419,7 @@ class PolicyDocument(_Strict):
     errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
     review_log: ReviewLogConfig | None = None
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
 
 
 BUILTIN_CLASS = PromptClass.model_validate(BUILTIN_DEFAULT_CLASS)

@@ -1,0 +1,37 @@
+"""One replica of an application, in its own OS process, for the shared-state tests.
+
+``python tests/_replica.py POLICY_JSON CALLS``: builds an engine from the policy, waits for its
+first sync with Redis, makes CALLS calls to route ``chat``, flushes its shared-state writes
+(``close``) and prints, as JSON, the attempts of every call and the engine's breaker states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import llm_resilience
+from llm_resilience import Policy, Resilience
+
+
+def main() -> int:
+    policy, calls = json.loads(sys.argv[1]), int(sys.argv[2])
+    engine = Resilience(Policy.from_dict(policy))
+    shared = engine._shared
+    if shared is None or not shared.synced.wait(10):
+        print(json.dumps({"error": "no shared state"}))
+        return 1
+    out = []
+    for _ in range(calls):
+        response = engine.completion("chat", [{"role": "user", "content": "hi"}])
+        out.append([[a["model"], a["outcome"]] for a in response._hidden_params["llm_resilience"]["attempts"]])
+    engine.close()
+    print(json.dumps({"calls": out, "breakers": engine.breaker_states(), "version": llm_resilience.__version__}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
