@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint typecheck unit jaeger bench soak schema lock clean
+.PHONY: setup demo test lint typecheck unit unit-random fuzz mutate jaeger bench soak schema lock clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,22 @@ unit: setup
 jaeger:
 	bash scripts/jaeger.sh
 
+# The suite in a random order (pytest-random-order; the seed is printed, re-run with -p random_order
+# --random-order-seed=N): tests must not depend on each other's leftovers.
+unit-random: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order $(PYTEST_ARGS)
+
+# Long fuzzing of the policy loader (20,000 random examples per property; `make test` runs 60, derandomized).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_policy_fuzz.py
+
+# Mutation testing of the decision core (mutmut 3, config in pyproject.toml [tool.mutmut]); long: run it
+# in the background. Prints the kill rate per module; `mutmut results` lists the survivors.
+mutate: setup
+	rm -rf mutants
+	-$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results --all true | $(BIN)/python -c "$$MUTATION_REPORT"
+
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
@@ -53,3 +69,17 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
+
+define MUTATION_REPORT
+import collections, sys
+counts = collections.defaultdict(collections.Counter)
+for line in sys.stdin:
+    name, _, status = line.strip().rpartition(": ")
+    if name:
+        counts[name.split(".")[1]][status] += 1
+for module, c in sorted(counts.items()):
+    tested = sum(c.values()) - c["not checked"]
+    killed = c["killed"] + c["timeout"] + c["caught by type check"]
+    print(f"{module:12} {killed:4}/{tested:4} killed ({100 * killed / max(tested, 1):.0f} %)  {dict(c)}")
+endef
+export MUTATION_REPORT
