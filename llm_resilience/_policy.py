@@ -29,7 +29,7 @@ from ._base_errors import PolicyError  # not ._exceptions: loading a policy must
 # under it would fail (timers overflow past ~1e10 s). Timeouts leave an attempt room to run.
 MAX_SECONDS = 86_400.0
 MIN_TIMEOUT_S = 0.01
-MIN_CONTEXT_WINDOW = 128  # tokens: below this not even a short chat turn fits, and every call would skip the model
+MIN_CONTEXT_WINDOW = 32  # tokens: below this not even a short chat turn fits, and every call would skip the model
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]

@@ -123,7 +123,7 @@ def test_a_skip_for_context_size_is_a_fallback_with_token_counts(
     big: FakeProvider, small: FakeProvider, make_engine: EngineFactory, policy_dict: PolicyBuilder, log_path: Path
 ) -> None:
     policy = with_log(policy_dict(["small", "big"]), path=str(log_path))
-    policy["models"]["small"]["context_window"] = 128  # the smallest window a policy accepts
+    policy["models"]["small"]["context_window"] = 100
     messages = [{"role": "system", "content": "otters " * 300}, {"role": "user", "content": "hi"}]  # system: never cut
 
     engine = make_engine(policy)
