@@ -50,9 +50,14 @@ def test_a_policy_class_keeps_its_timeouts_and_the_callers_timeout_caps_the_call
 
 
 def test_dropped_arguments_are_logged_once_by_name_never_by_value(
-    engine: Resilience, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Mutation checked: removing the `_warn_dropped(...)` call.
+    # Generous timeouts: a process's first litellm stream imports lazily (~0.6 s, more under load).
+    engine = make_engine(policy_dict(["big"], timeout_s=20.0, deadline_s=40.0))
     monkeypatch.setattr(_planner, "_dropped_warned", set())
     dropped: dict[str, Any] = {
         "fallbacks": ["openai/VALUE-fallback-model"],
