@@ -51,6 +51,7 @@ WORDED_DEFAULTS = {
     ("routes.NAME", "validators"): "all built-ins `fall_back`",
     ("prompt_classes.NAME", "first_token_timeout_s"): "`timeout_s`",
     ("prompt_classes.NAME", "idle_timeout_s"): "`timeout_s`",
+    ("models.NAME", "assistant_prefill"): "litellm's map; unknown: no",
 }
 NONE_WORDS = ("—", "off", "none")
 
@@ -136,7 +137,7 @@ def code_default(section: str, key: str) -> Any:
     field = SECTIONS[section].model_fields[key]
     if field.default_factory is not None:
         value = field.default_factory()  # type: ignore[call-arg]
-        return getattr(value, "strategy", value)  # truncation: its strategy names it
+        return getattr(value, "strategy", getattr(value, "on_interrupt", value))  # a section named by its mode
     return None if field.default is PydanticUndefined else field.default
 
 
