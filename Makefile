@@ -11,7 +11,7 @@ OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproj
 OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
 	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services
+.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services unit-random fuzz mutate
 
 setup: $(STAMP)
 
@@ -64,6 +64,22 @@ test-services:
 	    echo "redis-server is missing: sudo apt-get install -y redis-server (Redis tests are skipped without it)"; \
 	  fi; }
 
+# The suite in a random order (pytest-random-order; the seed is printed, re-run with -p random_order
+# --random-order-seed=N): tests must not depend on each other's leftovers.
+unit-random: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order $(PYTEST_ARGS)
+
+# Long fuzzing of the policy loader (20,000 random examples per property; `make test` runs 60, derandomized).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_policy_fuzz.py
+
+# Mutation testing of the decision core (mutmut 3, config in pyproject.toml [tool.mutmut]); long: run it
+# in the background. Prints the kill rate per module; `mutmut results` lists the survivors.
+mutate: setup
+	rm -rf mutants
+	-$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results --all true | $(BIN)/python -c "$$MUTATION_REPORT"
+
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
@@ -94,3 +110,17 @@ check-compat: setup
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist
+
+define MUTATION_REPORT
+import collections, sys
+counts = collections.defaultdict(collections.Counter)
+for line in sys.stdin:
+    name, _, status = line.strip().rpartition(": ")
+    if name:
+        counts[name.split(".")[1]][status] += 1
+for module, c in sorted(counts.items()):
+    tested = sum(c.values()) - c["not checked"]
+    killed = c["killed"] + c["timeout"] + c["caught by type check"]
+    print(f"{module:12} {killed:4}/{tested:4} killed ({100 * killed / max(tested, 1):.0f} %)  {dict(c)}")
+endef
+export MUTATION_REPORT

@@ -35,7 +35,7 @@ from ._budget import Budgets
 from ._exceptions import AllAttemptsFailed, LLMResilienceError, UnknownPromptClass
 from ._hooks import HookSet
 from ._outcomes import AttemptRecord, classify_error
-from ._policy import BUILTIN_CLASS, ModelSpec, Policy, PromptClass, ResolvedRoute, caller_timeout_class
+from ._policy import ModelSpec, Policy, PromptClass, ResolvedRoute, caller_timeout_class
 
 log = logging.getLogger("llm_resilience")
 
@@ -282,7 +282,8 @@ class Call:
         self.caller_deadline_at: float | None = None
         """The caller's own ``timeout=``, as a monotonic time: it caps even a committed stream."""
         if isinstance(caller_timeout, int | float) and not isinstance(caller_timeout, bool) and caller_timeout > 0:
-            if self.klass is BUILTIN_CLASS:  # see caller_timeout_class: never shorter than the caller asked
+            if self.prompt_class == "default" and "default" not in policy.document.prompt_classes:
+                # the built-in class (see caller_timeout_class): never shorter than the caller asked
                 self.klass = caller_timeout_class(float(caller_timeout))
             deadline = min(self.klass.deadline_s, float(caller_timeout))  # the caller's own bound still holds
             self.caller_deadline_at = now + float(caller_timeout)

@@ -29,6 +29,7 @@ from ._base_errors import PolicyError  # not ._exceptions: loading a policy must
 # under it would fail (timers overflow past ~1e10 s). Timeouts leave an attempt room to run.
 MAX_SECONDS = 86_400.0
 MIN_TIMEOUT_S = 0.01
+MIN_CONTEXT_WINDOW = 32  # tokens: below this not even a short chat turn fits, and every call would skip the model
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -107,7 +108,7 @@ class ModelConfig(_Strict):
         description="Arguments for litellm.completion: model, api_base, api_key (write secrets as "
         "'os.environ/VAR'), and any provider option. They override the caller's arguments of the same name."
     )
-    context_window: PositiveInt | None = Field(
+    context_window: Annotated[int, Field(ge=MIN_CONTEXT_WINDOW)] | None = Field(
         None, description="Max input tokens, for models litellm does not know (overrides litellm's map)."
     )
     max_output_tokens: PositiveInt | None = Field(
