@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import _offline  # noqa: F401  (first: litellm must never be imported without these settings)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below loads them
-    from ._engine import Resilience, acompletion, completion, default_engine, set_default_engine
+    from ._engine import Resilience, acompletion, completion, default_engine, set_default_engine, warm_up
     from ._exceptions import (
         AllAttemptsFailed,
         LLMResilienceError,
@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "default_engine": "._engine",
     "register_validator": "._validators",
     "set_default_engine": "._engine",
+    "warm_up": "._engine",
 }
 
 # A library logs, the application decides where logs go (nothing reaches stderr by default).
@@ -80,6 +81,7 @@ __all__ = [
     "default_engine",
     "register_validator",
     "set_default_engine",
+    "warm_up",
 ]
 
 

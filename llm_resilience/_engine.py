@@ -14,6 +14,7 @@ from opentelemetry import metrics, trace
 
 from ._breakers import BreakerRegistry
 from ._drivers import run_async, run_sync
+from ._env import litellm
 from ._hooks import Hook, HookSet
 from ._latency import LatencyStats
 from ._metrics import MetricsHook
@@ -21,6 +22,7 @@ from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
 from ._policy import Policy
 from ._review_log import ReviewLogHook
+from ._saturation import ProcessSaturation, monitor
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
 from ._validators import ResponseValidator
@@ -86,7 +88,7 @@ class Resilience:
         self.breakers.listeners.append(self.hooks.breaker_transition)
         self._planner = Planner(
             policy=self._policy, breakers=self.breakers, hooks=self.hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency,
+            latency=self.latency, saturation=ProcessSaturation(),
         )  # fmt: skip
 
     # -- construction --------------------------------------------------------------
@@ -141,6 +143,10 @@ class Resilience:
             return await stream_async(call, self._clock)
         return await run_async(call, self._clock)
 
+    def warm_up(self) -> None:
+        """Pay litellm's first-call costs now rather than inside the first real call; see :func:`warm_up`."""
+        warm_up()
+
     def breaker_states(self) -> dict[str, str]:
         """Current breaker state per model that has been used."""
         return self.breakers.states()
@@ -188,3 +194,46 @@ def completion(model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs:
 async def acompletion(model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:
     """Drop-in for ``litellm.acompletion``; see :func:`completion`."""
     return await default_engine().acompletion(model, messages, **kwargs)
+
+
+_warmed = False
+_warm_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Pay litellm's first-call costs (0.3 to 1 s of lazy imports per call kind) now.
+
+    Sends one sync, one async and one streamed request through litellm's real HTTP path to a
+    loopback fake provider started for the purpose (no network, no provider, no API key), then
+    stops it. Call it at start-up (a web app's startup hook, a worker's init); until a provider
+    call has completed in the process, timeouts are not blamed on providers (``cold_start``).
+    Idempotent and thread-safe; later calls return at once.
+    """
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return
+        import asyncio
+
+        from .testing import FakeProvider
+
+        with FakeProvider() as provider:
+            kwargs: dict[str, Any] = {
+                "model": "openai/warm-up", "messages": [{"role": "user", "content": "warm-up"}],
+                "api_base": provider.base_url, "api_key": "sk-warm-up", "num_retries": 0, "max_retries": 0,
+            }  # fmt: skip
+            litellm.completion(**kwargs)
+            for _ in litellm.completion(**kwargs, stream=True):
+                pass
+
+            async def warm_async() -> None:
+                await litellm.acompletion(**kwargs)
+                async for _ in await litellm.acompletion(**kwargs, stream=True):
+                    pass
+
+            # Its own thread: asyncio.run cannot nest in a caller's running loop (a startup hook).
+            worker = threading.Thread(target=asyncio.run, args=(warm_async(),), name="llm-resilience-warm-up")
+            worker.start()
+            worker.join()
+        monitor().ended()
+        _warmed = True
