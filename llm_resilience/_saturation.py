@@ -83,7 +83,6 @@ class _Samples:
 
     def delay(self, since: float, now: float) -> float:
         """The client's delay estimate over [since, now] (see :class:`SaturationMonitor`)."""
-        worst = total = 0.0
         late: list[tuple[float, float]] = []
         due = self.pending_due
         if due is not None and due < now:
@@ -92,12 +91,17 @@ class _Samples:
             if ran < since:
                 break
             late.append((due, ran))
+        if not late:
+            return 0.0
+        worst = total = summed = 0.0
         for due, ran in late:
-            if ran - due < LAG_FLOOR_S:
+            lateness = ran - due
+            if lateness < LAG_FLOOR_S:
                 continue
-            worst = max(worst, ran - due)
+            worst = max(worst, lateness)
+            summed += lateness
             total += max(0.0, min(ran, now) - max(due, since))
-        return min(total, CLIENT_HOPS * worst)
+        return min(total, max(worst, CLIENT_HOPS * summed / len(late)))
 
 
 class _LoopProbe:
@@ -247,12 +251,13 @@ class SaturationMonitor:
     """The process's :class:`SaturationSignal`: event-loop probes plus the watchdog's thread lag.
 
     The client's delay over an attempt is estimated from the probes' lateness during it
-    (ignoring lateness under ``LAG_FLOOR_S``, which is jitter): the time they spent overdue,
-    but at most ``CLIENT_HOPS`` times the worst lateness. The first term is right for a single
-    stall (a GC pause, a blocking import: the attempt lost that long at most); the second for
-    a sustained queue (each of the answer's few trips through the scheduler waits about the
-    queue's length, however long the attempt). A loop's attempts see the loop's probe and the
-    thread probe; a thread's attempts the thread probe.
+    (lateness under ``LAG_FLOOR_S`` is jitter and counts as none): ``CLIENT_HOPS`` times the
+    mean lateness, or the worst single lateness if larger, and never more than the time the
+    probes spent overdue in the window. The mean term is for a sustained queue (each of the
+    answer's few trips through the scheduler waits about the queue's length); the worst term
+    for a single stall (a GC pause, a blocking import: an attempt loses that long at most);
+    the cap keeps a short stall from excusing more than it lasted. A loop's attempts see the
+    loop's probe and the thread probe; a thread's attempts the thread probe.
     """
 
     def __init__(self) -> None:
