@@ -380,10 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for make in CONTESTANTS:
                 print(f"  {n} acompletion: {make.__name__} ...", file=sys.stderr, flush=True)
                 rows.append(asyncio.run(async_row(make(urls), n, args.warm, args.after)))
+                c.write_text(args.out / "burst.md", report(rows, args))  # a killed run keeps its rows
         for n in args.threads:
             for make in CONTESTANTS:
                 print(f"  {n} threads: {make.__name__} ...", file=sys.stderr, flush=True)
                 rows.append(thread_row(make(urls), n, args.warm, args.after))
+                c.write_text(args.out / "burst.md", report(rows, args))
     text = report(rows, args)
     c.write_text(args.out / "burst.md", text)
     print(text)
