@@ -387,7 +387,7 @@ async def _send_async_bounded(call: Call, attempt: Attempt, clock: Clock) -> Any
             finally:
                 timer[0].cancel()
     except TimeoutError as error:
-        if not attempt.expired:
+        if not scope.expired():  # not our bound: litellm's or the caller's own
             raise
         raise attempt_timeout(attempt) from error
     finally:

@@ -45,6 +45,9 @@ MIN_ATTEMPT_S = 0.005
 
 # A bound the client's own delay postponed is checked again no sooner than this.
 MIN_EXTENSION_S = 0.005
+# When the client itself was late for at least this share of an attempt, the client was saturated:
+# its clock cannot judge the provider, and no timeout of that attempt is the provider's (issue 13).
+SATURATED_SHARE = 0.5
 
 # litellm arguments that would make litellm retry or fall back on its own, hiding
 # attempts from our breakers and spans. We own retries and fallbacks.
@@ -641,8 +644,11 @@ class Call:
         else:
             delay = signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
-            provider_s = now - record.started_at - attempt.client_delay_s
-            if attempt.client_delay_s <= 0.0 or provider_s >= bound_s - 1e-9:  # (float noise: at the bound is past it)
+            wall = now - record.started_at
+            provider_s = wall - attempt.client_delay_s
+            saturated = attempt.client_delay_s >= SATURATED_SHARE * wall
+            # (1e-9: float noise; at the bound is past it)
+            if attempt.client_delay_s <= 0.0 or (provider_s >= bound_s - 1e-9 and not saturated):
                 return None
             reason = "client_saturated"
             record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
@@ -659,11 +665,14 @@ class Call:
         """
         if attempt not in self._in_flight or attempt.expired:
             return None
-        if now < self.deadline_at - MIN_ATTEMPT_S and self._client_excuse(attempt, attempt.timeout_s, now):
+        excuse = self._client_excuse(attempt, attempt.timeout_s, now)
+        if excuse is not None and now < self.deadline_at - MIN_ATTEMPT_S:
             later = attempt.record.started_at + attempt.timeout_s + attempt.client_delay_s
+            if attempt.client_delay_s >= SATURATED_SHARE * (now - attempt.record.started_at):
+                later = max(later, now + attempt.timeout_s)  # saturated: look again a bound later
             attempt.bound_at = min(self.deadline_at, max(later, now + MIN_EXTENSION_S))
             return attempt.bound_at
-        attempt.expired = True
+        attempt.expired = excuse is None  # cut; blamed on the provider only if the client was not the slow one
         return None
 
     def _expire(self, now: float) -> None:
@@ -671,14 +680,16 @@ class Call:
         for attempt in list(self._in_flight):
             if attempt.bound_at is None or attempt.bound_at > now or self.at_bound(attempt, now) is not None:
                 continue
+            blamed = attempt.expired
             record = self._settle(attempt, now)
-            self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
             kind = k.SOFT_TIMEOUT if attempt.soft_cut else k.TIMEOUT
-            record.outcome = "failure"
+            record.outcome = "failure" if blamed else k.CLIENT_OVERLOAD
             record.reason = kind
             record.error = self._last_error = attempt_timeout(attempt)
-            if "slow" not in record.extra:
-                self._count(attempt, kind)
+            if blamed:
+                self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
+                if "slow" not in record.extra:
+                    self._count(attempt, kind)
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _panic_attempt(self, now: float) -> Attempt | None:
