@@ -48,6 +48,8 @@ MIN_EXTENSION_S = 0.005
 # When the client itself was late for at least this share of an attempt, the client was saturated:
 # its clock cannot judge the provider, and no timeout of that attempt is the provider's (issue 13).
 SATURATED_SHARE = 0.5
+# A client late for less than this share of an attempt did not make it time out: no excuse.
+NOTICEABLE_SHARE = 0.1
 
 # litellm arguments that would make litellm retry or fall back on its own, hiding
 # attempts from our breakers and spans. We own retries and fallbacks.
@@ -648,7 +650,7 @@ class Call:
             provider_s = wall - attempt.client_delay_s
             saturated = attempt.client_delay_s >= SATURATED_SHARE * wall
             # (1e-9: float noise; at the bound is past it)
-            if attempt.client_delay_s <= 0.0 or (provider_s >= bound_s - 1e-9 and not saturated):
+            if attempt.client_delay_s < NOTICEABLE_SHARE * wall or (provider_s >= bound_s - 1e-9 and not saturated):
                 return None
             reason = "client_saturated"
             record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
