@@ -113,7 +113,7 @@ class Attempt:
     it (a new bound if the client, not the provider, was slow). Drivers that can stop an attempt
     send it with ``read_timeout_s`` and enforce this; streams keep their own timing."""
     read_timeout_s: float | None = None
-    """litellm's (per-read) ``timeout`` when the driver enforces ``bound_at``: the time left to the deadline."""
+    """litellm's (per-read) ``timeout`` when the driver enforces ``bound_at``: the call's whole deadline."""
     expired: bool = False
     """:meth:`Call.at_bound` cut it off: its error is a timeout the provider is blamed for."""
     client_delay_s: float = 0.0
@@ -302,6 +302,7 @@ class Call:
         else:
             deadline = self.klass.deadline_s
         self.deadline_at = now + deadline
+        self._deadline_s = deadline
         self.records: list[AttemptRecord] = []
         self.hook_data: dict[object, Any] = {}
         self.answered_by: AttemptRecord | None = None
@@ -619,7 +620,9 @@ class Call:
         )
         if not self.request.stream:
             attempt.bound_at = now + attempt.timeout_s
-            attempt.read_timeout_s = left
+            # The whole deadline, not the time left: a value that is the same for every call of the
+            # class, since litellm caches one HTTP client per distinct timeout (a new pool per call otherwise).
+            attempt.read_timeout_s = self._deadline_s
         retries = self.route.retries
         if retries is not None and retries.max_retries > 0 and retry_of is None:
             self.planner.budgets.retries(spec.name).record_request(now)

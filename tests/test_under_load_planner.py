@@ -90,7 +90,7 @@ def test_a_healthy_client_gets_its_attempt_cut_at_the_bound() -> None:
     call = start(make_planner(Scripted(delay_s=0.0)))
     first = launch(call, T0)
     assert first.bound_at == pytest.approx(T0 + 1.0)
-    assert first.read_timeout_s == pytest.approx(3.0)  # reads may run to the deadline: the bound is whole
+    assert first.read_timeout_s == pytest.approx(3.0)  # per read: the deadline (the bound is the whole attempt)
 
     assert call.at_bound(first, T0 + 1.0) is None
     assert first.expired
