@@ -83,6 +83,8 @@ mutate: setup
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
+	$(BIN)/python benchmarks/incident.py --rate 200 --systems dfgh
+	$(BIN)/python benchmarks/burst.py
 
 # Robustness under sustained mixed faults (not part of `make test`): SOAK_CALLS calls, default 100000.
 SOAK_CALLS ?= 100000

@@ -873,9 +873,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = asyncio.run(run_all(scn, args.systems))
     targets = check_targets(runs)
     text = report(runs, targets)
-    c.write_text(args.out / "incident.md", text)
+    # The concurrent variant (--rate 200, issue 13) gets its own files beside the 20 calls/s replay.
+    stem = "incident" if scn.rate_per_s == Scenario().rate_per_s else f"incident-{scn.rate_per_s:g}rps"
+    c.write_text(args.out / f"{stem}.md", text)
     if not args.no_plot:
-        plot(runs, args.out / "incident.png")
+        plot(runs, args.out / f"{stem}.png")
     print(text)
     failed = [t for t in targets if not t.passed]
     if failed:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import _offline  # noqa: F401  (first: litellm must never be imported without these settings)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below loads them
-    from ._engine import Resilience, acompletion, completion, default_engine, set_default_engine
+    from ._engine import Resilience, acompletion, completion, default_engine, set_default_engine, warm_up
     from ._exceptions import (
         AllAttemptsFailed,
         LLMResilienceError,
@@ -60,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "register_validator": "._validators",
     "set_default_engine": "._engine",
     "uninstall": "._install",
+    "warm_up": "._engine",
 }
 
 # A library logs, the application decides where logs go (nothing reaches stderr by default).
@@ -89,6 +90,7 @@ __all__ = [
     "register_validator",
     "set_default_engine",
     "uninstall",
+    "warm_up",
 ]
 
 

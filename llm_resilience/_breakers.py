@@ -157,6 +157,9 @@ class ModelBreaker:
         self.last_used = 0.0  # monotonic; set by the registry on every lookup
         self._gate = threading.RLock()  # re-entered when a transition happens while it is held
         self._probe_in_flight = False
+        self.suspect = False
+        """A request in flight is past its soft timeout, or a failure was counted while closed."""
+        self._suspect_slots = 0  # requests admitted while suspect that are still in flight
         if fleet is not None:
             self.share(fleet)
 
@@ -355,12 +358,42 @@ class ModelBreaker:
         """
         return self._open_until
 
+    @property
+    def opened_at(self) -> float | None:
+        """When the breaker last opened (POSIX seconds; ``None``: never, or closed since)."""
+        if self._cb.current_state == CLOSED:
+            return None
+        opened: datetime | None = self._cb._state_storage.opened_at
+        return opened.timestamp() if opened is not None else None
+
+    # Suspect gating (README "Under load"): a model with a slow or failed request in flight gets
+    # at most ``suspect_admit`` new requests at a time until a verdict (a success, or the breaker opening).
+
+    def mark_suspect(self) -> None:
+        self.suspect = True
+
+    def clear_suspect(self) -> None:
+        self.suspect = False
+
+    def take_suspect_slot(self) -> bool:
+        """One of the suspect slots for a new request, if one is free."""
+        with self._gate:
+            if self._suspect_slots >= self.settings.suspect_admit:
+                return False
+            self._suspect_slots += 1
+            return True
+
+    def release_suspect_slot(self) -> None:
+        with self._gate:
+            self._suspect_slots = max(0, self._suspect_slots - 1)
+
     def reset(self) -> None:
         """Close the breaker (used by tests and by ``llm-resilience`` operators)."""
         self.last_kind = _RESET
         with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
             self._cb.close()
             self._probe_in_flight = False
+        self.suspect = False
 
 
 def _succeed() -> None:

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from ._engine import POLICY_ENV, Resilience
+from ._engine import POLICY_ENV, Resilience, warm_up
 from ._env import litellm
 from ._exceptions import AllAttemptsFailed, PolicyError
 from ._hooks import Hook
@@ -307,7 +307,8 @@ def run_incident(
 def _warm_up(policy: Policy) -> None:
     # litellm's first call to an endpoint pays ~120 ms of one-time setup (lazy imports, client
     # creation): at small scales that alone would exceed the timeout. Same params, so the
-    # engine reuses the cached clients.
+    # engine reuses the cached clients. warm_up() first: the lazy imports of every call kind.
+    warm_up()
     for spec in policy.models.values():
         params, _missing = spec.resolved_params()
         litellm.completion(messages=PROMPT, num_retries=0, max_retries=0, timeout=10, **params)

@@ -7,6 +7,17 @@ calling task (a child task only when attempts overlap). Neither makes a decision
 the sync driver never starts an event loop, so it is safe from any thread, including
 threads of a running event loop's executor.
 
+The whole attempt is bounded (``Attempt.bound_at``), not only each socket read (litellm's
+``timeout`` is httpx's per-read timeout: a body trickling in a byte at a time never trips
+it). Attempts running beside others are bounded by the planner (the driver wakes at
+``Wait.until`` and stops what the planner dropped). An attempt awaited inline is bounded
+by a timer that asks :meth:`Call.at_bound`: for async, a loop callback that cancels it;
+for sync, the process's watchdog thread (``_saturation.Watchdog``), which shuts down the
+sockets of the attempt's leased client (below). A sync attempt whose provider cannot take
+our client runs in a worker thread instead, so that the caller's wait is still bounded (the
+worker ends at litellm's per-read timeout). Both drivers report to the saturation monitor
+which attempts are in flight, so it samples scheduling lag only while it matters.
+
 Cancelling a losing hedge must close its connection, so the provider stops working on
 it (and billing it). Async: cancelling the task does that (httpx closes the connection
 of an interrupted request). Sync: a thread cannot be cancelled, and closing a socket
@@ -24,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
-import functools
 import os
 import socket
 import threading
@@ -34,7 +44,8 @@ from typing import Any
 
 from . import _litellm_calls
 from ._env import litellm
-from ._planner import Attempt, Call, Done, Fail, Launch, Wait
+from ._planner import Attempt, Call, Done, Fail, Launch, Wait, attempt_timeout
+from ._saturation import monitor
 
 Clock = Callable[[], float]
 
@@ -49,6 +60,24 @@ def _thread_pool() -> cf.ThreadPoolExecutor:
         if _pool is None:
             _pool = cf.ThreadPoolExecutor(max_workers=64, thread_name_prefix="llm-resilience-attempt")
         return _pool
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits the pool object without its threads (work submitted to it would
+    # never run), locks possibly held by a thread that does not exist in the child, and idle
+    # keep-alive connections shared with the parent. Start afresh; nothing is closed (the
+    # parent still uses those connections).
+    global _pool, _pool_lock, _leases
+    _pool_lock = threading.Lock()
+    _pool = None
+    _leases = _Leases()
+
+
+def _send_kwargs(attempt: Attempt) -> dict[str, Any]:
+    """litellm's arguments when the driver bounds the whole attempt: per-read timeout up to the deadline."""
+    if attempt.read_timeout_s is None:
+        return attempt.kwargs
+    return {**attempt.kwargs, "timeout": attempt.read_timeout_s}
 
 
 def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any]) -> None:
@@ -92,6 +121,10 @@ class _Lease:
             with self._lock:
                 self._sockets = [s for s in self._sockets if s.fileno() != -1]
                 self._sockets.append(sock)
+                aborted = self.aborted
+            if aborted:  # connected after abort() ran: it must not get through either
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def abort(self) -> None:
         """Fail the attempt's read at once and close its connection (the provider sees the disconnect)."""
@@ -160,8 +193,33 @@ def _openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None
     OpenAI client and nothing the application configured would be bypassed by passing our own."""
     if kwargs.get("client") is not None or litellm.client_session is not None:
         return None
-    if os.environ.get("EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER", "").lower() in ("1", "true", "yes"):
+    environ = os.environ
+    if environ.get("EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER", "").lower() in ("1", "true", "yes"):
         return None  # litellm then sends through its own HTTP handler, which takes another client type
+    # Resolving them takes litellm ~100 µs; every sync call needs them (its lease), so they are
+    # cached per argument set and the environment they are read from.
+    key = (
+        kwargs["model"], kwargs.get("custom_llm_provider"), kwargs.get("api_base"), kwargs.get("base_url"),
+        kwargs.get("api_key"), kwargs.get("organization"), environ.get("OPENAI_API_KEY"),
+        environ.get("OPENAI_BASE_URL"), environ.get("OPENAI_API_BASE"), environ.get("OPENAI_ORGANIZATION"),
+    )  # fmt: skip
+    try:
+        return _credentials_cache[key]
+    except KeyError:
+        pass
+    except TypeError:  # an argument that cannot be hashed: resolve every time
+        return _resolve_openai_credentials(kwargs)
+    creds = _resolve_openai_credentials(kwargs)
+    if len(_credentials_cache) >= 256:
+        _credentials_cache.clear()
+    _credentials_cache[key] = creds
+    return creds
+
+
+_credentials_cache: dict[tuple[Any, ...], tuple[str, str, str | None] | None] = {}
+
+
+def _resolve_openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
     _model, provider, dynamic_key, api_base = litellm.get_llm_provider(
         model=kwargs["model"],
         custom_llm_provider=kwargs.get("custom_llm_provider"),
@@ -192,14 +250,55 @@ def _new_http_client() -> Any:
 
 
 _leases = _Leases()
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
-    if lease is None:
-        return _litellm_calls.completion(**kwargs)
+    watchdog = monitor().watchdog
+    watchdog.enter()
     try:
+        if lease is None:
+            return _litellm_calls.completion(**kwargs)
         return _litellm_calls.completion(**kwargs, client=lease.client)
     finally:
+        watchdog.exit()
+        if lease is not None:
+            _leases.give_back(lease)
+
+
+def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> None:
+    """Send ``attempt`` from this thread on ``lease``; the watchdog aborts it when :meth:`Call.at_bound` says so."""
+    watchdog = monitor().watchdog
+
+    def at_bound(now: float) -> float | None:
+        later = call.at_bound(attempt, now)
+        if later is None:
+            lease.abort()  # the read fails at once; litellm raises in this thread
+        return later
+
+    bound = watchdog.schedule(attempt.bound_at, at_bound) if attempt.bound_at is not None else None
+    watchdog.enter()
+    try:
+        response = _litellm_calls.completion(**_send_kwargs(attempt), client=lease.client)
+    except Exception as error:
+        if bound is not None:
+            bound.cancel()  # returns once at_bound is not running: the outcome below is the only one
+        if lease.aborted:
+            cut = attempt_timeout(attempt)
+            cut.__cause__ = error
+            error = cut
+        call.on_error(attempt, error, clock())
+    except BaseException:
+        if bound is not None:
+            bound.cancel()
+        call.on_cancelled(attempt, clock())  # KeyboardInterrupt, SystemExit: not the provider's fault
+        raise
+    else:
+        if bound is not None:
+            bound.cancel()
+        call.on_response(attempt, response, clock())
+    finally:
+        watchdog.exit()
         _leases.give_back(lease)
 
 
@@ -227,11 +326,14 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                 _stop(future, running.pop(future)[1])
             if isinstance(action, Launch):
                 attempt = action.attempt
-                if attempt.hedge_at is None and not running:
-                    _settle(call, attempt, clock, functools.partial(_litellm_calls.completion, **attempt.kwargs))
+                lease = _leases.lease(attempt.kwargs)
+                if attempt.hedge_at is None and not running and lease is not None:
+                    _run_inline(call, attempt, lease, clock)
                 else:
-                    lease = _leases.lease(attempt.kwargs)
-                    running[_thread_pool().submit(_send_leased, attempt.kwargs, lease)] = (attempt, lease)
+                    # Overlapping attempts, or a provider we cannot abort: a worker thread, so the
+                    # planner bounds the caller's wait and the driver stops what it drops.
+                    kwargs = _send_kwargs(attempt) if lease is not None else attempt.kwargs
+                    running[_thread_pool().submit(_send_leased, kwargs, lease)] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())
                 if not running:  # a retry's backoff
@@ -253,9 +355,44 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
 
 
 async def _send_async(attempt: Attempt) -> Any:
-    # litellm's timeout bounds each socket read; asyncio.timeout bounds the whole attempt.
-    async with asyncio.timeout(attempt.timeout_s):
-        return await _litellm_calls.acompletion(**attempt.kwargs)
+    """An attempt running beside others (the planner bounds it: the driver cancels what it drops)."""
+    probe = monitor().loop_probe()
+    probe.enter()
+    try:
+        return await _litellm_calls.acompletion(**_send_kwargs(attempt))
+    finally:
+        probe.exit()
+
+
+async def _send_async_bounded(call: Call, attempt: Attempt, clock: Clock) -> Any:
+    """An attempt awaited inline: a loop timer asks :meth:`Call.at_bound` when its bound passes."""
+    loop = asyncio.get_running_loop()
+    probe = monitor().loop_probe()
+    probe.enter()
+    try:
+        async with asyncio.timeout(None) as scope:
+            timer: list[asyncio.TimerHandle] = []
+
+            def at_bound() -> None:
+                now = clock()
+                later = call.at_bound(attempt, now)
+                if later is None:
+                    scope.reschedule(loop.time())  # cut: cancels the request (closing its connection)
+                else:
+                    timer[0] = loop.call_at(loop.time() + (later - now), at_bound)
+
+            bound_at = attempt.bound_at if attempt.bound_at is not None else clock() + attempt.timeout_s
+            timer.append(loop.call_at(loop.time() + (bound_at - clock()), at_bound))
+            try:
+                return await _litellm_calls.acompletion(**_send_kwargs(attempt))
+            finally:
+                timer[0].cancel()
+    except TimeoutError as error:
+        if not scope.expired():  # not our bound: litellm's or the caller's own
+            raise
+        raise attempt_timeout(attempt) from error
+    finally:
+        probe.exit()
 
 
 async def _settle_async(call: Call, attempt: Attempt, clock: Clock, pending: Any) -> None:
@@ -282,7 +419,7 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
             if isinstance(action, Launch):
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:
-                    await _settle_async(call, attempt, clock, _send_async(attempt))
+                    await _settle_async(call, attempt, clock, _send_async_bounded(call, attempt, clock))
                 else:
                     running[asyncio.ensure_future(_send_async(attempt))] = attempt
             elif isinstance(action, Wait):

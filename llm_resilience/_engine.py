@@ -12,6 +12,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from . import _litellm_calls
 from ._breakers import BreakerRegistry, BreakerTransition
 from ._budget import Budgets
 from ._drivers import run_async, run_sync
@@ -25,6 +26,7 @@ from ._policy import ENV_PREFIX, Policy, StateConfig
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
+from ._saturation import ProcessSaturation, monitor
 from ._shared_state import SharedBreakerState
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
@@ -82,6 +84,7 @@ class Resilience:
         self.breakers = BreakerRegistry(self._breaker_settings)
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
+        self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
         self._metrics = MetricsHook(meter_provider, self.breakers)
         self._logging = LoggingHook()
         self.breakers.listeners.append(self._breaker_transition)
@@ -108,7 +111,7 @@ class Resilience:
         hooks = HookSet([tracing, self._metrics, self._logging, *extra, *self._user_hooks])
         planner = Planner(
             policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency, budgets=self.budgets,
+            latency=self.latency, budgets=self.budgets, saturation=self._saturation,
         )  # fmt: skip
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:
@@ -252,6 +255,10 @@ class Resilience:
             return await stream_async(call, self._clock)
         return await run_async(call, self._clock)
 
+    def warm_up(self) -> None:
+        """Pay litellm's first-call costs now rather than inside the first real call; see :func:`warm_up`."""
+        warm_up()
+
     def breaker_states(self) -> dict[str, str]:
         """Current breaker state per model that has been used."""
         return self.breakers.states()
@@ -316,3 +323,46 @@ def completion(model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs:
 async def acompletion(model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:
     """Drop-in for ``litellm.acompletion``; see :func:`completion`."""
     return await default_engine().acompletion(model, messages, **kwargs)
+
+
+_warmed = False
+_warm_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Pay litellm's first-call costs (0.3 to 1 s of lazy imports per call kind) now.
+
+    Sends one sync, one async and one streamed request through litellm's real HTTP path to a
+    loopback fake provider started for the purpose (no network, no provider, no API key), then
+    stops it. Call it at start-up (a web app's startup hook, a worker's init); until a provider
+    call has completed in the process, timeouts are not blamed on providers (``cold_start``).
+    Idempotent and thread-safe; later calls return at once.
+    """
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return
+        import asyncio
+
+        from .testing import FakeProvider
+
+        with FakeProvider() as provider:
+            kwargs: dict[str, Any] = {
+                "model": "openai/warm-up", "messages": [{"role": "user", "content": "warm-up"}],
+                "api_base": provider.base_url, "api_key": "sk-warm-up", "num_retries": 0, "max_retries": 0,
+            }  # fmt: skip
+            _litellm_calls.completion(**kwargs)
+            for _ in _litellm_calls.completion(**kwargs, stream=True):
+                pass
+
+            async def warm_async() -> None:
+                await _litellm_calls.acompletion(**kwargs)
+                async for _ in await _litellm_calls.acompletion(**kwargs, stream=True):
+                    pass
+
+            # Its own thread: asyncio.run cannot nest in a caller's running loop (a startup hook).
+            worker = threading.Thread(target=asyncio.run, args=(warm_async(),), name="llm-resilience-warm-up")
+            worker.start()
+            worker.join()
+        monitor().ended()
+        _warmed = True

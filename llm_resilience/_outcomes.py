@@ -39,6 +39,11 @@ NO_PREFILL: Final = "no_prefill"  # a stream continuation needs a model that acc
 
 # A continuation attempt's 400 that names the prefill: the model cannot continue text, not a bad request.
 PREFILL_REJECTED: Final = "prefill_rejected"
+SUSPECT: Final = "suspect"
+"""Skipped: a request to the model is already slow or failed, and its few suspect slots are taken."""
+
+# Outcome of an attempt that timed out because the client (not the provider) was saturated.
+CLIENT_OVERLOAD: Final = "client_overload"
 
 ERROR_KINDS: Final = (
     TIMEOUT,
@@ -54,7 +59,7 @@ ERROR_KINDS: Final = (
 )
 SOFT_KINDS: Final = (SOFT_TIMEOUT, EMPTY, TRUNCATED, INVALID_JSON, CONTENT_FILTER)
 
-Outcome = Literal["success", "flagged", "failure", "soft_failure", "skipped", "cancelled"]
+Outcome = Literal["success", "flagged", "failure", "soft_failure", "skipped", "cancelled", "client_overload"]
 
 
 def _litellm_exceptions() -> types.ModuleType:
@@ -190,4 +195,12 @@ class AttemptRecord:
             d["chunks"] = self.chunks
         if self.breaker_transitions:
             d["breaker_transitions"] = [list(t) for t in self.breaker_transitions]
+        if self.extra:
+            for key in _SUMMARY_EXTRA:
+                if key in self.extra:
+                    d[key] = self.extra[key]
         return d
+
+
+_SUMMARY_EXTRA = ("client_overload", "client_delay_s", "panic", "suspect")
+"""Decisions taken under load (README "Under load") that the call summary shows."""

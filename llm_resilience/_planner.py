@@ -30,17 +30,26 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _outcomes as k
-from ._breakers import OPEN, Admission, BreakerRegistry, ProbeTicket
+from ._breakers import CLOSED, OPEN, Admission, BreakerRegistry, ProbeTicket
 from ._budget import Budgets
 from ._exceptions import AllAttemptsFailed, LLMResilienceError, UnknownPromptClass
 from ._hooks import HookSet
 from ._outcomes import AttemptRecord, classify_error
 from ._policy import ModelSpec, Policy, PromptClass, ResolvedRoute, caller_timeout_class
+from ._saturation import NotSaturated, SaturationSignal
 
 log = logging.getLogger("llm_resilience")
 
 # Below this, an attempt cannot realistically complete; treat the deadline as reached.
 MIN_ATTEMPT_S = 0.005
+
+# A bound the client's own delay postponed is checked again no sooner than this.
+MIN_EXTENSION_S = 0.005
+# When the client itself was late for at least this share of an attempt, the client was saturated:
+# its clock cannot judge the provider, and no timeout of that attempt is the provider's (issue 13).
+SATURATED_SHARE = 0.5
+# A client late for less than this share of an attempt did not make it time out: no excuse.
+NOTICEABLE_SHARE = 0.1
 
 # litellm arguments that would make litellm retry or fall back on its own, hiding
 # attempts from our breakers and spans. We own retries and fallbacks.
@@ -111,6 +120,20 @@ class Attempt:
     """The attempt is cut off at its soft timeout (``timeout_s``, or the first chunk for streams)."""
     cut_at: float | None = None
     """May be hedged: if no hedge started for it by then, the planner drops it as a soft timeout."""
+    bound_at: float | None = None
+    """Monotonic time its whole-attempt bound (``timeout_s``) passes; :meth:`Call.at_bound` then judges
+    it (a new bound if the client, not the provider, was slow). Drivers that can stop an attempt
+    send it with ``read_timeout_s`` and enforce this; streams keep their own timing."""
+    read_timeout_s: float | None = None
+    """litellm's (per-read) ``timeout`` when the driver enforces ``bound_at``: the call's whole deadline."""
+    expired: bool = False
+    """:meth:`Call.at_bound` cut it off: its error is a timeout the provider is blamed for."""
+    client_delay_s: float = 0.0
+    """The client's own share of the attempt's time so far (``_saturation.py``); every bound of the
+    attempt (hedge, soft timeout, cut, whole-attempt bound) is judged on the provider's share, i.e.
+    postponed by this much."""
+    suspect_slot: bool = False
+    """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +257,8 @@ class Planner:
     """Hedge and retry budgets (``_budget.py``): extra requests as a share of recent traffic."""
     rng: random.Random = field(default_factory=random.Random)
     """Jitter for retry backoff (seed it in tests)."""
+    saturation: SaturationSignal = field(default_factory=NotSaturated)
+    """Whether the client itself is the bottleneck (``_saturation.py``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
@@ -290,6 +315,7 @@ class Call:
         else:
             deadline = self.klass.deadline_s
         self.deadline_at = now + deadline
+        self._deadline_s = deadline
         self.records: list[AttemptRecord] = []
         self.hook_data: dict[object, Any] = {}
         self.answered_by: AttemptRecord | None = None
@@ -313,6 +339,7 @@ class Call:
         self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)
         self._retry: tuple[ModelSpec, float, int] | None = None  # (model, not before, retry of index)
         self._retries: dict[str, int] = {}  # retries sent per model in this call
+        self._panicked = False  # the one panic attempt of this call was made
         if self.route.hedge is not None and not request.stream:
             planner.budgets.hedges(self.route.name).record_request(now)
         planner.hooks.call_started(self)
@@ -323,6 +350,8 @@ class Call:
         if self._final is not None:
             return self._final
         if self._in_flight:
+            if not self.request.stream:
+                self._expire(now)
             self._flag_slow(now)
             hedge = self._maybe_hedge(now)
             if hedge is not None:
@@ -344,15 +373,26 @@ class Call:
             attempt = self._prepare(spec, now)
             if attempt is not None:
                 return Launch(attempt)
+        panic = self._panic_attempt(now)
+        if panic is not None:
+            return Launch(panic)
         return self._finish_exhausted()
 
     def _wake_at(self, now: float) -> float | None:
         """The next hedge threshold, cut or soft timeout among attempts in flight (``None``: wait for one)."""
         due = self._hedge_due
-        times = [a.hedge_at for a in self._in_flight if a.hedge_at is not None and a.record.index not in due]
-        times += [a.cut_at for a in self._in_flight if a.cut_at is not None and "hedged_by" not in a.record.extra]
+        times = [
+            a.hedge_at + a.client_delay_s
+            for a in self._in_flight if a.hedge_at is not None and a.record.index not in due
+        ]  # fmt: skip
+        times += [
+            a.cut_at + a.client_delay_s
+            for a in self._in_flight if a.cut_at is not None and "hedged_by" not in a.record.extra
+        ]  # fmt: skip
         times += [at for a in self._in_flight if (at := self._slow_at(a)) is not None]
-        return min(times) if times else None
+        times += [a.bound_at for a in self._in_flight if a.bound_at is not None]
+        times.append(self.deadline_at)  # whatever happens, the caller's wait ends at the deadline
+        return min(times)
 
     def _slow_at(self, attempt: Attempt) -> float | None:
         """When an attempt in flight becomes slow for its breaker (``None``: never, or already counted).
@@ -363,7 +403,7 @@ class Call:
         soft = attempt.soft_timeout_s
         if soft is None or self.request.stream or "slow" in attempt.record.extra:
             return None
-        return attempt.record.started_at + soft
+        return attempt.record.started_at + soft + attempt.client_delay_s
 
     def _flag_slow(self, now: float) -> None:
         """Count attempts still in flight past their soft timeout as slow, now rather than when they end.
@@ -380,8 +420,11 @@ class Call:
             at = self._slow_at(attempt)
             if at is None or now < at:
                 continue
+            if attempt.soft_timeout_s is not None and self._client_excuse(attempt, attempt.soft_timeout_s, now):
+                continue  # the client made it slow: no verdict on the provider (never asked again)
             attempt.record.extra["slow"] = True
             self._count(attempt, k.SOFT_TIMEOUT)  # also frees a probe slot: the probe failed
+            self.planner.breakers.get(attempt.spec.name).mark_suspect()
 
     def _cut_unhedged(self, now: float) -> None:
         """Drop attempts past their soft timeout for which no hedge started (budget, max_extra...).
@@ -391,8 +434,12 @@ class Call:
         the planner no longer counts it as in flight.
         """
         for attempt in list(self._in_flight):
-            if attempt.cut_at is None or attempt.cut_at > now or "hedged_by" in attempt.record.extra:
+            if attempt.cut_at is None or "hedged_by" in attempt.record.extra:
                 continue
+            if attempt.cut_at + attempt.client_delay_s > now:
+                continue
+            if attempt.soft_timeout_s is not None and self._client_excuse(attempt, attempt.soft_timeout_s, now):
+                continue  # the client's share postponed it: checked again later (_wake_at)
             record = self._settle(attempt, now)
             self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
             record.outcome = "failure"
@@ -414,8 +461,10 @@ class Call:
         cfg = self.route.hedge
         if cfg is None:
             return None
-        due = [a for a in self._in_flight if a.hedge_at is not None and a.hedge_at <= now]
+        due = [a for a in self._in_flight if a.hedge_at is not None and a.hedge_at + a.client_delay_s <= now]
         due = [a for a in due if a.record.index not in self._hedge_due]
+        # Slow because the client was (not the provider): a hedge would queue for the same CPU.
+        due = [a for a in due if not self._client_excuse(a, (a.hedge_at or now) - a.record.started_at, now)]
         if not due:
             return None
         self._hedge_due.update(a.record.index for a in due)
@@ -460,7 +509,7 @@ class Call:
         return max(soft.floor_s if soft is not None else 0.0, learned)
 
     def _prepare(
-        self, spec: ModelSpec, now: float, *, hedged: bool = False, retry_of: int | None = None
+        self, spec: ModelSpec, now: float, *, hedged: bool = False, retry_of: int | None = None, panic: bool = False
     ) -> Attempt | None:
         """Turn the next model into an attempt, or record why it is skipped."""
         record = AttemptRecord(
@@ -474,7 +523,10 @@ class Call:
             return None
         breaker = self.planner.breakers.get(spec.name)
         seen = breaker.last_transition
-        admission, ticket = breaker.admit_with_ticket()
+        if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
+            admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
+        else:
+            admission, ticket = breaker.admit_with_ticket()
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -485,15 +537,29 @@ class Call:
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
             return None
+        suspect_slot = False
+        if admission is Admission.ADMIT and not panic and breaker.suspect:
+            # A request in flight to this model is already slow or failed: few new ones until a verdict.
+            if not breaker.take_suspect_slot():
+                self._skip(record, k.SUSPECT)
+                return None
+            suspect_slot = True
+            record.extra["suspect"] = True
         if ticket.probe:
             record.extra["probe"] = True
         if self._continue_text is not None and not _accepts_prefill(spec):
             breaker.release(ticket)
+            if suspect_slot:
+                breaker.release_suspect_slot()
             self._skip(record, k.NO_PREFILL)
             return None
+        if panic:
+            record.extra["panic"] = True
         params, missing = spec.resolved_params()
         if missing is not None:
             breaker.release(ticket)
+            if suspect_slot:
+                breaker.release_suspect_slot()
             record.extra["missing_env"] = missing
             self._skip(record, k.MISSING_API_KEY)
             return None
@@ -505,6 +571,8 @@ class Call:
         )  # fmt: skip
         if not fit.fits:
             breaker.release(ticket)
+            if suspect_slot:
+                breaker.release_suspect_slot()
             self._skip(record, k.CONTEXT_TOO_SMALL)
             return None
         timeout = min(self.klass.timeout_s, left)
@@ -564,7 +632,13 @@ class Call:
             soft_timeout_s=soft,
             soft_cut=soft_cut,
             cut_at=cut_at,
+            suspect_slot=suspect_slot,
         )
+        if not self.request.stream:
+            attempt.bound_at = now + attempt.timeout_s
+            # The whole deadline, not the time left: a value that is the same for every call of the
+            # class, since litellm caches one HTTP client per distinct timeout (a new pool per call otherwise).
+            attempt.read_timeout_s = self._deadline_s
         retries = self.route.retries
         if retries is not None and retries.max_retries > 0 and retry_of is None:
             self.planner.budgets.retries(spec.name).record_request(now)
@@ -572,6 +646,96 @@ class Call:
         self._in_flight.append(attempt)
         self.planner.hooks.attempt_started(self, record)
         return attempt
+
+    # -- client saturation, panic ---------------------------------------------------
+
+    def _client_excuse(self, attempt: Attempt, bound_s: float, now: float) -> str | None:
+        """Why the client, not the provider, made ``attempt`` exceed ``bound_s`` by ``now`` (``None``: it did not).
+
+        ``cold_start``: no attempt has ended in this process yet (litellm's lazy imports).
+        ``client_saturated``: the wall time minus the client's own delay (the saturation signal's
+        estimate) is still within the bound. Either way the attempt records the reason and the
+        delay (``client_overload``, ``client_delay_s``), and its bounds move by the delay.
+        """
+        signal = self.planner.saturation
+        record = attempt.record
+        if signal.cold():
+            attempt.client_delay_s = float("inf")
+            reason = "cold_start"
+        else:
+            delay = signal.delay_s(record.started_at, now)
+            attempt.client_delay_s = max(attempt.client_delay_s, delay)
+            wall = now - record.started_at
+            provider_s = wall - attempt.client_delay_s
+            saturated = attempt.client_delay_s >= SATURATED_SHARE * wall
+            # (1e-9: float noise; at the bound is past it)
+            if attempt.client_delay_s < NOTICEABLE_SHARE * wall or (provider_s >= bound_s - 1e-9 and not saturated):
+                return None
+            reason = "client_saturated"
+            record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
+        record.extra[k.CLIENT_OVERLOAD] = reason
+        return reason
+
+    def at_bound(self, attempt: Attempt, now: float) -> float | None:
+        """The attempt's whole-attempt bound passed: a later bound to check again, or ``None`` to cut it.
+
+        Called by the drivers (a sync attempt's watchdog, an async attempt's timer) and by
+        :meth:`next_action` for attempts running beside others. When the client was saturated,
+        the attempt keeps running (the next model would wait for the same CPU), at most until the
+        deadline; the bound moves to where the provider's own share of the time would exceed it.
+        """
+        if attempt not in self._in_flight or attempt.expired:
+            return None
+        excuse = self._client_excuse(attempt, attempt.timeout_s, now)
+        if excuse is not None and now < self.deadline_at - MIN_ATTEMPT_S:
+            later = attempt.record.started_at + attempt.timeout_s + attempt.client_delay_s
+            if attempt.client_delay_s >= SATURATED_SHARE * (now - attempt.record.started_at):
+                later = max(later, now + attempt.timeout_s)  # saturated: look again a bound later
+            attempt.bound_at = min(self.deadline_at, max(later, now + MIN_EXTENSION_S))
+            return attempt.bound_at
+        attempt.expired = excuse is None  # cut; blamed on the provider only if the client was not the slow one
+        return None
+
+    def _expire(self, now: float) -> None:
+        """Attempts in flight past their bound: judged by :meth:`at_bound`; the driver stops those cut."""
+        for attempt in list(self._in_flight):
+            if attempt.bound_at is None or attempt.bound_at > now or self.at_bound(attempt, now) is not None:
+                continue
+            blamed = attempt.expired
+            record = self._settle(attempt, now)
+            kind = k.SOFT_TIMEOUT if attempt.soft_cut else k.TIMEOUT
+            record.outcome = "failure" if blamed else k.CLIENT_OVERLOAD
+            record.reason = kind
+            record.error = self._last_error = attempt_timeout(attempt)
+            if blamed:
+                self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
+                if "slow" not in record.extra:
+                    self._count(attempt, kind)
+            self.planner.hooks.attempt_ended(self, record, None)
+
+    def _panic_attempt(self, now: float) -> Attempt | None:
+        """Every model of the chain was skipped because its breaker is open: try one anyway (``breakers.*.panic``).
+
+        The model tried is the one whose breaker opened first: it has been out of traffic the
+        longest, so it is the likeliest to have healed, and it is the one its own probe would
+        pick next anyway. (The last model to succeed is often the one that just failed too.)
+        Only once per call, only if no request was sent yet, and never past the deadline.
+        """
+        if self._panicked or any(r.outcome != "skipped" for r in self.records):
+            return None
+        skipped = {r.model for r in self.records if r.reason == k.BREAKER_OPEN}
+        if not skipped or len(skipped) != len({r.model for r in self.records}):
+            return None  # some model was skipped for another reason (context, key): panic cannot help
+        breakers = self.planner.breakers
+        candidates = [
+            spec for spec in self.route.chain
+            if spec.name in skipped and breakers.get(spec.name).settings.panic == "try_one"
+        ]  # fmt: skip
+        if not candidates:
+            return None
+        self._panicked = True
+        spec = min(candidates, key=lambda s: breakers.get(s.name).opened_at or float("inf"))
+        return self._prepare(spec, now, panic=True)
 
     def _soft_timeout(self, spec: ModelSpec) -> float | None:
         """``multiplier`` x the learned percentile, within [floor, ceiling]; the warm-up bound before that."""
@@ -666,12 +830,16 @@ class Call:
             self.planner.hooks.attempt_ended(self, record, response)
             return
         latency = self._latency_sample(attempt)
-        self.planner.latency.observe(attempt.spec.name, self.prompt_class, latency)
+        excused = False
+        if not counted and attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s:
+            excused = self._client_excuse(attempt, attempt.soft_timeout_s, now) is not None
+        if not excused:  # a latency the client inflated would teach the windows the client's queue
+            self.planner.latency.observe(attempt.spec.name, self.prompt_class, latency)
         # A slow success (possible when hedging or the last model let it run past its soft
         # timeout) is answered, but counts as a soft_timeout failure for the breaker: a latency
         # spike without errors must open it, and a slow half-open probe must not close it.
         # Counted already (``counted``): neither again nor as a success that would reset the breaker.
-        slow = counted or (attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s)
+        slow = counted or (not excused and attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s)
         if slow:
             record.extra["slow"] = True
         record.outcome = "flagged" if failed else "success"
@@ -729,6 +897,18 @@ class Call:
             self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
+        if (
+            kind in (k.TIMEOUT, k.SOFT_TIMEOUT)
+            and not attempt.expired
+            and not counted
+            and self._client_excuse(attempt, attempt.timeout_s, now)
+        ):
+            # Timed out while the client was saturated (or cold): not the provider's verdict.
+            record.outcome = k.CLIENT_OVERLOAD
+            record.reason = kind
+            record.error = self._last_error = error
+            self.planner.hooks.attempt_ended(self, record, None)
+            return
         if kind == k.TIMEOUT or kind == k.SOFT_TIMEOUT:
             if self.request.stream and record.time_to_first_chunk_s is not None:
                 self.planner.latency.observe(attempt.spec.name, self.prompt_class, record.time_to_first_chunk_s)
@@ -773,6 +953,8 @@ class Call:
         ttfc = record.time_to_first_chunk_s
         latency = ttfc if self.request.stream and ttfc is not None else record.latency_s
         slow = counted or (attempt.soft_timeout_s is not None and latency > attempt.soft_timeout_s)
+        if slow and not counted and attempt.soft_timeout_s is not None:
+            slow = self._client_excuse(attempt, attempt.soft_timeout_s, now) is None
         if slow or record.index in self._hedge_due:
             # Ran past the hedge threshold or the soft timeout: a censored sample of the slow tail.
             # Dropping it would let hedging bias the percentile down (see _latency.py).
@@ -867,15 +1049,25 @@ class Call:
 
     def _settle(self, attempt: Attempt, now: float) -> AttemptRecord:
         self._in_flight.remove(attempt)
+        self.planner.saturation.ended()
+        if attempt.suspect_slot:
+            attempt.suspect_slot = False
+            self.planner.breakers.get(attempt.spec.name).release_suspect_slot()
         record = attempt.record
         record.latency_s = now - record.started_at
         return record
 
     def _count(self, attempt: Attempt, failure_kind: str | None) -> None:
+        if "panic" in attempt.record.extra:
+            return  # sent past an open breaker: its outcome must not move the state (nor count as a probe)
         breaker = self.planner.breakers.get(attempt.spec.name)
         before = breaker.state
         breaker.record(attempt.ticket, failure_kind)
         after = breaker.state
+        if failure_kind is None:
+            breaker.clear_suspect()  # a verdict: the model answers
+        elif after == before == CLOSED and failure_kind in breaker.settings.count:
+            breaker.mark_suspect()  # its first failure is known: few new requests until a verdict
         if after != before:
             attempt.record.breaker_transitions.append((before, after))
             if breaker.last_transition is not None:
@@ -928,6 +1120,18 @@ def _accepts_prefill(spec: ModelSpec) -> bool:
 def _names_prefill(error: BaseException) -> bool:
     text = str(error).lower()
     return "prefill" in text or "prefix" in text
+
+
+def attempt_timeout(attempt: Attempt) -> Exception:
+    """The error of an attempt cut off at its whole-attempt bound: litellm's own ``Timeout``, as for a read timeout."""
+    from ._env import litellm  # here, not at import: the simulator and `validate` run without litellm
+
+    provider = str(attempt.kwargs.get("model", "")).partition("/")[0]
+    return litellm.exceptions.Timeout(
+        message=f"no answer within {attempt.timeout_s:.3g} s (whole attempt)",
+        model=str(attempt.kwargs.get("model", attempt.spec.litellm_model)),
+        llm_provider=provider,
+    )
 
 
 def retry_after_s(error: BaseException | None) -> float | None:

@@ -351,6 +351,16 @@ class BreakerConfig(_Strict):
         "server_error, auth, not_found, context_window, content_policy, bad_request, unknown, soft_timeout) "
         "and validator names (built-in or registered).",
     )
+    panic: Literal["try_one", "fail_fast"] | None = Field(
+        None,
+        description="When every model of a chain is skipped as open: try_one sends one request anyway "
+        "(to the model whose breaker opened first, among those set to try_one); fail_fast raises at once.",
+    )
+    suspect_admit: PositiveInt | None = Field(
+        None,
+        description="New requests let through at a time while a request to the model is already slow "
+        "or failed, until a verdict (a success, or the breaker opening).",
+    )
 
 
 class ErrorsConfig(_Strict):
@@ -449,6 +459,8 @@ class BreakerSettings:
     success_threshold: int = 1
     reset_backoff: ResetBackoff | None = None
     count: frozenset[str] = frozenset(DEFAULT_BREAKER_COUNTS)
+    panic: str = "try_one"
+    suspect_admit: int = 1
 
 
 @dataclass(frozen=True)
@@ -691,6 +703,8 @@ def _merge_breaker(base: BreakerSettings, cfg: BreakerConfig) -> BreakerSettings
         success_threshold=(cfg.success_threshold if cfg.success_threshold is not None else base.success_threshold),
         reset_backoff=cfg.reset_backoff if cfg.reset_backoff is not None else base.reset_backoff,
         count=frozenset(cfg.count) if cfg.count is not None else base.count,
+        panic=cfg.panic if cfg.panic is not None else base.panic,
+        suspect_admit=cfg.suspect_admit if cfg.suspect_admit is not None else base.suspect_admit,
     )
 
 

@@ -121,24 +121,9 @@ def _warm_litellm(_servers: dict[str, FakeProvider]) -> None:
 
 
 def _warm_up_litellm(provider: FakeProvider) -> None:
-    """One sync, async and streamed call each before any test: litellm's first call of each kind
-    imports modules lazily (0.3 to 1 s), which would otherwise land inside some test's short timeout."""
-    import litellm
-
-    kwargs: dict[str, Any] = {
-        "model": "openai/warm-up", "messages": MESSAGES, "api_base": provider.base_url, "api_key": "sk-warm-up",
-        "num_retries": 0, "max_retries": 0,
-    }  # fmt: skip
-    litellm.completion(**kwargs)
-    for _ in litellm.completion(**kwargs, stream=True):
-        pass
-
-    async def warm_async() -> None:
-        await litellm.acompletion(**kwargs)
-        async for _ in await litellm.acompletion(**kwargs, stream=True):
-            pass
-
-    asyncio.run(warm_async())
+    """litellm's first call of each kind imports modules lazily (0.3 to 1 s), which would otherwise land
+    inside some test's short timeout; and until an attempt has ended, timeouts are not blamed (cold start)."""
+    llm_resilience.warm_up()
 
 
 def _fresh(provider: FakeProvider) -> FakeProvider:

@@ -188,7 +188,9 @@ def test_all_attempts_failed_when_every_model_is_skipped_names_the_reasons(
 ) -> None:
     big.set(Behavior.error(500))
     small.set(Behavior.error(500))
-    engine = make_engine(policy_dict(["big", "small"], fail_max=1))
+    policy = policy_dict(["big", "small"], fail_max=1)
+    policy["breakers"]["default"]["panic"] = "fail_fast"  # else one model is tried anyway (panic mode)
+    engine = make_engine(policy)
     with pytest.raises(AllAttemptsFailed):
         engine.completion("chat", MESSAGES)
 

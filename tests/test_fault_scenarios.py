@@ -69,7 +69,6 @@ class Scenario:
 
 
 CUT = Behavior(content="Hello, world", chunks=3, inter_chunk_s=0.05, cut_after_chunks=2)
-TRICKLE_XFAIL = "issue 7 item 1: the sync whole-attempt bound is built on branch h/load (_drivers.py)"
 
 SCENARIOS = [
     Scenario("429 with Retry-After", Behavior.error(429, retry_after_s=1.0)),
@@ -110,7 +109,6 @@ SCENARIOS = [
         Behavior(trickle_byte_s=0.05),
         chain=("big",),
         expect=Expect(raises=AllAttemptsFailed),
-        xfail={"sync": TRICKLE_XFAIL},
     ),
 ]
 

@@ -307,7 +307,7 @@ def test_planner_waits_until_the_threshold_then_launches_the_next_model_as_a_hed
     assert hedge.attempt.spec.name == "b"
     assert hedge.attempt.record.hedged is True
     assert hedge.attempt.hedge_at is None  # max_extra = 1: no hedge of the hedge
-    assert call.next_action(T0 + 0.31) == Wait(until=None)
+    assert call.next_action(T0 + 0.31) == Wait(until=pytest.approx(T0 + 2.0))  # the attempts' whole bound
 
 
 def test_planner_records_why_a_hedge_did_not_start() -> None:
@@ -316,7 +316,7 @@ def test_planner_records_why_a_hedge_did_not_start() -> None:
     launch = call.next_action(T0)
     assert isinstance(launch, Launch)
 
-    assert call.next_action(T0 + 0.5) == Wait(until=None)
+    assert call.next_action(T0 + 0.5) == Wait(until=pytest.approx(T0 + 2.0))  # the attempt's whole bound
     assert launch.attempt.record.extra["hedge_skipped"] == "budget"
 
 

@@ -28,8 +28,11 @@ FAST_S = 0.02
 SLOW_S = 0.4
 
 
-def slow_policy(policy_dict: PolicyBuilder, chain: list[str], soft: Any | None = None, **route: Any) -> dict[str, Any]:
+def slow_policy(
+    policy_dict: PolicyBuilder, chain: list[str], soft: Any | None = None, panic: str = "try_one", **route: Any
+) -> dict[str, Any]:
     policy = policy_dict(chain, timeout_s=1.0, deadline_s=4.0, fail_max=3, reset_timeout_s=RESET_S)
+    policy["breakers"]["default"]["panic"] = panic  # fail_fast: an open breaker shows as an immediate failure
     # A fixed learned bound keeps the tests independent of machine speed: 0.15 s until 50 samples.
     policy["prompt_classes"]["default"]["soft_timeout"] = soft or {"warmup_s": 0.15, "min_samples": 50}
     policy["routes"]["chat"].update(route)
@@ -74,7 +77,7 @@ def test_slow_successes_count_as_failures(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
 ) -> None:
     # One model only: the last model is never cut at its soft timeout, so it answers, slowly.
-    engine = make_engine(slow_policy(policy_dict, ["big"]))
+    engine = make_engine(slow_policy(policy_dict, ["big"], panic="fail_fast"))
     big.set(Behavior.slow(0.25, "slow answer"))
 
     for _ in range(3):
@@ -111,7 +114,7 @@ def open_by_slow_successes(engine: Resilience, big: FakeProvider) -> None:
 def test_a_slow_half_open_probe_keeps_the_breaker_open(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
 ) -> None:
-    engine = make_engine(slow_policy(policy_dict, ["big"]))
+    engine = make_engine(slow_policy(policy_dict, ["big"], panic="fail_fast"))
     open_by_slow_successes(engine, big)
 
     probe = engine.completion("chat", MESSAGES)  # still slow: answered, but judged by its latency

@@ -1,0 +1,321 @@
+"""Is the client itself the bottleneck? Measured, so that a provider is blamed only for its own time.
+
+Under a burst, the wall-clock time of an attempt is mostly the client's: litellm spends a few
+ms of CPU per call, an event loop with 200 calls queues them, threads queue on the GIL, other
+processes take the cores. A timeout measured around the whole call then blames a healthy
+provider. What this module measures is *scheduling lag*: how late the process runs work it
+scheduled for a given time.
+
+* **Event loops**: while attempts are in flight on a loop, a probe callback runs every
+  ``PROBE_INTERVAL_S``; how late it runs (``loop.time()`` minus its due time) is the time any
+  ready callback of that loop waits, e.g. the one that would read the provider's answer.
+* **Threads**: the process-wide :class:`Watchdog` thread (which also enforces the whole-attempt
+  bound of sync calls) ticks at the same interval while sync attempts are in flight; how late
+  it wakes is what a thread waiting for the GIL or a core waits.
+
+The planner asks :meth:`SaturationMonitor.lag_s` for the worst lag seen during an attempt, and
+:meth:`SaturationMonitor.cold` whether an attempt has ended in this process yet (litellm's first
+call imports modules lazily for up to a second; a provider that never answers still ends the
+first attempt at the deadline, so a process cannot stay cold). What follows from the numbers (excuse,
+extend, blame) is decided in ``_planner.py``; this module only measures. Tests and the
+simulator pass their own signal (any object with the :class:`SaturationSignal` methods).
+
+Everything here is per process: :func:`os.register_at_fork` gives a forked child fresh locks,
+a fresh (not yet started) watchdog and empty measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+PROBE_INTERVAL_S = 0.010
+"""How often lag is sampled while attempts are in flight (never when the process is idle)."""
+_HISTORY = 1024  # samples kept per source: ~10 s at the probe interval, more when idle
+LAG_FLOOR_S = 0.010
+"""Lateness below this is the ordinary jitter of a healthy process: never counted as delay."""
+CLIENT_HOPS = 16
+"""Scheduler round trips an answer needs in the client (litellm's async path: dozens of awaits)."""
+
+
+class SaturationSignal(Protocol):
+    """What the planner needs to know about the client (``monotonic`` seconds)."""
+
+    def delay_s(self, since: float, now: float) -> float:
+        """How long the client itself held up work between ``since`` and ``now`` (0: not noticeably)."""
+        ...
+
+    def cold(self) -> bool:
+        """No attempt has ended in this process yet (its first call pays litellm's lazy imports)."""
+        ...
+
+    def ended(self) -> None:
+        """An attempt ended (whatever its outcome): the process is warm from now on."""
+        ...
+
+
+class NotSaturated:
+    """The client is never the bottleneck (planner default; the simulator and planner tests)."""
+
+    def delay_s(self, since: float, now: float) -> float:
+        return 0.0
+
+    def cold(self) -> bool:
+        return False
+
+    def ended(self) -> None:
+        return None
+
+
+class _Samples:
+    """(due, ran) pairs of one probe: it was due at ``due`` and ran at ``ran``."""
+
+    def __init__(self) -> None:
+        self.ring: deque[tuple[float, float]] = deque(maxlen=_HISTORY)
+        self.pending_due: float | None = None  # the next probe's due time, while one is scheduled
+
+    def delay(self, since: float, now: float) -> float:
+        """The client's delay estimate over [since, now] (see :class:`SaturationMonitor`)."""
+        late: list[tuple[float, float]] = []
+        due = self.pending_due
+        if due is not None and due < now:
+            late.append((due, now))  # overdue right now: the process is late at this very moment
+        for due, ran in reversed(tuple(self.ring)):  # tuple(): one atomic copy, appends may race
+            if ran < since:
+                break
+            late.append((due, ran))
+        if not late:
+            return 0.0
+        total = summed = 0.0
+        for due, ran in late:
+            if ran - due >= LAG_FLOOR_S:
+                summed += ran - due
+                total += max(0.0, min(ran, now) - max(due, since))
+        return max(total, CLIENT_HOPS * summed / len(late))
+
+
+class _LoopProbe:
+    """Lag probe of one event loop; runs only while attempts are in flight on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.active = 0
+        self.samples = _Samples()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def enter(self) -> None:
+        self.active += 1
+        if self._handle is None:
+            self._schedule()
+
+    def exit(self) -> None:
+        self.active -= 1
+
+    def _schedule(self) -> None:
+        due = self.loop.time() + PROBE_INTERVAL_S
+        self.samples.pending_due = due
+        self._handle = self.loop.call_at(due, self._tick, due)
+
+    def _tick(self, due: float) -> None:
+        self.samples.ring.append((due, self.loop.time()))
+        self.samples.pending_due = None
+        self._handle = None
+        if self.active > 0:
+            self._schedule()
+
+
+class _Deadline:
+    """One entry of the watchdog's heap: ``callback(now)`` runs at ``at`` unless cancelled first.
+
+    The callback returns a later time to be called again, or ``None``. ``lock`` is held while it
+    runs, so :meth:`cancel` returning means it is not running and will not run.
+    """
+
+    __slots__ = ("at", "callback", "done", "lock")
+
+    def __init__(self, at: float, callback: Callable[[float], float | None]) -> None:
+        self.at = at
+        self.callback = callback
+        self.done = False
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.done = True
+
+    def __lt__(self, other: _Deadline) -> bool:
+        return self.at < other.at
+
+
+class Watchdog:
+    """One thread per process: runs deadline callbacks (whole-attempt bounds of sync calls) and,
+    while sync attempts are in flight, samples the process's thread scheduling lag.
+
+    Started on first use; it parks on a condition when there is nothing to do.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.samples = _Samples()
+        self._heap: list[_Deadline] = []
+        self._active = 0  # sync attempts in flight: the thread ticks while > 0
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never)
+
+    def schedule(self, at: float, callback: Callable[[float], float | None]) -> _Deadline:
+        """Run ``callback(now)`` at ``at`` (monotonic); cancel with the returned entry's ``cancel()``."""
+        entry = _Deadline(at, callback)
+        with self._cond:
+            heap = self._heap
+            if len(heap) > 256 and len(heap) > 4 * self._active + 64:
+                # Bounds that were cancelled (the usual case: the attempt answered) pile up until
+                # their time; drop them now and then rather than on every cancel.
+                heap[:] = [e for e in heap if not e.done]
+                heapq.heapify(heap)
+            heapq.heappush(heap, entry)
+            self._ensure_thread()
+            if self._wake_at is None or at < self._wake_at:  # earlier than the thread will wake: wake it
+                self._cond.notify()
+        return entry
+
+    def enter(self) -> None:
+        """A sync attempt starts: sample thread lag while it runs."""
+        with self._cond:
+            self._active += 1
+            self._ensure_thread()
+            if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
+                self._cond.notify()
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llm-resilience-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        cond, heap = self._cond, self._heap
+        while True:
+            with cond:
+                now = self.clock()
+                while heap and heap[0].done:
+                    heapq.heappop(heap)
+                due: list[_Deadline] = []
+                while heap and heap[0].at <= now:
+                    due.append(heapq.heappop(heap))
+                if not due:
+                    tick = now + PROBE_INTERVAL_S if self._active > 0 else None
+                    wake = heap[0].at if heap else None
+                    if tick is not None and (wake is None or tick < wake):
+                        wake = tick
+                    self.samples.pending_due = tick
+                    self._wake_at = wake
+                    cond.wait(None if wake is None else max(0.0, wake - now))
+                    self._wake_at = None
+                    ran = self.clock()
+                    if tick is not None and ran >= tick:
+                        self.samples.ring.append((tick, ran))
+                    self.samples.pending_due = None
+                    continue
+            for entry in due:  # outside the heap lock: a callback may schedule again
+                with entry.lock:
+                    if entry.done:
+                        continue
+                    try:
+                        again = entry.callback(self.clock())
+                    except Exception:  # a bug in a callback must not kill every later deadline
+                        again = None
+                    if again is None:
+                        entry.done = True
+                    else:
+                        entry.at = again
+                if again is not None:
+                    with cond:
+                        heapq.heappush(heap, entry)
+
+
+class SaturationMonitor:
+    """The process's :class:`SaturationSignal`: event-loop probes plus the watchdog's thread lag.
+
+    The client's delay over an attempt is the larger of two estimates from the probes that ran
+    during it (lateness under ``LAG_FLOOR_S`` is jitter and counts as none): the time they spent
+    overdue (a stall, or a process starved of CPU), and ``CLIENT_HOPS`` x their mean lateness (a
+    busy event loop: each of the many loop iterations an answer needs waits about that long;
+    litellm's async path takes dozens). Measured under a 50-call burst, the overdue time alone
+    said 0.19 s where the attempt had queued for 0.55 s. A loop's attempts see the loop's probe
+    and the thread probe; a thread's attempts the thread probe.
+    """
+
+    def __init__(self) -> None:
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopProbe] = weakref.WeakKeyDictionary()
+        self._warm = False
+        self.watchdog = Watchdog()
+
+    def loop_probe(self) -> _LoopProbe:
+        """The probe of the running loop (created on first use)."""
+        loop = asyncio.get_running_loop()
+        probe = self._loops.get(loop)
+        if probe is None:
+            probe = self._loops[loop] = _LoopProbe(loop)
+        return probe
+
+    def delay_s(self, since: float, now: float) -> float:
+        delay = self.watchdog.samples.delay(since, now)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return delay
+        probe = self._loops.get(loop)
+        return delay if probe is None else max(delay, probe.samples.delay(since, now))
+
+    def cold(self) -> bool:
+        return not self._warm
+
+    def ended(self) -> None:
+        self._warm = True
+
+
+_monitor = SaturationMonitor()
+_monitor_pid = os.getpid()
+
+
+def monitor() -> SaturationMonitor:
+    """This process's monitor (a forked child gets a fresh one: threads do not survive fork)."""
+    global _monitor, _monitor_pid
+    if _monitor_pid != os.getpid():  # forked without register_at_fork having run (e.g. os.fork in C)
+        _after_fork_in_child()
+    return _monitor
+
+
+def _after_fork_in_child() -> None:
+    global _monitor, _monitor_pid
+    warm = _monitor._warm  # the imports done before fork are still done
+    _monitor = SaturationMonitor()
+    _monitor._warm = warm
+    _monitor_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ProcessSaturation:
+    """The :class:`SaturationSignal` engines use: always this process's current monitor."""
+
+    def delay_s(self, since: float, now: float) -> float:
+        return monitor().delay_s(since, now)
+
+    def cold(self) -> bool:
+        return monitor().cold()
+
+    def ended(self) -> None:
+        monitor().ended()

@@ -1,0 +1,304 @@
+"""The planner's rules under load (README "Under load"), with an injected clock and saturation signal.
+
+``Scripted`` stands in for the process's saturation monitor: the test says how long the client
+itself held things up, and whether the process is still cold. No server, no sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llm_resilience import AllAttemptsFailed
+from llm_resilience._breakers import BreakerRegistry, ProbeTicket
+from llm_resilience._hooks import HookSet
+from llm_resilience._latency import LatencyStats
+from llm_resilience._planner import Attempt, Call, CallRequest, Fail, Launch, Planner, Wait
+from llm_resilience._policy import Policy
+
+T0 = 1000.0
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+class Scripted:
+    """A saturation signal whose answers the test sets."""
+
+    def __init__(self, delay_s: float = 0.0, cold: bool = False) -> None:
+        self.delay = delay_s
+        self.is_cold = cold
+        self.asked: list[tuple[float, float]] = []
+
+    def delay_s(self, since: float, now: float) -> float:
+        self.asked.append((since, now))
+        return self.delay
+
+    def cold(self) -> bool:
+        return self.is_cold
+
+    def ended(self) -> None:
+        self.is_cold = False
+
+
+def make_planner(
+    signal: Scripted | None = None,
+    *,
+    chain: tuple[str, ...] = ("a", "b"),
+    soft: dict[str, Any] | None = None,
+    hedge: dict[str, Any] | None = None,
+    breakers: dict[str, Any] | None = None,
+) -> Planner:
+    classes: dict[str, Any] = {"default": {"timeout_s": 1.0, "deadline_s": 3.0}}
+    if soft is not None:
+        classes["default"]["soft_timeout"] = soft
+    route: dict[str, Any] = {"chain": list(chain)}
+    if hedge is not None:
+        route["hedge"] = hedge
+    pol = Policy.from_dict(
+        {
+            "models": {
+                name: {
+                    "litellm_params": {"model": f"openai/{name}", "api_base": "http://127.0.0.1:9/v1", "api_key": "k"}
+                }
+                for name in ("a", "b", "c")
+            },
+            "routes": {"chat": route},
+            "prompt_classes": classes,
+            "breakers": {"default": {"fail_max": 2, "reset_timeout_s": 30, **(breakers or {})}},
+        }
+    )
+    return Planner(
+        policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet(), latency=LatencyStats(),
+        saturation=signal or Scripted(),
+    )  # fmt: skip
+
+
+def start(p: Planner, now: float = T0) -> Call:
+    return p.start(CallRequest(model="chat", messages=MESSAGES, kwargs={}), now)
+
+
+def launch(call: Call, now: float) -> Attempt:
+    action = call.next_action(now)
+    assert isinstance(action, Launch), action
+    return action.attempt
+
+
+# -- whole-attempt bound and client saturation ---------------------------------------------------
+
+
+def test_a_healthy_client_gets_its_attempt_cut_at_the_bound() -> None:
+    call = start(make_planner(Scripted(delay_s=0.0)))
+    first = launch(call, T0)
+    assert first.bound_at == pytest.approx(T0 + 1.0)
+    assert first.read_timeout_s == pytest.approx(3.0)  # per read: the deadline (the bound is the whole attempt)
+
+    assert call.at_bound(first, T0 + 1.0) is None
+    assert first.expired
+
+
+def test_a_saturated_client_keeps_its_attempt_until_the_providers_share_exceeds_the_bound() -> None:
+    signal = Scripted(delay_s=0.4)
+    p = make_planner(signal)
+    call = start(p)
+    first = launch(call, T0)
+
+    later = call.at_bound(first, T0 + 1.0)  # 1.0 s of wall time, 0.4 s of it the client's
+
+    assert later == pytest.approx(T0 + 1.4)
+    assert first.record.extra["client_overload"] == "client_saturated"
+    assert first.record.extra["client_delay_s"] == pytest.approx(0.4)
+    assert call.at_bound(first, T0 + 1.4) is None  # the provider's share reached 1.0 s: cut
+    call.on_error(first, TimeoutError("cut"), T0 + 1.4)
+    assert (first.record.outcome, first.record.reason) == ("failure", "timeout")
+    assert p.breakers.get("a").fail_counter == 1
+
+
+def test_an_attempt_timed_out_while_saturated_is_client_overload_and_not_counted() -> None:
+    signal = Scripted(delay_s=0.4)
+    p = make_planner(signal, soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    assert first.soft_cut and first.timeout_s == pytest.approx(0.2)
+
+    call.on_error(first, TimeoutError("litellm's own read timeout"), T0 + 0.25)
+
+    assert (first.record.outcome, first.record.reason) == ("client_overload", "soft_timeout")
+    assert p.breakers.get("a").fail_counter == 0
+    assert p.latency.percentile("a", "default", 50, 1) is None  # not fed into the latency window
+    summary = call.summary()["attempts"][0]
+    assert (summary["outcome"], summary["client_overload"]) == ("client_overload", "client_saturated")
+
+
+def test_the_deadline_still_holds_under_saturation() -> None:
+    call = start(make_planner(Scripted(delay_s=10.0)))
+    first = launch(call, T0)
+
+    assert call.at_bound(first, T0 + 1.0) == pytest.approx(T0 + 3.0)  # extended, but only to the deadline
+    assert call.at_bound(first, T0 + 3.0) is None
+
+
+def test_a_cold_process_does_not_blame_the_first_call() -> None:
+    signal = Scripted(cold=True)
+    p = make_planner(signal)
+    call = start(p)
+    first = launch(call, T0)
+
+    assert call.at_bound(first, T0 + 1.0) == pytest.approx(T0 + 3.0)
+    assert first.record.extra["client_overload"] == "cold_start"
+    call.on_error(first, TimeoutError("deadline"), T0 + 3.0)
+    assert first.record.outcome == "client_overload"
+    assert p.breakers.get("a").fail_counter == 0
+    assert not signal.is_cold  # an attempt ended: the next one is judged normally
+
+
+def test_a_slow_success_while_saturated_is_neither_slow_for_the_breaker_nor_learned() -> None:
+    p = make_planner(Scripted(delay_s=0.3), chain=("a",), soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)  # the last model: never cut at the soft timeout, judged when it ends
+
+    call.on_response(first, object(), T0 + 0.45)
+
+    assert first.record.outcome == "success" and "slow" not in first.record.extra
+    assert first.record.extra["client_overload"] == "client_saturated"
+    assert p.breakers.get("a").fail_counter == 0
+    assert p.latency.percentile("a", "default", 50, 1) is None
+
+
+def test_a_slow_success_without_saturation_still_counts() -> None:
+    p = make_planner(Scripted(delay_s=0.0), chain=("a",), soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+
+    call.on_response(first, object(), T0 + 0.45)
+
+    assert first.record.extra["slow"] is True
+    assert p.breakers.get("a").fail_counter == 1
+
+
+def test_planner_bounds_attempts_in_flight_and_wakes_at_the_bound() -> None:
+    p = make_planner(Scripted(delay_s=0.0), hedge={"after": 0.3, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+    hedge = launch(call, T0 + 0.3)
+    assert hedge.spec.name == "b"
+    assert call.next_action(T0 + 0.4) == Wait(until=pytest.approx(T0 + 1.0))
+
+    action = call.next_action(T0 + 1.0)  # a's bound: cut (the driver stops it); b still runs
+
+    assert isinstance(action, Wait)
+    assert (first.record.outcome, first.record.reason) == ("failure", "timeout")
+    assert call.in_flight == [hedge]
+
+
+def test_a_hedge_waits_while_the_client_is_the_slow_one() -> None:
+    signal = Scripted(delay_s=0.2)
+    p = make_planner(signal, hedge={"after": 0.3, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+
+    waiting = call.next_action(T0 + 0.3)  # 0.3 s of wall time, 0.2 s of it the client's: no hedge yet
+
+    assert isinstance(waiting, Wait) and waiting.until == pytest.approx(T0 + 0.5)
+    hedge = launch(call, T0 + 0.5)
+    assert hedge.spec.name == "b" and first.record.extra["hedged_by"] == hedge.record.index
+
+
+# -- panic mode --------------------------------------------------------------------------------
+
+
+def open_breakers(p: Planner, *names: str) -> None:
+    for name in names:  # in this order: the first one opened first
+        breaker = p.breakers.get(name)
+        for _ in range(breaker.settings.fail_max):
+            breaker.record(ProbeTicket(probe=False), "connection")
+        assert breaker.state == "open"
+
+
+def test_panic_tries_the_model_whose_breaker_opened_first() -> None:
+    p = make_planner()
+    open_breakers(p, "b", "a")
+    call = start(p, T0 + 1)
+
+    panic = launch(call, T0 + 1)
+
+    assert panic.spec.name == "b"
+    assert panic.record.extra["panic"] is True and "probe" not in panic.record.extra
+    assert [r.reason for r in call.records[:2]] == ["breaker_open", "breaker_open"]
+    call.on_response(panic, object(), T0 + 1.1)
+    assert p.breakers.get("b").state == "open"  # a panic outcome moves nothing
+    assert call.summary()["attempts"][2]["panic"] is True
+
+
+def test_a_failed_panic_attempt_is_not_counted_and_the_call_fails() -> None:
+    p = make_planner()
+    open_breakers(p, "a", "b")
+    counter = p.breakers.get("a").fail_counter
+    call = start(p, T0 + 1)
+    panic = launch(call, T0 + 1)
+    assert panic.spec.name == "a"
+
+    call.on_error(panic, ConnectionError("refused"), T0 + 1.1)
+    action = call.next_action(T0 + 1.1)
+
+    assert isinstance(action, Fail) and isinstance(action.error, AllAttemptsFailed)
+    assert p.breakers.get("a").fail_counter == counter
+
+
+def test_fail_fast_raises_at_once() -> None:
+    p = make_planner(breakers={"panic": "fail_fast"})
+    open_breakers(p, "a", "b")
+    call = start(p, T0 + 1)
+
+    action = call.next_action(T0 + 1)
+
+    assert isinstance(action, Fail) and isinstance(action.error, AllAttemptsFailed)
+
+
+# -- suspect gating ----------------------------------------------------------------------------
+
+
+def test_a_suspect_model_gets_one_new_request_at_a_time_until_a_verdict() -> None:
+    p = make_planner(breakers={"fail_max": 5})
+    slow_call = start(p)
+    slow = launch(slow_call, T0)
+    slow_call.on_error(slow, ConnectionError("reset"), T0 + 0.1)  # a's first failure is known
+    assert p.breakers.get("a").suspect
+
+    admitted = launch(start(p, T0 + 0.2), T0 + 0.2)
+    gated_call = start(p, T0 + 0.2)
+    gated = launch(gated_call, T0 + 0.2)
+
+    assert admitted.spec.name == "a" and admitted.record.extra["suspect"] is True
+    assert gated.spec.name == "b"
+    assert (gated_call.records[0].outcome, gated_call.records[0].reason) == ("skipped", "suspect")
+    # While the admitted one runs, its slot stays taken: the next requests still go down the chain.
+    later_call = start(p, T0 + 0.3)
+    assert launch(later_call, T0 + 0.3).spec.name == "b"
+
+
+def test_a_slow_attempt_in_flight_makes_its_model_suspect() -> None:
+    p = make_planner(hedge={"after": 0.5, "budget_ratio": 0.0}, soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    launch(call, T0)
+    call.next_action(T0 + 0.2)  # past its soft timeout, still running: slow for the breaker
+
+    assert p.breakers.get("a").suspect
+    first_new = launch(start(p, T0 + 0.21), T0 + 0.21)
+    second_call = start(p, T0 + 0.21)
+    second_new = launch(second_call, T0 + 0.21)
+    assert (first_new.spec.name, second_new.spec.name) == ("a", "b")
+
+
+def test_a_success_clears_suspicion() -> None:
+    p = make_planner(breakers={"fail_max": 5})
+    call = start(p)
+    first = launch(call, T0)
+    call.on_error(first, ConnectionError("reset"), T0 + 0.1)
+    admitted_call = start(p, T0 + 0.2)
+    admitted = launch(admitted_call, T0 + 0.2)
+
+    admitted_call.on_response(admitted, object(), T0 + 0.3)
+
+    assert not p.breakers.get("a").suspect
+    names = [launch(start(p, T0 + 0.4), T0 + 0.4).spec.name for _ in range(3)]
+    assert names == ["a", "a", "a"]
