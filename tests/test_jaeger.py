@@ -192,11 +192,11 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(BatchSpanProcessor(otlp_exporter("traces")))
     reset_s = 2.0  # long enough for calls 3 and 4 to find big's breaker open, short to wait for the probe
-    policy = policy_dict(["big", "small"], timeout_s=0.3, breakers={"big": {"fail_max": 1, "reset_timeout_s": reset_s}})
+    policy = policy_dict(["big", "small"], timeout_s=1.0, breakers={"big": {"fail_max": 1, "reset_timeout_s": reset_s}})
     engine = Resilience.from_dict(policy, tracer_provider=provider)
 
     engine.completion("chat", MESSAGES)  # 1. big answers
-    big.set(Behavior.slow(2.0))
+    big.set(Behavior.slow(3.0))
     engine.completion("chat", MESSAGES)  # 2. big times out, its breaker opens, small answers
     engine.completion("chat", MESSAGES)  # 3. big skipped (breaker open), small answers
     small.set(Behavior.error(500))
@@ -240,9 +240,9 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert "error" not in timed_out.tags
     first, second = (_tags(s) for s in timed_out.attempts)
     assert first["error"] is True
-    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.timeout_ms"]) == ("Timeout", "timeout", 300)
+    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.timeout_ms"]) == ("Timeout", "timeout", 1000)
     assert first["span.kind"] == "client" and first["gen_ai.request.model"] == "openai/gpt-4o"
-    assert timed_out.attempts[0]["duration"] >= 300_000  # µs: it waited its timeout
+    assert timed_out.attempts[0]["duration"] >= 1_000_000  # µs: it waited its timeout
     assert "error" not in second and second["gen_ai.response.model"] == "gpt-4o-mini"
     transition = {f["key"]: f["value"] for f in timed_out.attempts[0]["logs"][0]["fields"]}
     assert transition["event"] == f"{NS}.breaker.transition"

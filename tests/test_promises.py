@@ -31,7 +31,8 @@ def test_under_the_built_in_defaults_the_callers_timeout_is_the_attempt_timeout(
 
     response = engine.completion("openai/any", MESSAGES, api_base=big.base_url, api_key="k", timeout=timeout)
 
-    assert hidden(response)["attempts"][0]["timeout_s"] == pytest.approx(timeout, abs=0.1)  # less time spent
+    # abs=0.5: the first call of a new engine pays one-off set-up (its leased client) before the attempt starts
+    assert hidden(response)["attempts"][0]["timeout_s"] == pytest.approx(timeout, abs=0.5)  # less time spent
 
 
 def test_a_policy_class_keeps_its_timeouts_and_the_callers_timeout_caps_the_call(

@@ -27,6 +27,7 @@ from llm_resilience._policy import (
     ReviewLogConfig,
     Route,
     RouteOptions,
+    StateConfig,
     TelemetryConfig,
 )
 
@@ -42,6 +43,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "errors": ErrorsConfig,
     "review_log": ReviewLogConfig,
     "telemetry": TelemetryConfig,
+    "state": StateConfig,
 }
 # Defaults the table states in words, because the code's default is not a literal value.
 WORDED_DEFAULTS = {
@@ -121,6 +123,8 @@ def _listed_subkeys(meaning: str) -> set[str]:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"  # no default (e.g. a URL the policy must give)
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):

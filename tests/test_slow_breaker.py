@@ -103,8 +103,8 @@ def test_a_fast_success_resets_the_slow_count(
     assert engine.breaker_states()["big"] == "closed"
 
 
-def open_by_slow_successes(engine: Resilience, big: FakeProvider) -> None:
-    big.set(Behavior.slow(0.25))
+def open_by_slow_successes(engine: Resilience, big: FakeProvider, latency_s: float = 0.25) -> None:
+    big.set(Behavior.slow(latency_s))
     for _ in range(3):
         engine.completion("chat", MESSAGES)
     assert engine.breaker_states()["big"] == "open"
@@ -131,8 +131,10 @@ def test_a_slow_half_open_probe_keeps_the_breaker_open(
 def test_a_fast_half_open_probe_closes_the_breaker(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
 ) -> None:
-    engine = make_engine(slow_policy(policy_dict, ["big"]))
-    open_by_slow_successes(engine, big)
+    # A 0.6 s soft bound: a loopback request right after an idle pause can take ~0.1-0.4 s to be served
+    # on a small VM (measured: the first request after 0.5-1 s idle), which must not look slow here.
+    engine = make_engine(slow_policy(policy_dict, ["big"], soft={"warmup_s": 0.6, "min_samples": 50}))
+    open_by_slow_successes(engine, big, latency_s=0.8)
     big.set(Behavior.slow(FAST_S))
 
     probe = engine.completion("chat", MESSAGES)
@@ -198,9 +200,13 @@ def test_hedge_loser_cancelled_before_its_soft_timeout_is_neutral(
 def test_slow_primary_that_wins_the_race_still_counts_as_slow(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
-    engine = make_engine(slow_policy(policy_dict, ["big", "small"], hedge={"after": 0.1, "budget_ratio": 1.0}))
-    big.set(Behavior.slow(0.2, "big"))  # past its 0.15 s soft timeout, but before the hedge answers
-    small.set(Behavior.slow(0.8, "small"))  # cancelled after ~0.1 s: not past its own soft timeout
+    # Soft 0.4 s, hedge at 0.3 s: big (0.45 s) is slow; small, cancelled when big answers, has run
+    # ~0.15 s of its 0.4 s, leaving room for the VM's wake-up latency on loopback.
+    soft = {"warmup_s": 0.4, "min_samples": 50}
+    policy = slow_policy(policy_dict, ["big", "small"], soft=soft, hedge={"after": 0.3, "budget_ratio": 1.0})
+    engine = make_engine(policy)
+    big.set(Behavior.slow(0.45, "big"))  # past its 0.4 s soft timeout, but before the hedge answers
+    small.set(Behavior.slow(1.5, "small"))  # cancelled after ~0.15 s: not past its own soft timeout
 
     response = engine.completion("chat", MESSAGES)
 
@@ -217,6 +223,7 @@ def test_hedged_primaries_open_the_breaker_at_their_soft_timeout_not_when_cancel
     # the breaker must know then, so calls arriving meanwhile no longer reach the sick model.
     policy = slow_policy(policy_dict, ["big", "small"], hedge={"after": 0.1, "budget_ratio": 1.0})
     policy["breakers"]["default"]["fail_max"] = 2
+    policy["prompt_classes"]["default"]["timeout_s"] = 2.5  # big's own bound far after the hedges' answers
     # The hedges are slow too (past their own soft timeout): their model must stay available.
     policy["breakers"]["small"] = {"fail_max": 100, "reset_timeout_s": RESET_S}
     engine = make_engine(policy)
