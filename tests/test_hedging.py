@@ -111,8 +111,10 @@ def test_primary_still_wins_if_it_answers_first_after_the_hedge_started(
     call: Caller, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
     engine = make_engine(hedged(policy_dict))
-    big.set(Behavior.slow(0.3, "big"))
-    small.set(Behavior.slow(1.5, "small"))
+    # 0.8 s: the hedge (at 0.1 s, later when the client itself was late: see "Under load") starts well
+    # before big answers, even on a first async call whose event loop is still busy setting up.
+    big.set(Behavior.slow(0.8, "big"))
+    small.set(Behavior.slow(2.5, "small"))
 
     response = call(engine, "chat", MESSAGES)
 
