@@ -132,8 +132,29 @@ class Attempt:
     """The client's own share of the attempt's time so far (``_saturation.py``); every bound of the
     attempt (hedge, soft timeout, cut, whole-attempt bound) is judged on the provider's share, i.e.
     postponed by this much."""
+    io_measured: bool = False
+    """The driver reports ``sent_at`` and ``answered_at`` (sync attempts on the driver's own HTTP client)."""
+    sent_at: float | None = None
+    """When the request left litellm for the provider (``None``: not yet; the time so far is the client's)."""
+    answered_at: float | None = None
+    """When the provider's answer had been read; the time after it is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
+
+
+def _client_time(attempt: Attempt, now: float) -> float:
+    """The client's own time in ``attempt`` so far, as its driver measured it (0 when it does not).
+
+    Before the request leaves litellm and after the answer has been read, the provider has nothing
+    to do: that time is litellm's CPU and the wait for the GIL, a pool thread or the event loop.
+    """
+    if not attempt.io_measured:
+        return 0.0
+    if attempt.sent_at is None:
+        return max(0.0, now - attempt.record.started_at)
+    before = max(0.0, attempt.sent_at - attempt.record.started_at)
+    after = 0.0 if attempt.answered_at is None else max(0.0, now - attempt.answered_at)
+    return before + after
 
 
 @dataclass(frozen=True)
@@ -663,7 +684,7 @@ class Call:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
-            delay = signal.delay_s(record.started_at, now)
+            delay = max(signal.delay_s(record.started_at, now), _client_time(attempt, now))
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
             provider_s = wall - attempt.client_delay_s

@@ -149,13 +149,6 @@ def provider_process(latency_s: float) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "issue 13 open: on a quiet 2-core VM the client-delay estimate sometimes misses the burst's queueing; "
-        "big's learned soft timeout (~72 ms) then counts 140-160 ms attempts as slow and its breaker opens"
-    ),
-)
 def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make_engine: EngineFactory) -> None:
     with provider_process(0.06) as big_url, provider_process(0.04) as small_url:
         policy: dict[str, Any] = {

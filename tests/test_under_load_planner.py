@@ -175,6 +175,48 @@ def test_a_slow_success_without_saturation_still_counts() -> None:
     assert p.breakers.get("a").fail_counter == 1
 
 
+def test_time_before_the_request_left_and_after_its_answer_was_read_is_the_clients() -> None:
+    # Sync threads queueing on the GIL: no lag probe sees it, the driver's request timing does.
+    p = make_planner(Scripted(delay_s=0.0), chain=("a",), soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.sent_at, first.answered_at = True, T0 + 0.15, T0 + 0.30
+
+    call.on_response(first, object(), T0 + 0.35)  # 0.35 s of wall time, 0.15 s of it the provider's
+
+    assert "slow" not in first.record.extra
+    assert p.breakers.get("a").fail_counter == 0
+    assert first.record.extra["client_overload"] == "client_saturated"
+    assert first.record.extra["client_delay_s"] == pytest.approx(0.2)
+
+
+def test_a_provider_slow_between_request_and_answer_is_still_blamed() -> None:
+    p = make_planner(Scripted(delay_s=0.0), chain=("a",), soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.sent_at, first.answered_at = True, T0 + 0.01, T0 + 0.44
+
+    call.on_response(first, object(), T0 + 0.45)
+
+    assert first.record.extra["slow"] is True
+    assert p.breakers.get("a").fail_counter == 1
+
+
+def test_an_attempt_whose_request_has_not_left_the_client_is_not_cut_at_its_bound() -> None:
+    p = make_planner(Scripted(delay_s=0.0))
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured = True  # the driver measures, and litellm has not sent the request yet
+
+    later = call.at_bound(first, T0 + 1.0)
+
+    assert later is not None and later > T0 + 1.0
+    assert not first.expired
+    first.sent_at = T0 + 1.1
+    assert call.at_bound(first, T0 + 2.4) is None  # 1.3 s on the wire: the provider's, cut
+    assert first.expired
+
+
 def test_planner_bounds_attempts_in_flight_and_wakes_at_the_bound() -> None:
     p = make_planner(Scripted(delay_s=0.0), hedge={"after": 0.3, "budget_ratio": 1.0})
     call = start(p)
