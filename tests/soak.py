@@ -14,7 +14,10 @@ Checks:
 * breakers are consistent: every model's transitions chain (each starts where the previous
   ended), its final state is the last transition's, and no probe slot is still held;
 * nothing leaks: stream helper threads back to zero, threads and file descriptors back near
-  their start; RSS at start, along the way and at the end is printed (memory flat).
+  their start; memory flat: RSS may grow while caches and pools fill in the first half, but over the
+  second half it grows by at most ``RSS_SECOND_HALF_MB``. RSS at start, along the way and at the end
+  is printed. ``SOAK_TRACEMALLOC=1`` also compares Python allocations at half-way and at the end and
+  prints the lines that grew most (slower: use it to find a leak, not to measure throughput).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import random
 import sys
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +46,10 @@ DEADLINE_S = 3.0
 # 532 concurrent callers saturate a 2-core machine: the event loop and the GIL are late to wake a
 # call at its deadline, so overruns are reported; only one far beyond (a hang) fails the soak.
 HANG_S = DEADLINE_S + 15.0
+# Over the second half of the run, when caches (credentials, routes, breakers) and pools are full,
+# RSS must stay flat. glibc keeps freed arenas, so "flat" allows some noise, not growth per call.
+RSS_SECOND_HALF_MB = 24.0
+TRACEMALLOC = os.environ.get("SOAK_TRACEMALLOC", "") not in ("", "0")
 MESSAGES = [{"role": "user", "content": "soak"}]
 
 FAULTS: list[Behavior] = [
@@ -222,11 +230,21 @@ def main() -> int:
     samples: list[tuple[int, float]] = []
     sampling = threading.Event()
 
+    halfway: dict[str, Any] = {}
+
     def sample() -> None:
         while not sampling.wait(5.0):
             samples.append((tally.done, rss_mb()))
+            if not halfway and tally.done >= calls // 2:
+                gc.collect()
+                halfway["rss_mb"] = rss_mb()
+                halfway["calls"] = tally.done
+                if TRACEMALLOC:
+                    halfway["snapshot"] = tracemalloc.take_snapshot()
             print(f"  {tally.done:>7} calls  rss {samples[-1][1]:.0f} MB  {dict(tally.outcomes)}", flush=True)
 
+    if TRACEMALLOC:
+        tracemalloc.start(8)
     sampler = threading.Thread(target=sample, name="sampler", daemon=True)
     sampler.start()
     started = time.monotonic()
@@ -272,6 +290,11 @@ def main() -> int:
         problems.append(f"threads {start['threads']} -> {end['threads']}")
     if end["fds"] > start["fds"] + 64:
         problems.append(f"file descriptors {start['fds']} -> {end['fds']}")
+    if halfway and end["rss_mb"] - halfway["rss_mb"] > RSS_SECOND_HALF_MB:
+        problems.append(
+            f"memory not flat: RSS {halfway['rss_mb']:.0f} MB after {halfway['calls']} calls, {end['rss_mb']:.0f} MB"
+            f" at the end (more than {RSS_SECOND_HALF_MB:g} MB over the second half)"
+        )
 
     counts = {name: Counter(f"{o}->{n}" for o, n in transitions.get(name, [])) for name in providers}
     print(f"soak: {tally.done} calls in {elapsed:.0f} s ({tally.done / elapsed:.0f}/s)")
@@ -281,7 +304,17 @@ def main() -> int:
     print(f"  breaker transitions: {counts}")
     print(f"  breaker states at end: {engine.breaker_states()}")
     print(f"  start {start}")
+    if halfway:
+        print(f"  half  {{'calls': {halfway['calls']}, 'rss_mb': {halfway['rss_mb']:.1f}}}")
     print(f"  end   {end}")
+    if TRACEMALLOC and "snapshot" in halfway:
+        grown = tracemalloc.take_snapshot().compare_to(halfway["snapshot"], "traceback")
+        print("  python allocations that grew most over the second half:")
+        for stat in grown[:8]:
+            frames = list(stat.traceback)  # oldest first: the allocation, and our own frame above it
+            ours = [f for f in frames if "llm_resilience" in f.filename]
+            where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in [frames[-1], *ours[-1:]])
+            print(f"    {stat.size_diff / 1024:+.0f} KiB in {stat.count_diff:+d} blocks  {where}")
     if samples:
         print(
             "  rss along the way (calls, MB): "
