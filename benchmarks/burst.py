@@ -28,15 +28,12 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +47,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import llm_resilience
 from llm_resilience import AttemptRecord, Hook, Resilience
+from llm_resilience.testing import provider_process
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 LATENCY_S = {"big": 0.060, "small": 0.040}
@@ -83,29 +81,6 @@ class Row:
 
 # ---------------------------------------------------------------------------
 # Providers, each in its own process
-
-
-@contextlib.contextmanager
-def provider_process(latency_s: float) -> Iterator[str]:
-    """``python -m llm_resilience.testing --latency S`` in a child process; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_resilience.testing", "--port", "0", "--latency", str(latency_s)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "http://" not in line:
-            raise RuntimeError(f"fake provider did not start (said {line!r})")
-        yield line.strip().rsplit(" ", 1)[-1]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def litellm_params(name: str, urls: dict[str, str]) -> dict[str, Any]:

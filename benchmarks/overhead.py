@@ -26,7 +26,6 @@ import io
 import os
 import pstats
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from opentelemetry.trace import NoOpTracerProvider
 
 import llm_resilience
 from llm_resilience import Policy, Resilience
+from llm_resilience.testing import provider_process
 
 TARGET_RATIO = 1.03
 REDIS_TARGET_RATIO = 1.02
@@ -72,31 +72,6 @@ QUICK = Settings(blocks=6, calls_per_block=50, batches_per_block=1, import_runs=
 
 # ---------------------------------------------------------------------------
 # The fake provider, in a child process
-
-
-@contextlib.contextmanager
-def provider_process() -> Any:
-    """Start ``python -m llm_resilience.testing`` (answers at once) and yield its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_resilience.testing", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "http://" not in line:
-            raise RuntimeError(f"fake provider did not start (said {line!r})")
-        yield line.strip().rsplit(" ", 1)[-1]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

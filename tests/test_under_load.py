@@ -10,22 +10,17 @@ opened, because the client's own queueing is not blamed on the provider.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes
 
 from llm_resilience import AllAttemptsFailed, Resilience
-from llm_resilience.testing import Behavior, FakeProvider
+from llm_resilience.testing import Behavior, FakeProvider, provider_process
 
 TRICKLE = Behavior(trickle_byte_s=0.05)  # headers at once, then one byte every 50 ms: ~20 s for the body
 SLACK_S = 1.0  # what a loaded CI machine may add to a bound; the defect overran by ~20 s
@@ -125,28 +120,6 @@ def test_a_hedged_sync_call_works_in_a_forked_child(
 
 
 # -- a burst against healthy providers, each in its own process ----------------------------------
-
-
-@contextlib.contextmanager
-def provider_process(latency_s: float) -> Iterator[str]:
-    """``python -m llm_resilience.testing`` in a child process; yields its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_resilience.testing", "--port", "0", "--latency", str(latency_s)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "http://" in line, f"fake provider did not start (said {line!r})"
-        yield line.strip().rsplit(" ", 1)[-1]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make_engine: EngineFactory) -> None:

@@ -8,5 +8,14 @@ from llm_resilience.testing._fake_provider import (
     RecordedRequest,
     credential_digest,
 )
+from llm_resilience.testing._process import provider_process
 
-__all__ = ["DEFAULT_CONTENT", "Behavior", "BodyMode", "FakeProvider", "RecordedRequest", "credential_digest"]
+__all__ = [
+    "DEFAULT_CONTENT",
+    "Behavior",
+    "BodyMode",
+    "FakeProvider",
+    "RecordedRequest",
+    "credential_digest",
+    "provider_process",
+]
