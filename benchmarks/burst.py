@@ -132,13 +132,14 @@ class Contestant:
 
 class Ours(Contestant):
     name = "llm-resilience"
+    deadline_s = DEADLINE_S
 
     def __init__(self, urls: dict[str, str]) -> None:
         policy = {
             "models": {name: {"litellm_params": litellm_params(name, urls)} for name in WIRE_MODEL},
             "routes": {"chat": {"chain": ["big", "small"]}},
             "prompt_classes": {
-                "default": {"timeout_s": TIMEOUT_S, "deadline_s": DEADLINE_S, "soft_timeout": {"percentile": 95}}
+                "default": {"timeout_s": TIMEOUT_S, "deadline_s": self.deadline_s, "soft_timeout": {"percentile": 95}}
             },
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
@@ -158,6 +159,17 @@ class Ours(Contestant):
 
     def overloads(self) -> int | None:
         return self.counts.overloads
+
+
+class OursNoDeadline(Ours):
+    """The same policy with a deadline as long as the bare call's timeout: the throughput comparison.
+
+    With a 2 s deadline no contestant can answer 2,000 calls that the client alone needs ~12 s
+    for; the throughput ratio compares work done when every call is allowed to finish.
+    """
+
+    name = "llm-resilience, deadline 30 s"
+    deadline_s = 30.0
 
 
 class LiteLLMRouter(Contestant):
@@ -303,16 +315,17 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         "",
         c.markdown_table(headers, body, "llrrrrrrrl"),
     ]
-    big = [r for r in rows if r.shape == "acompletion" and r.n == max(args.bursts)]
-    ours = next((r for r in big if r.contestant == Ours.name), None)
-    bare = next((r for r in big if r.contestant == Bare.name), None)
-    if ours is not None and bare is not None and bare.calls_per_s > 0:
-        ratio = ours.calls_per_s / bare.calls_per_s
-        lines += [
-            "",
-            f"Throughput at {ours.n} concurrent `acompletion` calls: llm-resilience {ours.calls_per_s:.0f} calls/s, "
-            f"bare litellm {bare.calls_per_s:.0f} calls/s: **{ratio:.2f}x** (target >= 0.95x).",
-        ]
+    for n in args.throughput:
+        ours = next((r for r in rows if r.n == n and r.contestant == OursNoDeadline.name), None)
+        bare = next((r for r in rows if r.n == n and r.shape == "acompletion" and r.contestant == Bare.name), None)
+        if ours is not None and bare is not None and bare.calls_per_s > 0:
+            ratio = ours.calls_per_s / bare.calls_per_s
+            lines += [
+                "",
+                f"Throughput at {n} concurrent `acompletion` calls, every call allowed to finish (deadline 30 s, "
+                f"tracing on): llm-resilience {ours.calls_per_s:.0f} calls/s, bare litellm {bare.calls_per_s:.0f} "
+                f"calls/s: **{ratio:.2f}x** (target >= 0.95x).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -321,6 +334,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small bursts only (a smoke test, ~1 min)")
     parser.add_argument("--bursts", type=int, nargs="*", default=None, help="async burst sizes")
     parser.add_argument("--threads", type=int, nargs="*", default=None, help="thread burst sizes")
+    parser.add_argument(
+        "--throughput", type=int, nargs="*", default=None, help="async burst sizes for the throughput ratio"
+    )
     parser.add_argument("--warm", type=int, default=None, help="sequential calls before each burst")
     parser.add_argument("--after", type=int, default=None, help="sequential calls after each burst")
     parser.add_argument("--out", type=Path, default=c.RESULTS_DIR)
@@ -329,6 +345,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.bursts = [20, 50] if args.quick else [20, 50, 200, 2000]
     if args.threads is None:
         args.threads = [8] if args.quick else [8, 32, 64]
+    if args.throughput is None:
+        args.throughput = [] if args.quick else [2000]
     if args.warm is None:
         args.warm = 10 if args.quick else 30
     if args.after is None:
@@ -356,6 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {n} acompletion: {make.__name__} ...", file=sys.stderr, flush=True)
                 rows.append(asyncio.run(async_row(make(urls), n, args.warm, args.after)))
                 c.write_text(args.out / "burst.md", report(rows, args))  # a killed run keeps its rows
+        for n in args.throughput:
+            for make in (OursNoDeadline, Bare):
+                if make is Bare and any(
+                    r.n == n and r.shape == "acompletion" and r.contestant == Bare.name for r in rows
+                ):
+                    continue  # measured in the bursts above
+                print(f"  {n} acompletion (throughput): {make.__name__} ...", file=sys.stderr, flush=True)
+                rows.append(asyncio.run(async_row(make(urls), n, args.warm, args.after)))
+                c.write_text(args.out / "burst.md", report(rows, args))
         for n in args.threads:
             for make in CONTESTANTS:
                 print(f"  {n} threads: {make.__name__} ...", file=sys.stderr, flush=True)
