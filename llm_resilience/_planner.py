@@ -732,6 +732,8 @@ class Call:
                 self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
                 if "slow" not in record.extra:
                     self._count(attempt, kind)
+            else:  # client_overload: no verdict, so a probe's slot is free again (see on_error)
+                self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _panic_attempt(self, now: float) -> Attempt | None:
@@ -925,6 +927,9 @@ class Call:
             and self._client_excuse(attempt, attempt.timeout_s, now)
         ):
             # Timed out while the client was saturated (or cold): not the provider's verdict.
+            # A probe judged nothing either: free its slot, or the model stays half-open with its
+            # only probe slot held and every later call skips it (found by the 100,000-call soak).
+            self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
             record.outcome = k.CLIENT_OVERLOAD
             record.reason = kind
             record.error = self._last_error = error

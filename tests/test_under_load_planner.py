@@ -6,6 +6,7 @@ itself held things up, and whether the process is still cold. No server, no slee
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -47,6 +48,7 @@ def make_planner(
     soft: dict[str, Any] | None = None,
     hedge: dict[str, Any] | None = None,
     breakers: dict[str, Any] | None = None,
+    wall: list[datetime] | None = None,
 ) -> Planner:
     classes: dict[str, Any] = {"default": {"timeout_s": 1.0, "deadline_s": 3.0}}
     if soft is not None:
@@ -67,8 +69,9 @@ def make_planner(
             "breakers": {"default": {"fail_max": 2, "reset_timeout_s": 30, **(breakers or {})}},
         }
     )
+    clock = None if wall is None else (lambda: wall[0])
     return Planner(
-        policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet(), latency=LatencyStats(),
+        policy=pol, breakers=BreakerRegistry(pol.breaker_settings, clock=clock), hooks=HookSet(), latency=LatencyStats(),
         saturation=signal or Scripted(),
     )  # fmt: skip
 
@@ -344,3 +347,46 @@ def test_a_success_clears_suspicion() -> None:
     assert not p.breakers.get("a").suspect
     names = [launch(start(p, T0 + 0.4), T0 + 0.4).spec.name for _ in range(3)]
     assert names == ["a", "a", "a"]
+
+
+# -- a probe that times out while the client is saturated judged nothing: its slot is free again ------
+
+
+def _probing(signal: Scripted, **options: Any) -> tuple[Planner, Call, Attempt, list[datetime]]:
+    wall = [datetime(2030, 1, 1, tzinfo=UTC)]
+    p = make_planner(signal, breakers={"fail_max": 1, "reset_timeout_s": 10}, wall=wall, **options)
+    call = start(p)
+    first = launch(call, T0)
+    call.on_error(first, TimeoutError("cut"), T0 + 1.0)  # quiet client: blamed, a opens
+    assert p.breakers.get("a").state == "open"
+    wall[0] += timedelta(seconds=11)
+    probing = start(p, T0 + 11)
+    probe = launch(probing, T0 + 11)
+    assert probe.spec.name == "a" and probe.ticket.probe
+    return p, probing, probe, wall
+
+
+def test_a_probe_timed_out_while_the_client_was_saturated_frees_its_slot() -> None:
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal)
+    signal.delay = 0.8  # from now on the client is the slow one
+
+    probing.on_error(probe, TimeoutError("litellm's own read timeout"), T0 + 12.0)
+
+    assert probe.record.outcome == "client_overload"
+    assert p.breakers.get("a").state == "half-open"
+    nxt = launch(start(p, T0 + 12.0), T0 + 12.0)
+    assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)  # not skipped as probe_in_flight forever
+
+
+def test_a_probe_cut_at_its_bound_while_the_client_was_saturated_frees_its_slot() -> None:
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal)
+    signal.delay = 2.5  # of the 3 s until the deadline: saturated
+
+    # Its bound keeps moving while the client is saturated; at the deadline it is cut, unblamed.
+    assert probing.next_action(probing.deadline_at) is not None
+
+    assert probe.record.outcome == "client_overload"
+    nxt = launch(start(p, T0 + 15.0), T0 + 15.0)
+    assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)
