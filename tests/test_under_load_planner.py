@@ -69,9 +69,9 @@ def make_planner(
             "breakers": {"default": {"fail_max": 2, "reset_timeout_s": 30, **(breakers or {})}},
         }
     )
-    clock = None if wall is None else (lambda: wall[0])
+    registry = BreakerRegistry(pol.breaker_settings, clock=None if wall is None else (lambda: wall[0]))
     return Planner(
-        policy=pol, breakers=BreakerRegistry(pol.breaker_settings, clock=clock), hooks=HookSet(), latency=LatencyStats(),
+        policy=pol, breakers=registry, hooks=HookSet(), latency=LatencyStats(),
         saturation=signal or Scripted(),
     )  # fmt: skip
 
