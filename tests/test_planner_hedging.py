@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from test_under_load_planner import T0, Scripted, launch, make_planner, start
 
-from llm_resilience._planner import Attempt, Planner
+from llm_resilience._breakers import ProbeTicket
+from llm_resilience._planner import Attempt, Call, Planner, Wait
 
 SOFT = {"percentile": 99, "floor_s": 0.05, "min_samples": 10, "warmup_s": 0.5}
 
@@ -76,3 +77,90 @@ def test_a_fixed_threshold_is_used_as_given() -> None:
 
 def test_a_threshold_at_or_past_the_attempts_timeout_means_no_hedge() -> None:
     assert first_attempt({"after": 1.0}).hedge_at is None  # the class timeout is 1 s
+
+
+# -- whether a due hedge starts -----------------------------------------------------------------
+
+
+def test_a_hedge_the_budget_refuses_is_recorded_on_the_slow_attempt() -> None:
+    p = make_planner(Scripted(), hedge={"after": 0.1, "budget_ratio": 0.0})
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.1), Wait)
+    assert first.record.extra["hedge_skipped"] == "budget"
+    assert call.in_flight == [first]
+
+
+def test_a_hedge_with_no_model_left_to_try_refunds_its_budget() -> None:
+    p = make_planner(Scripted(), hedge={"after": 0.1, "budget_ratio": 1.0}, breakers={"fail_max": 1})
+    p.breakers.get("b").record(ProbeTicket(probe=False), "server_error")  # b is open
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.1), Wait)
+    assert first.record.extra["hedge_skipped"] == "no_model"
+    assert [r.reason for r in call.records[1:]] == ["breaker_open"]
+    assert call.in_flight == [first]  # nothing was sent
+
+
+def test_a_client_delay_under_a_tenth_of_the_attempt_does_not_postpone_the_hedge() -> None:
+    p = make_planner(Scripted(delay_s=0.02), hedge={"after": 0.3, "budget_ratio": 1.0})
+    call = start(p)
+    launch(call, T0)
+
+    assert launch(call, T0 + 0.3).spec.name == "b"
+
+
+def test_a_hedge_waits_while_the_client_is_the_slow_one_then_starts_on_the_providers_time() -> None:
+    p = make_planner(Scripted(delay_s=0.2), hedge={"after": 0.3, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.3), Wait)  # 0.3 s of wall time, 0.1 s of it the provider's
+    assert first.record.extra["client_overload"] == "client_saturated"
+    hedge = launch(call, T0 + 0.55)  # the provider's share (0.35 s) is past the threshold
+
+    assert hedge.spec.name == "b"
+    assert first.record.extra["hedged_by"] == hedge.record.index
+
+
+# -- the attempt that lost the race ------------------------------------------------------------------
+
+
+def _raced(soft: dict[str, Any]) -> tuple[Planner, Call, Attempt, Attempt]:
+    p = make_planner(Scripted(), hedge={"after": 0.1, "budget_ratio": 1.0}, soft=soft)
+    call = start(p)
+    first = launch(call, T0)
+    hedge = launch(call, T0 + 0.1)
+    return p, call, first, hedge
+
+
+def test_a_primary_that_lost_the_race_before_its_soft_timeout_is_cancelled_and_not_counted() -> None:
+    p, call, first, hedge = _raced({"warmup_s": 0.4, "min_samples": 50})
+
+    call.on_response(hedge, object(), T0 + 0.2)
+
+    assert (first.record.outcome, first.record.reason) == ("cancelled", None)
+    assert p.breakers.get("a").fail_counter == 0
+
+
+def test_a_primary_that_lost_the_race_after_its_soft_timeout_counts_as_slow_once() -> None:
+    p, call, first, hedge = _raced({"warmup_s": 0.4, "min_samples": 50})
+
+    call.on_response(hedge, object(), T0 + 0.5)  # the planner never looked in between: judged at cancel
+
+    assert (first.record.outcome, first.record.reason) == ("cancelled", "soft_timeout")
+    assert p.breakers.get("a").fail_counter == 1
+    assert p.breakers.get("b").fail_counter == 0
+
+
+def test_a_primary_already_flagged_slow_is_not_counted_again_when_it_loses() -> None:
+    p, call, first, hedge = _raced({"warmup_s": 0.4, "min_samples": 50})
+    assert isinstance(call.next_action(T0 + 0.45), Wait)  # past a's soft timeout: flagged and counted
+    assert p.breakers.get("a").fail_counter == 1
+
+    call.on_response(hedge, object(), T0 + 0.5)
+
+    assert first.record.reason == "soft_timeout"
+    assert p.breakers.get("a").fail_counter == 1
