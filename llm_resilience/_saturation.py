@@ -43,6 +43,12 @@ LAG_FLOOR_S = 0.010
 """Lateness below this is the ordinary jitter of a healthy process: never counted as delay."""
 CLIENT_HOPS = 16
 """Scheduler round trips an answer needs in the client (litellm's async path: dozens of awaits)."""
+BUSY_SHARE = 0.25
+"""A process that used less CPU than this share of one core over the window was not saturated,
+whatever its probes say: on an idle VM a sleeping thread is woken 50-400 ms late (measured on the
+2-core CI VM), and that is not a delay the client's own work caused."""
+IDLE_WINDOW_S = 0.05
+"""Windows shorter than this are too short to judge the CPU share (the probes alone decide)."""
 
 
 class SaturationSignal(Protocol):
@@ -75,11 +81,15 @@ class NotSaturated:
 
 
 class _Samples:
-    """(due, ran) pairs of one probe: it was due at ``due`` and ran at ``ran``."""
+    """(due, ran, cpu) triples of one probe: it was due at ``due``, ran at ``ran``, when the process
+    had used ``cpu`` seconds of CPU (``time.process_time``)."""
 
     def __init__(self) -> None:
-        self.ring: deque[tuple[float, float]] = deque(maxlen=_HISTORY)
+        self.ring: deque[tuple[float, float, float]] = deque(maxlen=_HISTORY)
         self.pending_due: float | None = None  # the next probe's due time, while one is scheduled
+
+    def add(self, due: float, ran: float) -> None:
+        self.ring.append((due, ran, time.process_time()))
 
     def delay(self, since: float, now: float) -> float:
         """The client's delay estimate over [since, now] (see :class:`SaturationMonitor`)."""
@@ -87,12 +97,18 @@ class _Samples:
         due = self.pending_due
         if due is not None and due < now:
             late.append((due, now))  # overdue right now: the process is late at this very moment
-        for due, ran in reversed(tuple(self.ring)):  # tuple(): one atomic copy, appends may race
+        first: tuple[float, float] | None = None  # (ran, cpu) of the oldest probe in the window
+        for due, ran, cpu in reversed(tuple(self.ring)):  # tuple(): one atomic copy, appends may race
             if ran < since:
                 break
             late.append((due, ran))
+            first = (ran, cpu)
         if not late:
             return 0.0
+        if first is not None and now - first[0] >= IDLE_WINDOW_S:
+            busy = (time.process_time() - first[1]) / (now - first[0])
+            if busy < BUSY_SHARE:
+                return 0.0  # a mostly idle process is not saturated: its late probes are the OS waking it late
         total = summed = 0.0
         for due, ran in late:
             if ran - due >= LAG_FLOOR_S:
@@ -124,7 +140,7 @@ class _LoopProbe:
         self._handle = self.loop.call_at(due, self._tick, due)
 
     def _tick(self, due: float) -> None:
-        self.samples.ring.append((due, self.loop.time()))
+        self.samples.add(due, self.loop.time())
         self.samples.pending_due = None
         self._handle = None
         if self.active > 0:
@@ -224,7 +240,7 @@ class Watchdog:
                     self._wake_at = None
                     ran = self.clock()
                     if tick is not None and ran >= tick:
-                        self.samples.ring.append((tick, ran))
+                        self.samples.add(tick, ran)
                     self.samples.pending_due = None
                     continue
             for entry in due:  # outside the heap lock: a callback may schedule again

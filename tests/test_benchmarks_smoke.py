@@ -87,17 +87,19 @@ def test_overhead_benchmark_reports_each_mode_and_the_import_delta(tmp_path: Pat
 
 
 def test_burst_benchmark_reports_every_contestant_for_each_burst(tmp_path: Path) -> None:
-    proc = run_benchmark("burst.py", tmp_path, "--bursts", "5", "--threads", "3", "--warm", "2", "--after", "2")
+    proc = run_benchmark(
+        "burst.py", tmp_path, "--bursts", "5", "--threads", "3", "--throughput", "5", "--warm", "2", "--after", "2"
+    )
     report = (tmp_path / "burst.md").read_text(encoding="utf-8")
     assert report.strip() in proc.stdout
 
     rows = table_rows(report, "burst")
     assert [(r[0], r[1]) for r in rows] == [
-        (burst, contestant)
-        for burst in ("5 acompletion", "3 threads")
-        for contestant in ("llm-resilience", "LiteLLM Router", "bare litellm")
+        *[("5 acompletion", c) for c in ("llm-resilience", "LiteLLM Router", "bare litellm")],
+        ("5 acompletion", "llm-resilience, deadline 30 s"),  # the throughput run (bare litellm's row is reused)
+        *[("3 threads", c) for c in ("llm-resilience", "LiteLLM Router", "bare litellm")],
     ]
     ours = [r for r in rows if r[1] == "llm-resilience"]
     assert all(r[7].isdigit() and r[8].isdigit() for r in ours)  # breaker opens, client_overload attempts
     assert all(r[9] for r in rows)  # what the next calls got
-    assert "Throughput at 5 concurrent" in report
+    assert re.search(r"Throughput at 5 concurrent .*\*\*\d+\.\d\dx\*\*", report)

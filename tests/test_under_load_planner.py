@@ -6,6 +6,7 @@ itself held things up, and whether the process is still cold. No server, no slee
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from llm_resilience._hooks import HookSet
 from llm_resilience._latency import LatencyStats
 from llm_resilience._planner import Attempt, Call, CallRequest, Fail, Launch, Planner, Wait
 from llm_resilience._policy import Policy
+from llm_resilience._saturation import _Samples
 
 T0 = 1000.0
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -390,3 +392,25 @@ def test_a_probe_cut_at_its_bound_while_the_client_was_saturated_frees_its_slot(
     assert probe.record.outcome == "client_overload"
     nxt = launch(start(p, T0 + 15.0), T0 + 15.0)
     assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)
+
+
+# -- the monitor's estimate: late probes of an idle process are not saturation -------------------
+
+
+def _late_probes(cpu_used_s: float) -> float:
+    """Twenty probes each 50 ms late over one second, while the process used ``cpu_used_s`` of CPU."""
+    samples = _Samples()
+    cpu_now = time.process_time()
+    for i in range(20):
+        due = T0 + 0.05 * i
+        samples.ring.append((due, due + 0.05, cpu_now - cpu_used_s * (1 - i / 20)))
+    return samples.delay(T0, T0 + 1.0)
+
+
+def test_late_probes_of_a_busy_process_are_the_clients_delay() -> None:
+    assert _late_probes(cpu_used_s=0.9) == pytest.approx(1.0)  # overdue for the whole second
+
+
+def test_late_probes_of_a_mostly_idle_process_are_the_os_waking_it_not_saturation() -> None:
+    # An idle VM wakes a sleeping thread 50-400 ms late; the process did no work to cause it.
+    assert _late_probes(cpu_used_s=0.01) == 0.0
