@@ -232,7 +232,7 @@ def test_over_budget_a_slow_attempt_is_cut_at_its_soft_timeout_instead(
 
     assert outcomes(response) == [("big", "failure", "soft_timeout"), ("small", "success", None)]
     assert hidden(response)["attempts"][1].get("hedged") is None  # a plain fallback, not a hedge
-    assert elapsed < 1.0
+    assert elapsed < 1.4  # cut well before big's 1.5 s answer (margin: this VM wakes idle threads late)
     assert big.wait_idle(2.0)
     assert big.requests[0].disconnected
     assert big.requests[0].duration_s is not None and big.requests[0].duration_s < 1.0
