@@ -64,10 +64,12 @@ test-services:
 	    echo "redis-server is missing: sudo apt-get install -y redis-server (Redis tests are skipped without it)"; \
 	  fi; }
 
-# The suite in a random order (pytest-random-order; the seed is printed, re-run with -p random_order
-# --random-order-seed=N): tests must not depend on each other's leftovers.
-unit-random: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order $(PYTEST_ARGS)
+# The suite in a random order (pytest-random-order, modules and tests within them shuffled): tests must
+# not depend on each other's leftovers. The seed is printed; `make unit-random RANDOM_SEED=N` replays it.
+unit-random: setup test-services
+	@seed=$${RANDOM_SEED:-$$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}; \
+	echo "random order seed $$seed (replay: make unit-random RANDOM_SEED=$$seed)"; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --random-order --random-order-seed=$$seed $(PYTEST_ARGS)
 
 # Long fuzzing of the policy loader (20,000 random examples per property; `make test` runs 60, derandomized).
 fuzz: setup

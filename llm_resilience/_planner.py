@@ -477,7 +477,8 @@ class Call:
 
         Starting a hedge is not a verdict on the slow attempt: it keeps running, and whichever
         answers first wins. Why a hedge did not start is recorded on the slow attempt
-        (``hedge_skipped``: ``max_extra``, ``budget`` or ``no_model``).
+        (``hedge_skipped``: ``max_extra``, ``budget``, ``no_model``, or ``client_overload`` while the
+        client, not the provider, is what makes it slow).
         """
         cfg = self.route.hedge
         if cfg is None:
@@ -485,11 +486,16 @@ class Call:
         due = [a for a in self._in_flight if a.hedge_at is not None and a.hedge_at + a.client_delay_s <= now]
         due = [a for a in due if a.record.index not in self._hedge_due]
         # Slow because the client was (not the provider): a hedge would queue for the same CPU.
-        due = [a for a in due if not self._client_excuse(a, (a.hedge_at or now) - a.record.started_at, now)]
+        # Checked again at the next wake-up; the reason stays on the attempt unless a hedge starts.
+        excused = [a for a in due if self._client_excuse(a, (a.hedge_at or now) - a.record.started_at, now)]
+        for held_back in excused:
+            held_back.record.extra["hedge_skipped"] = k.CLIENT_OVERLOAD
+        due = [a for a in due if a not in excused]
         if not due:
             return None
         self._hedge_due.update(a.record.index for a in due)
         slow = due[0].record
+        slow.extra.pop("hedge_skipped", None)
         if self._hedges >= cfg.max_extra:
             slow.extra["hedge_skipped"] = "max_extra"
             return None

@@ -27,6 +27,7 @@ a fresh (not yet started) watchdog and empty measurements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import os
 import threading
@@ -47,6 +48,11 @@ BUSY_SHARE = 0.25
 """A process that used less CPU than this share of one core over the window was not saturated,
 whatever its probes say: on an idle VM a sleeping thread is woken 50-400 ms late (measured on the
 2-core CI VM), and that is not a delay the client's own work caused."""
+QUEUED_SHARE = 0.5
+"""A process that did little work is still saturated when its probes were late because they
+waited for a core other processes held (noisy neighbours): at least this share of their lateness
+was spent runnable, on the OS's run queue (Linux ``schedstat``). An idle VM's late wake-ups are
+not run-queue waits: the thread runs as soon as the timer finally fires."""
 IDLE_WINDOW_S = 0.05
 """Windows shorter than this are too short to judge the CPU share (the probes alone decide)."""
 
@@ -81,15 +87,39 @@ class NotSaturated:
 
 
 class _Samples:
-    """(due, ran, cpu) triples of one probe: it was due at ``due``, ran at ``ran``, when the process
-    had used ``cpu`` seconds of CPU (``time.process_time``)."""
+    """(due, ran, cpu, queued) samples of one probe: it was due at ``due`` and ran at ``ran``, when the
+    process had used ``cpu`` seconds of CPU (``time.process_time``) and the probing thread had
+    waited ``queued`` seconds in all on the OS's run queue (0.0 where the OS does not say).
+
+    One thread adds the samples of one probe (the watchdog's, or a loop's), so the run-queue
+    counter read at each sample is that thread's.
+    """
 
     def __init__(self) -> None:
-        self.ring: deque[tuple[float, float, float]] = deque(maxlen=_HISTORY)
+        self.ring: deque[tuple[float, float, float, float]] = deque(maxlen=_HISTORY)
         self.pending_due: float | None = None  # the next probe's due time, while one is scheduled
+        self._schedstat: int | None = None  # fd of the probing thread's /proc/thread-self/schedstat
+        self._schedstat_missing = not os.path.exists("/proc/thread-self/schedstat")
 
     def add(self, due: float, ran: float) -> None:
-        self.ring.append((due, ran, time.process_time()))
+        self.ring.append((due, ran, time.process_time(), self._queued_s()))
+
+    def _queued_s(self) -> float:
+        # Kept open: a pread of it costs ~0.5 us where open/read/close costs ~10 us, 100 times a second.
+        if self._schedstat_missing:
+            return 0.0
+        try:
+            if self._schedstat is None:
+                self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(self._schedstat, 64, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):  # no procfs, or the thread that opened it is gone
+            self._schedstat_missing = True
+            return 0.0
+
+    def __del__(self) -> None:
+        if self._schedstat is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._schedstat)
 
     def delay(self, since: float, now: float) -> float:
         """The client's delay estimate over [since, now] (see :class:`SaturationMonitor`)."""
@@ -97,18 +127,19 @@ class _Samples:
         due = self.pending_due
         if due is not None and due < now:
             late.append((due, now))  # overdue right now: the process is late at this very moment
-        first: tuple[float, float] | None = None  # (ran, cpu) of the oldest probe in the window
-        for due, ran, cpu in reversed(tuple(self.ring)):  # tuple(): one atomic copy, appends may race
-            if ran < since:
-                break
-            late.append((due, ran))
-            first = (ran, cpu)
+        window = [sample for sample in tuple(self.ring) if sample[1] >= since]  # tuple(): one atomic copy
+        late.extend((due, ran) for due, ran, _, _ in window)
         if not late:
             return 0.0
-        if first is not None and now - first[0] >= IDLE_WINDOW_S:
-            busy = (time.process_time() - first[1]) / (now - first[0])
-            if busy < BUSY_SHARE:
-                return 0.0  # a mostly idle process is not saturated: its late probes are the OS waking it late
+        if window and now - window[0][1] >= IDLE_WINDOW_S:
+            first, newest = window[0], window[-1]
+            busy = (time.process_time() - first[2]) / (now - first[1])
+            # Lateness of the samples after the first, against the run-queue wait over the same span.
+            lateness = sum(ran - due for due, ran, _, _ in window[1:] if ran - due >= LAG_FLOOR_S)
+            queued = newest[3] - first[3]
+            if busy < BUSY_SHARE and (lateness <= 0.0 or queued < QUEUED_SHARE * lateness):
+                # A mostly idle process whose probes were not waiting for a core: the OS woke it late.
+                return 0.0
         total = summed = 0.0
         for due, ran in late:
             if ran - due >= LAG_FLOOR_S:

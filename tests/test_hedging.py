@@ -202,7 +202,9 @@ def test_hedges_respect_the_budget(
         for s in attempt_spans(exporter)
         if s.attributes["llm_resilience.model"] == "big"
     ]
-    assert skipped.count("budget") == 6
+    # A hedge the client's own lateness held back (a loaded machine) is not the budget's doing,
+    # but it is not a hedge either: every big attempt that did not hedge says why.
+    assert skipped.count("budget") + skipped.count("client_overload") == 6, skipped
 
 
 def test_zero_budget_never_hedges(

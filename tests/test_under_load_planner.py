@@ -6,6 +6,7 @@ itself held things up, and whether the process is still cold. No server, no slee
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -250,6 +251,22 @@ def test_a_hedge_waits_while_the_client_is_the_slow_one() -> None:
     assert hedge.spec.name == "b" and first.record.extra["hedged_by"] == hedge.record.index
 
 
+def test_a_hedge_the_client_keeps_excusing_says_why_it_did_not_start() -> None:
+    signal = Scripted(delay_s=0.3)  # the client was late for 0.3 s of the attempt's first 0.35 s
+    p = make_planner(signal, hedge={"after": 0.1, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+    first.client_delay_s = 0.25  # the attempt's estimate so far: its (moved) hedge threshold is due
+
+    waiting = call.next_action(T0 + 0.35)
+
+    assert isinstance(waiting, Wait)
+    assert first.record.extra["hedge_skipped"] == "client_overload"  # on the span: why on-call saw no hedge
+    signal.delay = 0.0  # the client caught up: the hedge starts, and the stale reason goes
+    hedge = launch(call, T0 + 0.8)
+    assert hedge.spec.name == "b" and "hedge_skipped" not in first.record.extra
+
+
 # -- panic mode --------------------------------------------------------------------------------
 
 
@@ -397,13 +414,14 @@ def test_a_probe_cut_at_its_bound_while_the_client_was_saturated_frees_its_slot(
 # -- the monitor's estimate: late probes of an idle process are not saturation -------------------
 
 
-def _late_probes(cpu_used_s: float) -> float:
-    """Twenty probes each 50 ms late over one second, while the process used ``cpu_used_s`` of CPU."""
+def _late_probes(cpu_used_s: float, queued_share: float = 0.0) -> float:
+    """Twenty probes each 50 ms late over one second, while the process used ``cpu_used_s`` of CPU
+    and the probing thread spent ``queued_share`` of each probe's lateness on the OS's run queue."""
     samples = _Samples()
     cpu_now = time.process_time()
     for i in range(20):
         due = T0 + 0.05 * i
-        samples.ring.append((due, due + 0.05, cpu_now - cpu_used_s * (1 - i / 20)))
+        samples.ring.append((due, due + 0.05, cpu_now - cpu_used_s * (1 - i / 20), 0.05 * queued_share * i))
     return samples.delay(T0, T0 + 1.0)
 
 
@@ -414,3 +432,20 @@ def test_late_probes_of_a_busy_process_are_the_clients_delay() -> None:
 def test_late_probes_of_a_mostly_idle_process_are_the_os_waking_it_not_saturation() -> None:
     # An idle VM wakes a sleeping thread 50-400 ms late; the process did no work to cause it.
     assert _late_probes(cpu_used_s=0.01) == 0.0
+    assert _late_probes(cpu_used_s=0.01, queued_share=0.3) == 0.0  # a little queueing does not explain it
+
+
+def test_late_probes_of_an_idle_process_starved_by_other_processes_are_the_clients_delay() -> None:
+    # Noisy neighbours: the process did little work, but its probes were late because they waited
+    # for a core other processes held. The provider is not to blame for that time either.
+    assert _late_probes(cpu_used_s=0.01, queued_share=0.9) == pytest.approx(1.0)
+
+
+def test_a_probe_reads_its_threads_run_queue_wait() -> None:
+    samples = _Samples()
+    samples.add(T0, T0)
+    queued = samples.ring[-1][3]
+    if sys.platform.startswith("linux"):
+        assert queued > 0.0  # this thread has waited on a run queue at some point since it started
+    else:
+        assert queued == 0.0
