@@ -536,9 +536,16 @@ class Call:
         return max(soft.floor_s if soft is not None else 0.0, learned)
 
     def _prepare(
-        self, spec: ModelSpec, now: float, *, hedged: bool = False, retry_of: int | None = None, panic: bool = False
+        self,
+        spec: ModelSpec,
+        now: float,
+        *,
+        hedged: bool = False,
+        retry_of: int | None = None,
+        panic: bool = False,
+        overflow: bool = False,
     ) -> Attempt | None:
-        """Turn the next model into an attempt, or record why it is skipped."""
+        """Turn the next model into an attempt, or record why it is skipped (``overflow``: past its suspect gate)."""
         record = AttemptRecord(
             index=len(self.records), model=spec.name, litellm_model=spec.litellm_model, started_at=now,
             hedged=hedged, retry_of=retry_of,
@@ -567,10 +574,13 @@ class Call:
         suspect_slot = False
         if admission is Admission.ADMIT and not panic and breaker.suspect:
             # A request in flight to this model is already slow or failed: few new ones until a verdict.
-            if not breaker.take_suspect_slot():
+            if overflow:
+                record.extra["suspect_overflow"] = True  # every model's gate was shut: this one anyway
+            elif breaker.take_suspect_slot():
+                suspect_slot = True
+            else:
                 self._skip(record, k.SUSPECT)
                 return None
-            suspect_slot = True
             record.extra["suspect"] = True
         if ticket.probe:
             record.extra["probe"] = True
@@ -743,18 +753,34 @@ class Call:
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _panic_attempt(self, now: float) -> Attempt | None:
-        """Every model of the chain was skipped because its breaker is open: try one anyway (``breakers.*.panic``).
+        """Every model of the chain was skipped for its breaker's state: try one anyway.
 
-        The model tried is the one whose breaker opened first: it has been out of traffic the
-        longest, so it is the likeliest to have healed, and it is the one its own probe would
-        pick next anyway. (The last model to succeed is often the one that just failed too.)
-        Only once per call, only if no request was sent yet, and never past the deadline.
+        A model skipped only as *suspect* (its breaker is closed; its few suspect slots are
+        taken) goes first: the first such model in chain order gets the request past its gate
+        (``suspect_overflow``), an ordinary request whose outcome counts. Without it, a chain whose
+        every model is suspect fails each call in microseconds; callers that retry at once then
+        take the CPU from the very requests whose answers would clear the suspicion (seen in the
+        soak: 20,000 calls failed that way, nothing answered for 35 s).
+
+        Otherwise, when every model's breaker is open (``breakers.*.panic: try_one``), the one whose
+        breaker opened first: it has been out of traffic the longest, so it is the likeliest to have
+        healed, and it is the one its own probe would pick next anyway. (The last model to succeed
+        is often the one that just failed too.) Only once per call, only if no request was sent
+        yet, and never past the deadline.
         """
         if self._panicked or any(r.outcome != "skipped" for r in self.records):
             return None
-        skipped = {r.model for r in self.records if r.reason == k.BREAKER_OPEN}
-        if not skipped or len(skipped) != len({r.model for r in self.records}):
+        reasons = {r.model: r.reason for r in self.records}
+        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
+        if not reasons or any(reason not in breaker_reasons for reason in reasons.values()):
             return None  # some model was skipped for another reason (context, key): panic cannot help
+        suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
+        if suspects:
+            self._panicked = True
+            return self._prepare(suspects[0], now, overflow=True)
+        skipped = {model for model, reason in reasons.items() if reason == k.BREAKER_OPEN}
+        if len(skipped) != len(reasons):
+            return None  # a half-open model's probe is in flight: its verdict is near, no second request
         breakers = self.planner.breakers
         candidates = [
             spec for spec in self.route.chain

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -97,6 +97,9 @@ class Tally:
         self.late: list[float] = []
         self.unexpected: list[str] = []
         self.done = 0
+        # What the attempts of failed calls were (model:outcome/reason, ...): the whole run, and the last 500.
+        self.failed: Counter[str] = Counter()
+        self.recent_failed: deque[str] = deque(maxlen=500)
 
     def add(self, outcome: str, elapsed: float, error: BaseException | None = None) -> None:
         with self.lock:
@@ -104,8 +107,12 @@ class Tally:
             self.done += 1
             if elapsed > DEADLINE_S + 1.0:
                 self.late.append(elapsed)
-            if error is not None and len(self.unexpected) < 20:
+            if outcome == "unexpected" and error is not None and len(self.unexpected) < 20:
                 self.unexpected.append(f"{type(error).__name__}: {str(error)[:200]}")
+            if isinstance(error, AllAttemptsFailed):
+                signature = ", ".join(f"{a.model}:{a.outcome}/{a.reason}" for a in error.attempts) or "no attempt"
+                self.failed[signature] += 1
+                self.recent_failed.append(signature)
 
 
 def classify(error: BaseException | None) -> str:
@@ -131,7 +138,7 @@ def sync_call(engine: Resilience, stream: bool, tally: Tally) -> None:
     except Exception as e:
         error = e
     outcome = classify(error)
-    tally.add(outcome, time.monotonic() - started, error if outcome == "unexpected" else None)
+    tally.add(outcome, time.monotonic() - started, error)
 
 
 async def async_call(engine: Resilience, stream: bool, tally: Tally) -> None:
@@ -148,7 +155,7 @@ async def async_call(engine: Resilience, stream: bool, tally: Tally) -> None:
     except Exception as e:
         error = e
     outcome = classify(error)
-    tally.add(outcome, time.monotonic() - started, error if outcome == "unexpected" else None)
+    tally.add(outcome, time.monotonic() - started, error)
 
 
 def run_threads(engine: Resilience, calls: int, tally: Tally) -> None:
@@ -282,6 +289,8 @@ def main() -> int:
     sampling = threading.Event()
 
     halfway: dict[str, Any] = {}
+    answered: list[int] = []
+    stuck: list[str] = []
 
     def sample() -> None:
         while not sampling.wait(5.0):
@@ -295,6 +304,11 @@ def main() -> int:
                 if TRACEMALLOC:
                     halfway["snapshot"] = tracemalloc.take_snapshot()
             print(f"  {tally.done:>7} calls  rss {samples[-1][1]:.0f} MB  {dict(tally.outcomes)}", flush=True)
+            answered.append(tally.outcomes["answered"])
+            if len(answered) >= 4 and answered[-1] == answered[-4] and tally.done < calls:
+                # Two healthy fallbacks and nothing answered for 15 s: the layer itself is stuck.
+                stuck.append(f"after {tally.done} calls: {breaker_internals(engine, providers)}")
+                print(f"  STUCK: nothing answered for 15 s; breakers {stuck[-1]}", flush=True)
 
     if TRACEMALLOC:
         tracemalloc.start(8)
@@ -338,6 +352,10 @@ def main() -> int:
             problems.append(f"breaker {name}: state {b.state} but last transition to {chain[-1][1]}")
         if b._probe_in_flight:
             problems.append(f"breaker {name}: a probe slot is still held after every call ended")
+        if b._suspect_slots:
+            problems.append(f"breaker {name}: {b._suspect_slots} suspect slots still held after every call ended")
+    if stuck:
+        problems.append(f"nothing answered for 15 s or more, {len(stuck)} times; first {stuck[0]}")
     if stream_threads():
         problems.append(f"{stream_threads()} stream helper threads left")
     # Pools fill once in the first half (the attempt pool's 64 threads, litellm's logging threads,
@@ -360,6 +378,13 @@ def main() -> int:
     print(f"  calls over deadline + 1 s (CPU saturation): {len(tally.late)} ({late})")
     print(f"  breaker transitions: {counts}")
     print(f"  breaker states at end: {engine.breaker_states()}")
+    print(f"  breakers inside at end: {breaker_internals(engine, providers)}")
+    print("  failed calls' attempts, whole run (top 6):")
+    for signature, n in tally.failed.most_common(6):
+        print(f"    {n:>6}  {signature[:300]}")
+    print("  failed calls' attempts, last 500 (top 4):")
+    for signature, n in Counter(tally.recent_failed).most_common(4):
+        print(f"    {n:>6}  {signature[:300]}")
     print(f"  start {start}")
     if halfway:
         half = {k: round(v, 1) if isinstance(v, float) else v for k, v in halfway.items() if k != "snapshot"}
@@ -387,6 +412,15 @@ def main() -> int:
         return 1
     print("soak: OK")
     return 0
+
+
+def breaker_internals(engine: Resilience, names: Any) -> dict[str, str]:
+    """Each breaker's state with its gates: probe in flight, suspect flag and suspect slots held."""
+    out = {}
+    for name in names:
+        b = engine.breakers.get(name)
+        out[name] = f"{b.state} probe={b._probe_in_flight} suspect={b.suspect} slots={b._suspect_slots}"
+    return out
 
 
 def thread_census() -> str:

@@ -340,6 +340,28 @@ def test_a_suspect_model_gets_one_new_request_at_a_time_until_a_verdict() -> Non
     assert launch(later_call, T0 + 0.3).spec.name == "b"
 
 
+def test_when_every_model_is_suspect_a_call_still_tries_the_first_one() -> None:
+    # Suspect gating diverts requests down the chain; with no model left to divert to it must
+    # not turn into failing every call at once (the soak's livelock: callers retrying instantly
+    # starved the few admitted requests whose answers would have cleared the suspicion).
+    p = make_planner(breakers={"fail_max": 5})
+    for name in ("a", "b"):
+        p.breakers.get(name).mark_suspect()
+    holders = [launch(start(p, T0), T0) for _ in range(2)]  # one suspect slot each, still in flight
+    assert [h.spec.name for h in holders] == ["a", "b"]
+
+    call = start(p, T0 + 0.1)
+    overflow = launch(call, T0 + 0.1)
+
+    assert overflow.spec.name == "a"
+    assert overflow.record.extra["suspect_overflow"] is True and not overflow.suspect_slot
+    assert [(r.model, r.reason) for r in call.records[:2]] == [("a", "suspect"), ("b", "suspect")]
+    # An ordinary request: its failure counts (the breaker is closed), and frees no slot it never took.
+    call.on_error(overflow, ConnectionError("reset"), T0 + 0.2)
+    assert p.breakers.get("a").fail_counter == 1
+    assert not p.breakers.get("a").take_suspect_slot()  # the holder's slot is still the only one
+
+
 def test_a_slow_attempt_in_flight_makes_its_model_suspect() -> None:
     p = make_planner(hedge={"after": 0.5, "budget_ratio": 0.0}, soft={"warmup_s": 0.2, "min_samples": 50})
     call = start(p)
