@@ -10,12 +10,18 @@ opened, because the client's own queueing is not blamed on the provider.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import multiprocessing
+import os
 import sys
 import threading
 import time
+import types
+import uuid
+from pathlib import Path
 from typing import Any
 
+import litellm
 import pytest
 from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes
 
@@ -94,14 +100,21 @@ def _hedged_call_in_child(engine: Resilience, results: Any) -> None:
         results.put(("raised", repr(error)))
 
 
+def _run_in_forked_child(engine: Resilience) -> tuple[bool, Any]:
+    """(hung, what the child reported) for one hedged call in a forked child."""
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    child = context.Process(target=_hedged_call_in_child, args=(engine, results))
+    child.start()
+    child.join(20)  # the call takes ~50 ms; a hang is forever (the child joins its pool threads at exit)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    return hung, None if results.empty() else results.get()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known open defect (issue 7 note, stop 7): the forked child's hedged call hangs in ~3 of 10 runs, "
-        "on the stop 6 code too; the cause (a lock held by a parent thread at fork) is not yet found"
-    ),
-)
 def test_a_hedged_sync_call_works_in_a_forked_child(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
@@ -112,18 +125,62 @@ def test_a_hedged_sync_call_works_in_a_forked_child(
     first = engine.completion("chat", MESSAGES)  # the parent's worker threads and watchdog now exist
     assert hidden(first)["model"] == "small"
 
-    context = multiprocessing.get_context("fork")
-    results = context.SimpleQueue()
-    child = context.Process(target=_hedged_call_in_child, args=(engine, results))
-    child.start()
-    child.join(20)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-        child.join()
+    hung, reported = _run_in_forked_child(engine)  # forked while big's aborted thread may still be in litellm
 
-    assert not hung, "the hedged call hung in the forked child"
-    assert results.get() == ("answered", "small")
+    assert not hung, f"the forked child hung after reporting {reported}"
+    assert reported == ("answered", "small")
+
+
+# The parent's fork hook of the test below; registered after llm_resilience's own (imported above), so
+# it runs first: before-fork hooks run in reverse order of registration.
+_released_at_fork: list[threading.Event] = []
+
+
+def _release_before_fork() -> None:
+    while _released_at_fork:
+        _released_at_fork.pop().set()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_release_before_fork)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_a_fork_waits_for_the_aborted_losers_thread_to_leave_litellm(
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cause of the hang above, forced: the losing hedge's thread, aborted, runs litellm's error
+    path after the call has returned; litellm imports modules there (the fastapi probe of its guardrail
+    check, on every error). A fork in that moment gave the child a module lock owned by a thread that
+    does not exist in the child, and the child's loser blocked on it forever. Here the loser's failure
+    callback imports a module whose body waits until the fork starts: the fork must wait for it."""
+    module = f"fork_probe_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(
+        "import fork_probe_gate as gate\ngate.importing.set()\ngate.fork_started.wait(10)\n"
+    )
+    gate = types.ModuleType("fork_probe_gate")
+    gate.importing, gate.fork_started = threading.Event(), threading.Event()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fork_probe_gate", gate)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(litellm, "failure_callback", [lambda *_: importlib.import_module(module)])
+    policy = policy_dict(["big", "small"], timeout_s=5.0, deadline_s=5.0)
+    policy["routes"]["chat"]["hedge"] = {"after": 0.05, "budget_ratio": 1.0}
+    engine = make_engine(policy)
+    big.set(Behavior.slow(1.0))
+
+    first = engine.completion("chat", MESSAGES)
+    assert hidden(first)["model"] == "small"
+    assert gate.importing.wait(10)  # type: ignore[attr-defined]  # big's thread holds the module's import lock
+    _released_at_fork.append(gate.fork_started)  # type: ignore[attr-defined]
+    hung, reported = _run_in_forked_child(engine)
+
+    assert not hung, f"the forked child hung after reporting {reported}"
+    assert reported == ("answered", "small")
 
 
 # -- a burst against healthy providers, each in its own process ----------------------------------
