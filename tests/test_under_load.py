@@ -10,9 +10,11 @@ opened, because the client's own queueing is not blamed on the provider.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import importlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from typing import Any
 
 import litellm
 import pytest
-from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes
+from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes, wait_until
 
 from llm_resilience import AllAttemptsFailed, Resilience
 from llm_resilience.testing import Behavior, FakeProvider, provider_process
@@ -91,8 +93,14 @@ def test_a_hedged_sync_call_where_every_model_trickles_ends_at_the_deadline(
 
 # -- fork ----------------------------------------------------------------------------------------
 
+HEDGED_SLOW_S = 4.0
+"""big's latency in the fork tests: small (hedged at 50 ms) must win even when the planner postpones the
+hedge by the client's own delay on a loaded machine (a 1 s big won there now and then)."""
 
-def _hedged_call_in_child(engine: Resilience, results: Any) -> None:
+
+def _hedged_call_in_child(engine: Resilience, results: Any, stacks_path: str) -> None:
+    stacks = open(stacks_path, "w")  # noqa: SIM115  # open until the child exits: SIGUSR1 writes there
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         response = engine.completion("chat", MESSAGES)
         results.put(("answered", hidden(response)["model"]))
@@ -100,15 +108,19 @@ def _hedged_call_in_child(engine: Resilience, results: Any) -> None:
         results.put(("raised", repr(error)))
 
 
-def _run_in_forked_child(engine: Resilience) -> tuple[bool, Any]:
-    """(hung, what the child reported) for one hedged call in a forked child."""
+def _run_in_forked_child(engine: Resilience, stacks_path: Path) -> tuple[str | None, Any]:
+    """(the child's thread stacks if it hung, else None; what it reported) for one hedged call in a forked child."""
     context = multiprocessing.get_context("fork")
     results = context.SimpleQueue()
-    child = context.Process(target=_hedged_call_in_child, args=(engine, results))
+    child = context.Process(target=_hedged_call_in_child, args=(engine, results, str(stacks_path)))
     child.start()
     child.join(20)  # the call takes ~50 ms; a hang is forever (the child joins its pool threads at exit)
-    hung = child.is_alive()
-    if hung:
+    hung: str | None = None
+    if child.is_alive():
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGUSR1)  # the child's threads, for the failure message
+        wait_until(lambda: "Current thread" in stacks_path.read_text(), timeout=5.0)  # the main thread's is last
+        hung = stacks_path.read_text()
         child.kill()
         child.join()
     return hung, None if results.empty() else results.get()
@@ -116,18 +128,18 @@ def _run_in_forked_child(engine: Resilience) -> tuple[bool, Any]:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
 def test_a_hedged_sync_call_works_in_a_forked_child(
-    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider, tmp_path: Path
 ) -> None:
-    policy = policy_dict(["big", "small"], timeout_s=5.0, deadline_s=5.0)
+    policy = policy_dict(["big", "small"], timeout_s=10.0, deadline_s=10.0)
     policy["routes"]["chat"]["hedge"] = {"after": 0.05, "budget_ratio": 1.0}
     engine = make_engine(policy)
-    big.set(Behavior.slow(1.0))
+    big.set(Behavior.slow(HEDGED_SLOW_S))
     first = engine.completion("chat", MESSAGES)  # the parent's worker threads and watchdog now exist
     assert hidden(first)["model"] == "small"
 
-    hung, reported = _run_in_forked_child(engine)  # forked while big's aborted thread may still be in litellm
+    hung, reported = _run_in_forked_child(engine, tmp_path / "stacks")  # big's aborted thread may be in litellm
 
-    assert not hung, f"the forked child hung after reporting {reported}"
+    assert hung is None, f"the forked child hung after reporting {reported}; its threads:\n{hung}"
     assert reported == ("answered", "small")
 
 
@@ -168,18 +180,18 @@ def test_a_fork_waits_for_the_aborted_losers_thread_to_leave_litellm(
     monkeypatch.setitem(sys.modules, "fork_probe_gate", gate)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(litellm, "failure_callback", [lambda *_: importlib.import_module(module)])
-    policy = policy_dict(["big", "small"], timeout_s=5.0, deadline_s=5.0)
+    policy = policy_dict(["big", "small"], timeout_s=10.0, deadline_s=10.0)
     policy["routes"]["chat"]["hedge"] = {"after": 0.05, "budget_ratio": 1.0}
     engine = make_engine(policy)
-    big.set(Behavior.slow(1.0))
+    big.set(Behavior.slow(HEDGED_SLOW_S))
 
     first = engine.completion("chat", MESSAGES)
     assert hidden(first)["model"] == "small"
     assert gate.importing.wait(10)  # type: ignore[attr-defined]  # big's thread holds the module's import lock
     _released_at_fork.append(gate.fork_started)  # type: ignore[attr-defined]
-    hung, reported = _run_in_forked_child(engine)
+    hung, reported = _run_in_forked_child(engine, tmp_path / "stacks")
 
-    assert not hung, f"the forked child hung after reporting {reported}"
+    assert hung is None, f"the forked child hung after reporting {reported}; its threads:\n{hung}"
     assert reported == ("answered", "small")
 
 
