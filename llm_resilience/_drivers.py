@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -48,6 +49,7 @@ from ._planner import Attempt, Call, Done, Fail, Launch, Wait, attempt_timeout
 from ._saturation import monitor
 
 Clock = Callable[[], float]
+log = logging.getLogger("llm_resilience")
 
 _pool_lock = threading.Lock()
 _pool: cf.ThreadPoolExecutor | None = None
@@ -62,15 +64,62 @@ def _thread_pool() -> cf.ThreadPoolExecutor:
         return _pool
 
 
+FORK_WAIT_S = 2.0
+"""How long a fork waits for the worker threads of stopped attempts to finish (normally milliseconds)."""
+
+
+class _Stragglers:
+    """Attempts the driver aborted whose worker thread is still finishing inside litellm.
+
+    Aborting a losing hedge makes its read fail at once, but its thread then runs litellm's
+    error path (exception mapping, failure callbacks), after the call has returned to the caller.
+    That code takes locks, among them importlib's per-module locks: litellm imports
+    ``litellm.proxy.guardrails.exception_utils`` on the first error and tries ``import fastapi``
+    on every one. A process forked at that moment hands the child a module lock owned by a thread
+    that does not exist there, and the child's first import of the same name blocks forever (CPython
+    resets only its global import lock at fork). So a fork waits, up to :data:`FORK_WAIT_S`, until
+    no aborted attempt is still running: the caller cannot know these threads exist.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def add(self, future: cf.Future[Any]) -> None:
+        with self._cond:
+            self._running += 1
+        future.add_done_callback(self._finished)  # runs at once if it already finished
+
+    def _finished(self, _future: cf.Future[Any]) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._running == 0:
+                self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every aborted attempt finished within ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
+
+
+_stragglers = _Stragglers()
+
+
+def _before_fork() -> None:
+    if not _stragglers.wait(FORK_WAIT_S):
+        log.warning("forking while an aborted attempt's thread still runs; the child may inherit its locks")
+
+
 def _after_fork_in_child() -> None:
     # A forked child inherits the pool object without its threads (work submitted to it would
     # never run), locks possibly held by a thread that does not exist in the child, and idle
     # keep-alive connections shared with the parent. Start afresh; nothing is closed (the
     # parent still uses those connections).
-    global _pool, _pool_lock, _leases
+    global _pool, _pool_lock, _leases, _stragglers
     _pool_lock = threading.Lock()
     _pool = None
     _leases = _Leases()
+    _stragglers = _Stragglers()
 
 
 def _send_kwargs(attempt: Attempt) -> dict[str, Any]:
@@ -271,7 +320,7 @@ def _new_http_client() -> Any:
 
 
 _leases = _Leases()
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
@@ -336,6 +385,7 @@ def _stop(future: cf.Future[Any], lease: _Lease | None) -> None:
             _leases.give_back(lease)
     elif lease is not None:
         lease.abort()  # its thread gets a connection error at once and returns the lease
+        _stragglers.add(future)  # ... but runs litellm's error path after the call returned
 
 
 def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
