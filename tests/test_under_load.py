@@ -27,7 +27,7 @@ import litellm
 import pytest
 from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes, wait_until
 
-from llm_resilience import AllAttemptsFailed, Resilience
+from llm_resilience import AllAttemptsFailed, AttemptRecord, Hook, Resilience
 from llm_resilience.testing import Behavior, FakeProvider, provider_process
 
 TRICKLE = Behavior(trickle_byte_s=0.05)  # headers at once, then one byte every 50 ms: ~20 s for the body
@@ -198,6 +198,19 @@ def test_a_fork_waits_for_the_aborted_losers_thread_to_leave_litellm(
 # -- a burst against healthy providers, each in its own process ----------------------------------
 
 
+class _CountedFailures(Hook):
+    """The attempts a breaker counted as failures, as (model, outcome, reason, latency, client delay, extra)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[Any, ...]] = []
+
+    def attempt_ended(self, call: Any, record: AttemptRecord, response: Any) -> None:
+        if record.outcome in ("failure", "soft_failure") or record.extra.get("slow"):
+            self.records.append(
+                (record.model, record.outcome, record.reason, round(record.latency_s or 0, 3), dict(record.extra))
+            )
+
+
 def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make_engine: EngineFactory) -> None:
     with provider_process(0.06) as big_url, provider_process(0.04) as small_url:
         policy: dict[str, Any] = {
@@ -206,7 +219,8 @@ def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make
             "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95}}},
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
-        engine = make_engine(policy)
+        counted = _CountedFailures()
+        engine = make_engine(policy, hooks=[counted])
         for _ in range(25):  # enough samples for the soft timeout to be learned (p95 of ~60 ms)
             engine.completion("chat", MESSAGES)
 
@@ -232,4 +246,4 @@ def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make
     failures = [r for r in [*answered, *threaded] if isinstance(r, BaseException)]
     assert not failures, failures[:3]
     assert len(answered) == 50 and len(threaded) == 16
-    assert set(engine.breaker_states().values()) == {"closed"}
+    assert set(engine.breaker_states().values()) == {"closed"}, counted.records[:6]
