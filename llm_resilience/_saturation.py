@@ -127,7 +127,18 @@ class _Samples:
         due = self.pending_due
         if due is not None and due < now:
             late.append((due, now))  # overdue right now: the process is late at this very moment
-        window = [sample for sample in tuple(self.ring) if sample[1] >= since]  # tuple(): one atomic copy
+        window: list[tuple[float, float, float, float]] = []  # the samples that ran since ``since``, oldest first
+        ring = self.ring
+        # Samples are appended in the order they ran, so the window is the ring's tail: read from the
+        # newest back (an attempt checked at its bound pays for its window, not for up to _HISTORY
+        # samples), and not at all when no probe ran since ``since`` (the thread probe's ring while
+        # only async attempts run).
+        if ring and ring[-1][1] >= since:
+            for sample in reversed(tuple(ring)):  # tuple(): one atomic copy, appends may race
+                if sample[1] < since:
+                    break
+                window.append(sample)
+            window.reverse()
         late.extend((due, ran) for due, ran, _, _ in window)
         if not late:
             return 0.0
