@@ -134,10 +134,13 @@ class _Samples:
         # samples), and not at all when no probe ran since ``since`` (the thread probe's ring while
         # only async attempts run).
         if ring and ring[-1][1] >= since:
-            for sample in reversed(tuple(ring)):  # tuple(): one atomic copy, appends may race
-                if sample[1] < since:
-                    break
-                window.append(sample)
+            try:
+                for sample in reversed(ring):
+                    if sample[1] < since:
+                        break
+                    window.append(sample)
+            except RuntimeError:  # the probing thread appended meanwhile: read one atomic copy instead
+                window = [sample for sample in tuple(ring) if sample[1] >= since][::-1]
             window.reverse()
         late.extend((due, ran) for due, ran, _, _ in window)
         if not late:
