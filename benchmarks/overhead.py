@@ -538,6 +538,7 @@ def redis_table(smp: Samples | None, micro: tuple[float, float] | None = None) -
 
 def report(
     results: dict[str, Samples],
+    load: tuple[float, float],
     imports: dict[str, list[float]],
     spans: int,
     profile: str | None,
@@ -547,7 +548,8 @@ def report(
     parts = [
         "# Overhead: llm_resilience.completion vs litellm.completion",
         "",
-        f"`{c.command_line()}` — {c.environment_line()}.",
+        f"`{c.command_line()}` — {c.environment_line()}. Load average (1 min) at start / end: "
+        f"{load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} CPUs (other processes' work is noise in every timing).",
         "",
         "Same zero-latency fake provider (own process); tracing on (SimpleSpanProcessor -> InMemorySpanExporter, "
         f"{spans} spans per call); contestants in alternating blocks; a one-model route, no fallback taken. "
@@ -619,6 +621,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     s = settings_from(args)
+    load_at_start = os.getloadavg()[0]
     litellm.suppress_debug_info = True
     print("overhead: llm_resilience.completion vs litellm.completion", file=sys.stderr)
     with provider_process() as base_url:
@@ -666,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = profile_ours(k, s.profile_calls) if (missed or args.profile) else None
     print("  import times ...", file=sys.stderr, flush=True)
     imports = import_times(s.import_runs)
-    text = report(results, imports, spans, profile, redis_smp, redis_micro)
+    text = report(results, (load_at_start, os.getloadavg()[0]), imports, spans, profile, redis_smp, redis_micro)
     c.write_text(args.out / "overhead.md", text)
     print(text)
     if missed:
