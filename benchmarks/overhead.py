@@ -4,8 +4,12 @@ Both contestants call the same zero-latency fake provider, which runs in its own
 its request handling does not compete with the client for the GIL (the denominator is then the
 client-side cost of litellm alone, which makes the ratio strict). Tracing is on: the engine's
 spans go to an in-memory exporter through a ``SimpleSpanProcessor``, i.e. every span is exported
-synchronously on the calling thread, the worst case (a ``BatchSpanProcessor`` would move the
-export off the call path).
+synchronously on the calling thread. That is not the CPU worst case: what an application gets from
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (a ``BatchSpanProcessor`` and the OTLP exporter) costs the same on the
+calling thread, and its export thread encodes and posts in the same process; it has its own row, whose
+CPU ratio counts that thread. Two reference rows split the cost: tracing off (our engine alone), and
+tracing off plus two bare SDK spans per call (the OpenTelemetry SDK's own floor, in place). The
+"Python calls" column (cProfile's count per call) is deterministic where the timings are not.
 
 The contestants run in alternating blocks (A B, B A, A B, ...) in one process, so drift (CPU
 frequency, caches, garbage) affects both alike. Reported per mode: the median per-call time of
