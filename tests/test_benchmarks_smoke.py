@@ -75,12 +75,26 @@ def test_overhead_benchmark_reports_each_mode_and_the_import_delta(tmp_path: Pat
     assert report.strip() in proc.stdout
 
     rows = table_rows(report, "mode")
-    assert [r[0] for r in rows] == ["sync", "sync, tracing off (reference)", "async", "async x10"]
+    assert [r[0] for r in rows] == [
+        "sync",
+        "sync, tracing off (reference)",
+        "sync, tracing off + 2 bare SDK spans (reference: the SDK's floor)",
+        "sync, tracing on, BatchSpanProcessor + OTLP/HTTP exporter (what OTEL_EXPORTER_OTLP_ENDPOINT gives)",
+        "async",
+        "async x10",
+    ]
     for row in rows:
         bare, ours, ratio = (float(x.strip("*")) for x in row[1:4])
         assert bare > 0 and ours > 0
         assert abs(ratio - ours / bare) < 0.01  # the ratio is of the two medians shown
         assert row[-1] in ("PASS", "**FAIL**", "—")
+    calls = {row[0]: re.fullmatch(r"([\d,]+) / ([\d,]+) \(\*\*([\d.]+)\*\*\)", row[7]) for row in rows}
+    for mode in ("sync", "sync, tracing off (reference)", "async"):
+        counted = calls[mode]
+        assert counted is not None, mode
+        bare_calls, our_calls = (float(counted.group(i).replace(",", "")) for i in (1, 2))
+        assert our_calls > bare_calls > 1000  # litellm alone makes thousands; ours adds to them
+    assert rows[1][-1] == rows[2][-1] == "—"  # references are not held to the target
     spans = re.search(r"(\d+) spans per call", report)
     assert spans is not None and int(spans.group(1)) > 0  # tracing really was on
     assert re.search(r"\*\*delta\*\* \| \*\*[+-]\d+\*\*", report)
