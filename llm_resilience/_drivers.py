@@ -491,6 +491,7 @@ async def _settle_async(call: Call, attempt: Attempt, clock: Clock, pending: Any
 async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
     """Drive ``call`` with ``litellm.acompletion``; cancelling the caller cancels every attempt."""
     running: dict[asyncio.Task[Any], Attempt] = {}
+    sent = False
     try:
         while True:
             action = call.next_action(clock())
@@ -498,6 +499,7 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
                 del running[task]
                 task.cancel()  # closes its connection
             if isinstance(action, Launch):
+                sent = True
                 attempt = action.attempt
                 if attempt.hedge_at is None and not running:
                     await _settle_async(call, attempt, clock, _send_async_bounded(call, attempt, clock))
@@ -515,6 +517,11 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
             elif isinstance(action, Done):
                 return action.response
             elif isinstance(action, Fail):
+                if not sent:
+                    # Failing without a single await would never yield to the loop: a caller that
+                    # retries at once then runs on and on, and the attempts whose answers would
+                    # reopen the route (probes in flight on this loop) never get to run (soak).
+                    await asyncio.sleep(0)
                 raise action.error
     finally:
         for task, attempt in running.items():

@@ -151,9 +151,14 @@ class _Samples:
             # Lateness of the samples after the first, against the run-queue wait over the same span.
             lateness = sum(ran - due for due, ran, _, _ in window[1:] if ran - due >= LAG_FLOOR_S)
             queued = newest[3] - first[3]
-            if busy < BUSY_SHARE and (lateness <= 0.0 or queued < QUEUED_SHARE * lateness):
-                # A mostly idle process whose probes were not waiting for a core: the OS woke it late.
-                return 0.0
+            if busy < BUSY_SHARE:
+                if lateness <= 0.0 or queued < QUEUED_SHARE * lateness:
+                    # A mostly idle process whose probes were not waiting for a core: the OS woke it late.
+                    return 0.0
+                # Starved by other processes: the delay is the time spent waiting for a core, as
+                # measured. Not CLIENT_HOPS x the lateness: that models an event loop busy with the
+                # client's own work, and a process doing little (reading a trickling body) has few hops.
+                return queued
         total = summed = 0.0
         for due, ran in late:
             if ran - due >= LAG_FLOOR_S:
