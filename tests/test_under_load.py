@@ -215,7 +215,7 @@ class _CountedFailures(Hook):
                     record.reason,
                     round(record.latency_s or 0, 3),
                     dict(record.extra),
-                )  # fmt: skip
+                )
             )
 
 
