@@ -17,7 +17,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import get_args
 
 from llm_resilience.testing._fake_provider import DEFAULT_CONTENT, Behavior, BodyMode, FakeProvider
@@ -31,8 +31,16 @@ class LatencySchedule:
     median. Handler threads draw concurrently, hence the lock.
     """
 
-    def __init__(self, median_s: float, sigma: float, seed: str, phases: Sequence[tuple[float, float, float]]) -> None:
+    def __init__(
+        self,
+        median_s: float,
+        sigma: float,
+        seed: str,
+        phases: Sequence[tuple[float, float, float]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.median_s = median_s
+        self.clock = clock
         self.sigma = sigma
         self.phases = tuple(phases)
         self.t0 = math.inf
@@ -43,7 +51,7 @@ class LatencySchedule:
         self.t0 = t0
 
     def __call__(self) -> float:
-        t = time.monotonic() - self.t0
+        t = self.clock() - self.t0
         median = next((m for start, end, m in self.phases if start <= t < end), self.median_s)
         with self._lock:
             z = self._rng.gauss(0.0, 1.0)
