@@ -901,7 +901,14 @@ class Call:
         if failed:
             record.reason = failed[0]
             record.extra["failed_checks"] = failed
-        if not counted:  # a committed stream's bad answer still counts
+        # Excused, yet the provider's own share was past the soft timeout too: whether the provider
+        # is well is unknown, so the answer is no verdict. As a success it would close a half-open
+        # breaker (a probe to a sick model, answered while the client was saturated), reset the
+        # failure count and clear suspicion.
+        unjudged = excused and not fall_back and latency - attempt.client_delay_s > (attempt.soft_timeout_s or 0.0)
+        if unjudged:
+            self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+        elif not counted:  # a committed stream's bad answer still counts
             self._count(attempt, fall_back[0] if fall_back else (k.SOFT_TIMEOUT if slow else None))
         self.planner.hooks.attempt_ended(self, record, response)
         self._abandon_in_flight(now)

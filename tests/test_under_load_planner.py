@@ -435,6 +435,51 @@ def test_a_probe_cut_at_its_bound_while_the_client_was_saturated_frees_its_slot(
     assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)
 
 
+SOFT = {"soft": {"warmup_s": 0.2, "min_samples": 50}}
+
+
+def test_a_probe_answered_slowly_while_the_client_was_saturated_does_not_close_the_breaker() -> None:
+    # Seen in the incident replay at 100 calls/s: a probe to the sick model answered in 1.8 s, 1.2 s
+    # of it the client's. The provider's own 0.6 s is 3x the soft timeout: whose fault the rest
+    # was is unknown, so it is no verdict. As a success it closed the breaker and the spike
+    # took ~300 more requests.
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal, **SOFT)
+    signal.delay = 1.2
+
+    probing.on_response(probe, object(), T0 + 12.8)
+
+    assert probe.record.outcome == "success"  # the caller has its answer
+    assert p.breakers.get("a").state == "half-open"
+    nxt = launch(start(p, T0 + 12.8), T0 + 12.8)
+    assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)  # the next request probes again
+
+
+def test_a_probe_the_provider_answered_in_time_closes_the_breaker_however_late_the_client_was() -> None:
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal, **SOFT)
+    signal.delay = 1.7
+
+    probing.on_response(probe, object(), T0 + 12.8)  # 1.8 s, of it 0.1 s the provider's: in time
+
+    assert p.breakers.get("a").state == "closed"
+
+
+def test_a_slow_answer_the_client_excused_neither_resets_the_count_nor_clears_suspicion() -> None:
+    signal = Scripted()
+    p = make_planner(signal, breakers={"fail_max": 2, "suspect_admit": 5}, **SOFT)
+    failing_call, slow_call = start(p), start(p, T0 + 0.01)
+    failing = launch(failing_call, T0)
+    failing_call.on_error(failing, ConnectionError("reset"), T0 + 0.005)
+    slow = launch(slow_call, T0 + 0.01)
+    signal.delay = 0.6
+
+    slow_call.on_response(slow, object(), T0 + 1.01)  # 0.4 s of the provider's: past the soft timeout
+
+    breaker = p.breakers.get("a")
+    assert (breaker.fail_counter, breaker.suspect) == (1, True)
+
+
 # -- the monitor's estimate: late probes of an idle process are not saturation -------------------
 
 
