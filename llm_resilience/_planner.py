@@ -901,11 +901,18 @@ class Call:
         if failed:
             record.reason = failed[0]
             record.extra["failed_checks"] = failed
-        # Excused, yet the provider's own share was past the soft timeout too: whether the provider
-        # is well is unknown, so the answer is no verdict. As a success it would close a half-open
-        # breaker (a probe to a sick model, answered while the client was saturated), reset the
-        # failure count and clear suspicion.
-        unjudged = excused and not fall_back and latency - attempt.client_delay_s > (attempt.soft_timeout_s or 0.0)
+        # A half-open probe excused, yet with the provider's own share past the soft timeout too:
+        # whether the provider is well is unknown, so it is no verdict (its slot is freed, the next
+        # request probes). As a success it closed a sick model's breaker while the client was
+        # saturated. While closed, such an answer still counts as one: in a burst against healthy
+        # providers most answers are excused, and without them resetting the count the few
+        # unexcused slow ones open a healthy breaker.
+        unjudged = (
+            excused
+            and not fall_back
+            and attempt.ticket.probe
+            and latency - attempt.client_delay_s > (attempt.soft_timeout_s or 0.0)
+        )
         if unjudged:
             self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
         elif not counted:  # a committed stream's bad answer still counts
