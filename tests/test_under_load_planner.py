@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +21,7 @@ from llm_resilience._hooks import HookSet
 from llm_resilience._latency import LatencyStats
 from llm_resilience._planner import Attempt, Call, CallRequest, Fail, Launch, Planner, Wait
 from llm_resilience._policy import Policy
-from llm_resilience._saturation import _Samples
+from llm_resilience._saturation import _HISTORY, _Samples
 
 T0 = 1000.0
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -554,6 +556,34 @@ def test_late_probes_of_an_idle_process_starved_by_other_processes_are_the_clien
     # Noisy neighbours: the process did little work, but its probes were late because they waited
     # for a core other processes held. The provider is not to blame for that time either.
     assert _late_probes(cpu_used_s=0.01, queued_share=0.9) == pytest.approx(1.0)
+
+
+def test_only_the_probes_that_ran_during_the_attempt_count_however_full_the_ring() -> None:
+    # The window is read from the ring's newest end (a bound check must not walk 1,024 samples).
+    samples = _Samples()
+    cpu_now = time.process_time()
+    for i in range(1024):  # a full ring: ~10 s of punctual probes, then the attempt's second, late ones
+        due = T0 - 10.0 + 0.01 * i
+        samples.ring.append((due, due, cpu_now - 1.0, 0.0))
+    for i in range(20):
+        due = T0 + 0.05 * i
+        samples.ring.append((due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0))
+    assert samples.delay(T0, T0 + 1.0) == pytest.approx(1.0)
+    assert samples.delay(T0 + 2.0, T0 + 3.0) == 0.0  # no probe ran since: nothing to blame on the client
+
+
+def test_a_ring_appended_to_while_it_is_read_gives_the_same_estimate() -> None:
+    class AppendedMeanwhile(deque[tuple[float, float, float, float]]):
+        def __reversed__(self) -> Iterator[tuple[float, float, float, float]]:
+            raise RuntimeError("deque mutated during iteration")  # what a racing append does
+
+    samples = _Samples()
+    cpu_now = time.process_time()
+    samples.ring = AppendedMeanwhile(maxlen=_HISTORY)
+    for i in range(20):
+        due = T0 + 0.05 * i
+        samples.ring.append((due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0))
+    assert samples.delay(T0, T0 + 1.0) == pytest.approx(1.0)
 
 
 def test_a_probe_reads_its_threads_run_queue_wait() -> None:
