@@ -85,7 +85,9 @@ mutate: setup
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/incident.py
-	$(BIN)/python benchmarks/incident.py --rate 200 --systems dfgh
+	$(BIN)/python benchmarks/incident.py --quick --rate 100 --systems dfgh
+	$(BIN)/python benchmarks/incident.py --quick --rate 200 --systems dfgh
+	$(BIN)/python benchmarks/incident_sim.py
 	$(BIN)/python benchmarks/burst.py
 
 # Robustness under sustained mixed faults (not part of `make test`): SOAK_CALLS calls, default 100000.

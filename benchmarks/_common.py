@@ -91,3 +91,12 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, creating the directory first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def load_average() -> str:
+    """The machine's load average (1 / 5 / 15 min): other processes' CPU use makes timings noisy."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

@@ -901,7 +901,21 @@ class Call:
         if failed:
             record.reason = failed[0]
             record.extra["failed_checks"] = failed
-        if not counted:  # a committed stream's bad answer still counts
+        # A half-open probe excused, yet with the provider's own share past the soft timeout too:
+        # whether the provider is well is unknown, so it is no verdict (its slot is freed, the next
+        # request probes). As a success it closed a sick model's breaker while the client was
+        # saturated. While closed, such an answer still counts as one: in a burst against healthy
+        # providers most answers are excused, and without them resetting the count the few
+        # unexcused slow ones open a healthy breaker.
+        unjudged = (
+            excused
+            and not fall_back
+            and attempt.ticket.probe
+            and latency - attempt.client_delay_s > (attempt.soft_timeout_s or 0.0)
+        )
+        if unjudged:
+            self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+        elif not counted:  # a committed stream's bad answer still counts
             self._count(attempt, fall_back[0] if fall_back else (k.SOFT_TIMEOUT if slow else None))
         self.planner.hooks.attempt_ended(self, record, response)
         self._abandon_in_flight(now)

@@ -67,6 +67,30 @@ def test_incident_benchmark_reports_every_system_targets_and_a_plot(tmp_path: Pa
     assert (tmp_path / "incident.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_concurrent_incident_runs_providers_in_processes_and_dumps_the_attempts(tmp_path: Path) -> None:
+    run_benchmark(
+        "incident.py", tmp_path, "--rate", "40", "--systems", "dgh", "--no-plot", "--attempts", str(tmp_path),
+        "--healthy-s", "0.6", "--spike-s", "0.4", "--recovery-s", "0.3", "--reset-s", "0.2",
+    )  # fmt: skip
+    report = (tmp_path / "incident-40rps.md").read_text(encoding="utf-8")
+    assert "its own OS process" in report
+    rows = {re.match(r"\((\w)\)", r[0]).group(1): r for r in table_rows(report, "system")}  # type: ignore[union-attr]
+    assert list(rows) == list("dgh")
+    assert rows["h"][8] == "0" and rows["h"][1] == "100.0 %"  # counted by the provider processes
+    assert int(rows["d"][8]) > 0  # the Router sends spike calls to the sick primary (its first failures)
+    targets = [t[0] for t in table_rows(report, "target (issue 4)")]
+    assert any("one soft timeout of the spike" in t for t in targets)
+    lines = (tmp_path / "incident-40rps-attempts.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines and all('"system": "g"' in line for line in lines)
+
+
+def test_incident_simulation_reports_requests_to_the_sick_primary_beside_the_floor(tmp_path: Path) -> None:
+    run_benchmark("incident_sim.py", tmp_path, "--rates", "50", "--seeds", "1")
+    rows = table_rows((tmp_path / "incident-sim.md").read_text(encoding="utf-8"), "calls/s")
+    assert [r[1] for r in rows] == ["(f) llm-resilience adaptive", "(g) llm-resilience adaptive+hedge"]
+    assert all(int(r[2]) > 0 and int(r[3]) > 0 for r in rows)
+
+
 def test_overhead_benchmark_reports_each_mode_and_the_import_delta(tmp_path: Path) -> None:
     proc = run_benchmark(
         "overhead.py", tmp_path, "--blocks", "2", "--calls", "5", "--concurrency", "10", "--import-runs", "1"

@@ -392,6 +392,52 @@ def test_a_success_clears_suspicion() -> None:
     assert names == ["a", "a", "a"]
 
 
+def test_a_suspect_model_with_nothing_after_it_still_gets_the_request() -> None:
+    # Seen in the 20 calls/s replay: primary open, the fast model suspect after a stall; calls that
+    # skipped both failed at once (AllAttemptsFailed) although the fast model was closed and healthy.
+    p = make_planner(chain=("a",), breakers={"fail_max": 5})
+    failing_call = start(p)
+    failing = launch(failing_call, T0)
+    failing_call.on_error(failing, ConnectionError("reset"), T0 + 0.1)
+    launch(start(p, T0 + 0.2), T0 + 0.2)  # takes the one suspect slot
+
+    crowded = start(p, T0 + 0.2)
+    attempt = launch(crowded, T0 + 0.2)
+
+    assert attempt.spec.name == "a"  # the gate sends a request elsewhere, never nowhere
+    assert [(r.model, r.reason) for r in crowded.records[:-1]] == [("a", "suspect")]
+
+
+def test_a_suspect_model_is_tried_when_every_later_model_is_out() -> None:
+    p = make_planner(breakers={"fail_max": 1, "suspect_admit": 1})
+    b_call = p.start(CallRequest(model="b", messages=MESSAGES, kwargs={}), T0)  # a model name: a one-model route
+    b_attempt = launch(b_call, T0)
+    b_call.on_error(b_attempt, ConnectionError("reset"), T0 + 0.01)
+    assert p.breakers.get("b").state == "open"
+    p.breakers.get("a").mark_suspect()
+    launch(start(p, T0 + 0.02), T0 + 0.02)  # a's slot
+
+    attempt = launch(start(p, T0 + 0.03), T0 + 0.03)
+
+    assert attempt.spec.name == "a" and "panic" not in attempt.record.extra
+
+
+def test_an_answer_to_a_request_sent_after_the_failure_still_resets_the_count() -> None:
+    p = make_planner(breakers={"fail_max": 2, "suspect_admit": 5})
+    calls = [start(p, T0 + 0.01 * i) for i in (0, 1)]
+    slow = [launch(c, T0 + 0.01 * i) for i, c in enumerate(calls)]
+    calls[0].on_error(slow[0], TimeoutError("cut"), T0 + 1.0)
+    fresh_call = start(p, T0 + 1.0)
+    fresh = launch(fresh_call, T0 + 1.0)
+    assert fresh.spec.name == "a"
+
+    fresh_call.on_response(fresh, object(), T0 + 1.005)
+    calls[1].on_error(slow[1], TimeoutError("cut"), T0 + 1.01)
+
+    assert p.breakers.get("a").state == "closed"  # success in between: not two in a row
+    assert p.breakers.get("a").suspect  # the last failure is news again
+
+
 # -- a probe that times out while the client is saturated judged nothing: its slot is free again ------
 
 
@@ -433,6 +479,53 @@ def test_a_probe_cut_at_its_bound_while_the_client_was_saturated_frees_its_slot(
     assert probe.record.outcome == "client_overload"
     nxt = launch(start(p, T0 + 15.0), T0 + 15.0)
     assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)
+
+
+SOFT = {"soft": {"warmup_s": 0.2, "min_samples": 50}}
+
+
+def test_a_probe_answered_slowly_while_the_client_was_saturated_does_not_close_the_breaker() -> None:
+    # Seen in the incident replay at 100 calls/s: a probe to the sick model answered in 1.8 s, 1.2 s
+    # of it the client's. The provider's own 0.6 s is 3x the soft timeout: whose fault the rest
+    # was is unknown, so it is no verdict. As a success it closed the breaker and the spike
+    # took ~300 more requests.
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal, **SOFT)
+    signal.delay = 1.2
+
+    probing.on_response(probe, object(), T0 + 12.8)
+
+    assert probe.record.outcome == "success"  # the caller has its answer
+    assert p.breakers.get("a").state == "half-open"
+    nxt = launch(start(p, T0 + 12.8), T0 + 12.8)
+    assert (nxt.spec.name, nxt.ticket.probe) == ("a", True)  # the next request probes again
+
+
+def test_a_probe_the_provider_answered_in_time_closes_the_breaker_however_late_the_client_was() -> None:
+    signal = Scripted()
+    p, probing, probe, _ = _probing(signal, **SOFT)
+    signal.delay = 1.7
+
+    probing.on_response(probe, object(), T0 + 12.8)  # 1.8 s, of it 0.1 s the provider's: in time
+
+    assert p.breakers.get("a").state == "closed"
+
+
+def test_a_slow_answer_the_client_excused_still_counts_as_an_answer_while_closed() -> None:
+    # Only a probe's excused answer is withheld: in a burst against healthy providers most answers
+    # are excused, and the count must still reset between the few unexcused slow ones.
+    signal = Scripted()
+    p = make_planner(signal, breakers={"fail_max": 2, "suspect_admit": 5}, **SOFT)
+    failing_call, slow_call = start(p), start(p, T0 + 0.01)
+    failing = launch(failing_call, T0)
+    failing_call.on_error(failing, ConnectionError("reset"), T0 + 0.005)
+    slow = launch(slow_call, T0 + 0.01)
+    signal.delay = 0.6
+
+    slow_call.on_response(slow, object(), T0 + 1.01)  # 0.4 s of the provider's: past the soft timeout
+
+    breaker = p.breakers.get("a")
+    assert (breaker.fail_counter, breaker.suspect) == (0, False)
 
 
 # -- the monitor's estimate: late probes of an idle process are not saturation -------------------

@@ -8,7 +8,7 @@ from llm_resilience.testing._fake_provider import (
     RecordedRequest,
     credential_digest,
 )
-from llm_resilience.testing._process import provider_process
+from llm_resilience.testing._process import ScriptedProvider, provider_process, scripted_provider_process
 
 __all__ = [
     "DEFAULT_CONTENT",
@@ -16,6 +16,8 @@ __all__ = [
     "BodyMode",
     "FakeProvider",
     "RecordedRequest",
+    "ScriptedProvider",
     "credential_digest",
     "provider_process",
+    "scripted_provider_process",
 ]
