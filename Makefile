@@ -77,7 +77,7 @@ fuzz: setup
 # in the background. Prints the kill rate per module; `mutmut results` lists the survivors.
 mutate: setup
 	rm -rf mutants
-	-$(BIN)/mutmut run --max-children 2
+	-$(BIN)/mutmut run --max-children 1
 	$(BIN)/mutmut results --all true | $(BIN)/python -c "$$MUTATION_REPORT"
 
 bench: setup
