@@ -8,6 +8,8 @@ import pytest
 
 from llm_resilience._budget import DEFAULT_WINDOW_S, Budgets, RatioBudget
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 
 def test_spending_is_allowed_up_to_the_ratio_of_recent_requests() -> None:
     budget = RatioBudget(window_s=10.0, buckets=10)

@@ -15,12 +15,15 @@ from test_under_load_planner import T0, Scripted, launch, make_planner, start
 from llm_resilience._breakers import ProbeTicket
 from llm_resilience._planner import Attempt, Call, Planner, Wait
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 SOFT = {"percentile": 99, "floor_s": 0.05, "min_samples": 10, "warmup_s": 0.5}
 
 
 def first_attempt(
     hedge: dict[str, Any], *, soft: dict[str, Any] | None = None, learned: Sequence[float] = ()
 ) -> Attempt:
+
     p: Planner = make_planner(Scripted(), hedge={"budget_ratio": 1.0, **hedge}, soft=soft)
     for latency in learned:
         p.latency.observe("a", "default", latency)

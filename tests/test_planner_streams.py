@@ -26,6 +26,8 @@ from llm_resilience._latency import LatencyStats
 from llm_resilience._planner import Attempt, Call, CallRequest, Done, Fail, Launch, Planner, Wait
 from llm_resilience._policy import Policy, ResolvedRoute
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 lx = litellm.exceptions
 T0 = 1000.0
 MESSAGES = [{"role": "user", "content": "say hello"}]
