@@ -1,0 +1,213 @@
+"""How a call ends, and what the planner reads from the caller's request (no server, injected clock).
+
+The error of an attempt cut at its bound, what the caller gets when every model is exhausted
+(``on_all_invalid``), which text the prompt-class rules read, and the once-per-process warning
+for caller arguments the planner drops. Mutation testing found these unpinned below the HTTP tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import litellm
+import pytest
+from test_planner_streams import Checks, Ended
+
+from llm_resilience import AllAttemptsFailed, _planner
+from llm_resilience import _outcomes as k
+from llm_resilience._breakers import BreakerRegistry
+from llm_resilience._hooks import HookSet
+from llm_resilience._planner import (
+    Attempt,
+    Call,
+    CallRequest,
+    Done,
+    Fail,
+    Launch,
+    Planner,
+    attempt_timeout,
+    last_user_text,
+)
+from llm_resilience._policy import Policy
+
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
+lx = litellm.exceptions
+T0 = 1000.0
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def make_planner(*, on_all_invalid: str | None = None, validator: Checks | None = None, **extra: Any) -> Planner:
+    route: dict[str, Any] = {"chain": ["a", "b"]}
+    if on_all_invalid is not None:
+        route["on_all_invalid"] = on_all_invalid
+    pol = Policy.from_dict(
+        {
+            "models": {
+                name: {
+                    "litellm_params": {
+                        "model": f"openai/{name}-model",
+                        "api_base": "http://127.0.0.1:9/v1",
+                        "api_key": "k",
+                    }
+                }
+                for name in ("a", "b")
+            },
+            "routes": {"chat": route},
+            "prompt_classes": {
+                "default": {"timeout_s": 1.0, "deadline_s": 3.0},
+                "summarize": {"timeout_s": 4.0, "deadline_s": 8.0, "match": [{"last_user_regex": "(?i)summari[sz]e"}]},
+            },
+            "breakers": {"default": {"fail_max": 5, "reset_timeout_s": 30}},
+        }
+    )
+    return Planner(
+        policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet(extra.get("hooks", ())),
+        validator=validator or Checks(),
+    )  # fmt: skip
+
+
+def start(p: Planner, messages: Any = MESSAGES, stream: bool = False, **kwargs: Any) -> Call:
+    return p.start(CallRequest(model="chat", messages=messages, kwargs=kwargs, stream=stream), T0)
+
+
+def launch(call: Call, now: float) -> Attempt:
+    action = call.next_action(now)
+    assert isinstance(action, Launch), action
+    return action.attempt
+
+
+# -- an attempt cut at its bound ------------------------------------------------------------------
+
+
+def test_an_attempt_cut_at_its_bound_fails_with_litellms_timeout_naming_the_bound_and_model() -> None:
+    call = start(make_planner())
+    first = launch(call, T0)
+
+    error = attempt_timeout(first)
+
+    assert isinstance(error, lx.Timeout)
+    assert "no answer within 1 s (whole attempt)" in str(error)
+    assert error.model == "openai/a-model"
+    assert error.llm_provider == "openai"
+
+
+def test_the_bound_shows_three_significant_digits() -> None:
+    call = start(make_planner(), timeout=0.123456)  # the caller's timeout caps the class's
+    first = launch(call, T0)
+
+    assert "no answer within 0.123 s (whole attempt)" in str(attempt_timeout(first))
+
+
+def test_an_attempt_past_its_bound_is_cut_by_the_planner_and_the_next_model_starts() -> None:
+    p = make_planner()
+    call = start(p)
+    first = launch(call, T0)
+    assert call.next_action(T0 + 0.5) is not None  # still within its bound
+
+    second = launch(call, T0 + 1.0)  # a non-streaming attempt in flight past its bound: cut
+
+    assert second.spec.name == "b"
+    assert (first.record.outcome, first.record.reason) == ("failure", k.TIMEOUT)
+    assert isinstance(first.record.error, lx.Timeout)
+    assert p.breakers.get("a").fail_counter == 1
+
+
+# -- every model exhausted --------------------------------------------------------------------------
+
+
+def test_when_every_answer_fails_validation_return_best_hands_back_the_first_flagged() -> None:
+    call = start(make_planner(on_all_invalid="return_best", validator=Checks(["empty"])))
+    answers = [litellm.ModelResponse(), litellm.ModelResponse()]
+    for answer in answers:
+        call.on_response(launch(call, T0), answer, T0 + 0.1)
+
+    action = call.next_action(T0 + 0.1)
+
+    assert isinstance(action, Done) and action.response is answers[0]
+    assert call.answered_by is call.records[0]
+    assert call.records[0].extra["returned_as_best"] is True
+    summary = call.summary()
+    assert summary["flagged"] is True and summary["model"] == "a"
+    assert summary["fallbacks"] == 1
+
+
+def test_when_every_answer_fails_validation_raise_is_all_attempts_failed() -> None:
+    ended = Ended()
+    call = start(make_planner(on_all_invalid="raise", validator=Checks(["empty"]), hooks=[ended]))
+    for _ in range(2):
+        call.on_response(launch(call, T0), litellm.ModelResponse(), T0 + 0.1)
+
+    action = call.next_action(T0 + 0.1)
+
+    assert isinstance(action, Fail) and isinstance(action.error, AllAttemptsFailed)
+    assert ended.calls == [(None, action.error)]
+    assert "returned_as_best" not in call.records[0].extra
+
+
+def test_all_attempts_failed_names_route_class_and_attempts_with_the_last_error_as_cause() -> None:
+    ended = Ended()
+    call = start(make_planner(hooks=[ended]))
+    last = lx.ServiceUnavailableError("overloaded", "openai", "b-model")
+    call.on_error(launch(call, T0), lx.RateLimitError("slow down", "openai", "a-model"), T0 + 0.1)
+    call.on_error(launch(call, T0 + 0.1), last, T0 + 0.2)
+
+    action = call.next_action(T0 + 0.2)
+
+    assert isinstance(action, Fail)
+    error = action.error
+    assert isinstance(error, AllAttemptsFailed)
+    assert (error.route, error.prompt_class) == ("chat", "default")
+    assert [(r.model, r.reason) for r in error.attempts] == [("a", k.RATE_LIMIT), ("b", k.SERVER_ERROR)]
+    assert error.__cause__ is last
+    assert ended.calls == [(None, error)]
+    assert call.next_action(T0 + 0.3) is action  # decided: the same answer every time
+
+
+# -- what the class rules read ----------------------------------------------------------------------
+
+
+def test_the_class_rules_read_the_last_user_message_only() -> None:
+    p = make_planner()
+    asked = [{"role": "user", "content": "summarise this"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "thanks"}]  # fmt: skip
+
+    assert start(p, asked).prompt_class == "default"
+    assert start(p, [*asked, {"role": "user", "content": "now summarize"}]).prompt_class == "summarize"
+    assert start(p, [{"role": "system", "content": "summarize"}]).prompt_class == "default"
+
+
+def test_the_text_of_a_multimodal_message_is_its_text_parts_joined() -> None:
+    content = [
+        {"type": "text", "text": "first"},
+        {"type": "image_url", "image_url": {"url": "http://x/summarize.png"}, "text": "summarize"},
+        "not a part",
+        {"type": "text", "text": "second"},
+        {"type": "text"},
+    ]
+
+    assert last_user_text([{"role": "user", "content": content}]) == "first second "
+    assert last_user_text([{"role": "user", "content": None}]) == ""
+    assert last_user_text([{"role": "assistant", "content": "hi"}]) == ""
+    assert start(make_planner(), [{"role": "user", "content": content}]).prompt_class == "default"
+
+
+# -- dropped caller arguments ------------------------------------------------------------------------
+
+
+def test_dropped_arguments_are_warned_once_per_process_by_name(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_planner, "_dropped_warned", set())
+    p = make_planner()
+    with caplog.at_level(logging.WARNING, logger="llm_resilience"):
+        start(p, fallbacks=["x"], num_retries=3)
+        start(p, fallbacks=["y"], num_retries=4, max_retries=5)
+        start(p, stream_timeout=9.0)  # not a stream: litellm's stream_timeout means nothing here
+        start(p, stream=True, stream_timeout=9.0)
+        start(p, stream=True, stream_timeout=8.0)
+
+    named = [r.getMessage().split("'")[1] for r in caplog.records if "ignores the argument" in r.getMessage()]
+    assert sorted(named) == ["fallbacks", "max_retries", "num_retries", "stream_timeout"]  # each once
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "ignores" in r.getMessage())
