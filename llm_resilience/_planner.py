@@ -468,8 +468,8 @@ class Call:
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
-            if "slow" not in record.extra:  # else _flag_slow already counted it
-                self._count(attempt, k.SOFT_TIMEOUT)
+            # Not counted here: _flag_slow, run just before in next_action, saw it cross the same
+            # bound (cut_at is its start + soft timeout) and counted it as slow.
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _maybe_hedge(self, now: float) -> Attempt | None:

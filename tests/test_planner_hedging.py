@@ -167,3 +167,56 @@ def test_a_primary_already_flagged_slow_is_not_counted_again_when_it_loses() -> 
 
     assert first.record.reason == "soft_timeout"
     assert p.breakers.get("a").fail_counter == 1
+
+
+# -- an attempt no hedge started for is cut at its soft timeout ---------------------------------------
+
+CUT_SOFT = {"warmup_s": 0.4, "min_samples": 50}
+
+
+def test_an_attempt_no_hedge_started_for_is_cut_at_its_soft_timeout_and_the_chain_moves_on() -> None:
+    p = make_planner(Scripted(), hedge={"after": 0.1, "budget_ratio": 0.0}, soft=CUT_SOFT)
+    call = start(p)
+    first = launch(call, T0)
+    assert first.cut_at == pytest.approx(T0 + 0.4)
+
+    waiting = call.next_action(T0 + 0.1)  # the hedge is refused (budget): wait for the cut
+    assert isinstance(waiting, Wait) and waiting.until == pytest.approx(T0 + 0.4)
+    assert isinstance(call.next_action(T0 + 0.39), Wait)
+    second = launch(call, T0 + 0.4)
+
+    assert second.spec.name == "b"
+    assert call.in_flight == [second]
+    assert (first.record.outcome, first.record.reason) == ("failure", "soft_timeout")
+    assert isinstance(first.record.error, TimeoutError)
+    assert str(first.record.error) == "no answer within the soft timeout (0.4 s) and no hedge started"
+    assert p.breakers.get("a").fail_counter == 1  # once: slow, and cut for it
+    assert p.latency.percentile("a", "default", 50, 1) is None  # cut off: only a lower bound was learned
+    assert p.latency.samples("a", "default") == (0, 1)  # type: ignore[attr-defined]
+
+
+def test_the_cut_waits_while_the_client_is_the_slow_one() -> None:
+    p = make_planner(Scripted(delay_s=0.2), hedge={"after": 0.1, "budget_ratio": 0.0}, soft=CUT_SOFT)
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.4), Wait)  # 0.4 s of wall time, 0.2 s of it the client's
+    assert isinstance(call.next_action(T0 + 0.55), Wait)
+    assert call.in_flight == [first]
+    assert launch(call, T0 + 0.6).spec.name == "b"  # the provider's share reached the soft timeout
+    assert first.record.reason == "soft_timeout"
+
+
+def test_a_hedged_attempt_races_on_past_its_soft_timeout_and_the_unhedged_one_beside_it_is_cut() -> None:
+    p = make_planner(Scripted(), chain=("a", "b", "c"), hedge={"after": 0.1, "budget_ratio": 1.0, "max_extra": 2},
+                     soft=CUT_SOFT)  # fmt: skip
+    call = start(p)
+    first = launch(call, T0)
+    hedge = launch(call, T0 + 0.1)
+    assert isinstance(call.next_action(T0 + 0.2), Wait)  # b's own hedge is due: refused by the budget
+    assert hedge.record.extra["hedge_skipped"] == "budget"
+
+    assert isinstance(call.next_action(T0 + 0.51), Wait)  # b passed its soft timeout with no hedge of its own
+
+    assert (hedge.record.outcome, hedge.record.reason) == ("failure", "soft_timeout")  # cut
+    assert call.in_flight == [first]  # still racing: it was hedged
