@@ -211,3 +211,122 @@ def test_dropped_arguments_are_warned_once_per_process_by_name(
     named = [r.getMessage().split("'")[1] for r in caplog.records if "ignores the argument" in r.getMessage()]
     assert sorted(named) == ["fallbacks", "max_retries", "num_retries", "stream_timeout"]  # each once
     assert all(r.levelno == logging.WARNING for r in caplog.records if "ignores" in r.getMessage())
+
+
+# -- the caller's own timeout= ------------------------------------------------------------------------
+
+
+def builtin_defaults_planner() -> Planner:
+    """A policy that defines no ``default`` class: calls it does not classify run under the built-in one."""
+    pol = Policy.from_dict(
+        {
+            "models": {"a": {"litellm_params": {"model": "openai/a-model", "api_base": "http://127.0.0.1:9/v1"}}},
+            "routes": {"chat": {"chain": ["a"]}},
+        }
+    )
+    return Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+
+
+@pytest.mark.parametrize(
+    ("timeout", "bound"),
+    [(600, 600.0), (0.5, 0.5), (0.008, 0.01), (10**9, 86_400.0)],
+    ids=["long", "short", "below_the_minimum", "above_a_day"],
+)
+def test_under_the_built_in_defaults_the_callers_timeout_is_both_attempt_timeout_and_deadline(
+    timeout: float, bound: float
+) -> None:
+    call = start(builtin_defaults_planner(), timeout=timeout)
+    first = launch(call, T0)
+
+    assert call.klass.timeout_s == pytest.approx(bound)
+    assert first.timeout_s == pytest.approx(min(bound, timeout))
+    assert call.deadline_at == pytest.approx(T0 + min(bound, timeout))
+    assert call.caller_deadline_at == pytest.approx(T0 + timeout)
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -1, True, "600"], ids=["none", "zero", "negative", "bool", "text"])
+def test_a_timeout_that_is_not_a_positive_number_leaves_the_built_in_class(timeout: Any) -> None:
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    call = start(builtin_defaults_planner(), **kwargs)
+    first = launch(call, T0)
+
+    assert first.timeout_s == 60.0
+    assert call.deadline_at == T0 + 180.0
+    assert call.caller_deadline_at is None
+
+
+def test_a_class_the_policy_defines_keeps_its_timeouts_and_the_callers_timeout_caps_the_call() -> None:
+    call = start(make_planner(), timeout=2.5)
+    first = launch(call, T0)
+
+    assert first.timeout_s == 1.0  # the class's
+    assert call.deadline_at == pytest.approx(T0 + 2.5)  # the class's 3 s deadline, capped
+
+
+# -- same-model retries ------------------------------------------------------------------------------
+
+
+def retrying_planner(**retries: Any) -> Planner:
+    pol = Policy.from_dict(
+        {
+            "models": {
+                name: {"litellm_params": {"model": f"openai/{name}-model", "api_base": "http://127.0.0.1:9/v1"}}
+                for name in ("a", "b")
+            },
+            "routes": {"chat": {"chain": ["a", "b"], "retries": {"max_retries": 2, "min_per_s": 10.0, **retries}}},
+            "prompt_classes": {"default": {"timeout_s": 1.0, "deadline_s": 3.0}},
+        }
+    )
+    p = Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+    p.rng.seed(7)
+    return p
+
+
+def overloaded(**headers: str) -> Exception:
+    import httpx
+
+    response = httpx.Response(503, headers=headers, request=httpx.Request("POST", "http://127.0.0.1:9/v1"))
+    return lx.ServiceUnavailableError("overloaded", "openai", "a-model", response=response)
+
+
+def test_the_retry_kinds_by_default_are_rate_limit_server_error_and_connection() -> None:
+    retries = start(retrying_planner()).route.retries
+    assert retries is not None and retries.retry_on == ["rate_limit", "server_error", "connection"]
+
+
+def test_a_retry_waits_at_least_what_the_provider_asked() -> None:
+    call = start(retrying_planner(backoff_base_s=0.01))
+    first = launch(call, T0)
+
+    call.on_error(first, overloaded(**{"retry-after": "1.5"}), T0 + 0.1)
+
+    waiting = call.next_action(T0 + 0.1)
+    assert waiting == _planner.Wait(until=pytest.approx(T0 + 1.6))  # type: ignore[arg-type]
+    assert first.record.extra["retry_after_s"] == 1.5
+    assert first.record.extra["retry_in_s"] == 1.5
+    retry = launch(call, T0 + 1.6)
+    assert (retry.spec.name, retry.record.retry_of) == ("a", 0)
+
+
+def test_a_retry_the_deadline_leaves_no_room_for_moves_on_to_the_next_model() -> None:
+    call = start(retrying_planner())
+    first = launch(call, T0)
+
+    call.on_error(first, overloaded(**{"retry-after": "5"}), T0 + 0.1)  # the deadline is 3 s
+
+    assert launch(call, T0 + 0.1).spec.name == "b"
+    assert first.record.extra["retry_skipped"] == "deadline"
+
+
+def test_retries_stop_at_max_retries_and_the_chain_moves_on() -> None:
+    call = start(retrying_planner(max_retries=1, backoff_base_s=0.01))
+    first = launch(call, T0)
+    call.on_error(first, overloaded(), T0)
+    waiting = call.next_action(T0)
+    assert isinstance(waiting, _planner.Wait) and waiting.until is not None
+    retry = launch(call, waiting.until)
+
+    call.on_error(retry, overloaded(), waiting.until)
+
+    assert launch(call, waiting.until).spec.name == "b"
+    assert retry.record.extra["retry_skipped"] == "max_retries"

@@ -72,8 +72,6 @@ def test_an_alias_inside_itself_is_rejected() -> None:
 
 
 @pytest.mark.sans_io
-@pytest.mark.sans_io
-@pytest.mark.sans_io
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
@@ -197,6 +195,7 @@ SECRETS = [
 ]
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize("secret", SECRETS)
 @pytest.mark.parametrize(
     "place",
@@ -226,6 +225,7 @@ def test_a_secret_pasted_anywhere_is_not_echoed(tmp_path: Path, secret: str, pla
     assert any("<redacted>" in p for p in problems), problems
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize(
     "text", ["openai/gpt-4o-mini-2024-07-18", "anthropic.claude-3-5-sonnet-20241022-v2:0", "fall_back_on", "p95"]
 )
