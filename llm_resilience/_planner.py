@@ -448,7 +448,7 @@ class Call:
             self.planner.breakers.get(attempt.spec.name).mark_suspect()
 
     def _cut_unhedged(self, now: float) -> None:
-        """Drop attempts past their soft timeout for which no hedge started (budget, max_extra...).
+        """Drop attempts past their soft timeout for which no hedge started (budget, no model left).
 
         Without a hedge racing it, a slow attempt is handled as on a route without hedging: a
         soft_timeout failure, and the chain moves on. The driver closes its connection, since
@@ -477,7 +477,8 @@ class Call:
 
         Starting a hedge is not a verdict on the slow attempt: it keeps running, and whichever
         answers first wins. Why a hedge did not start is recorded on the slow attempt
-        (``hedge_skipped``: ``max_extra``, ``budget`` or ``no_model``).
+        (``hedge_skipped``: ``budget`` or ``no_model``). ``max_extra`` is enforced earlier:
+        :meth:`_prepare` gives no hedge threshold to an attempt once that many hedges ran.
         """
         cfg = self.route.hedge
         if cfg is None:
@@ -490,12 +491,6 @@ class Call:
             return None
         self._hedge_due.update(a.record.index for a in due)
         slow = due[0].record
-        if self._hedges >= cfg.max_extra:
-            slow.extra["hedge_skipped"] = "max_extra"
-            return None
-        if self._position >= len(self.route.chain):
-            slow.extra["hedge_skipped"] = "no_model"
-            return None
         budget = self.planner.budgets.hedges(self.route.name)
         if not budget.try_spend(now, cfg.budget_ratio):
             slow.extra["hedge_skipped"] = "budget"

@@ -220,3 +220,22 @@ def test_a_hedged_attempt_races_on_past_its_soft_timeout_and_the_unhedged_one_be
 
     assert (hedge.record.outcome, hedge.record.reason) == ("failure", "soft_timeout")  # cut
     assert call.in_flight == [first]  # still racing: it was hedged
+
+
+@pytest.mark.parametrize("max_extra", [1, 2])
+def test_max_extra_is_how_many_hedges_one_call_may_start(max_extra: int) -> None:
+    p = make_planner(
+        Scripted(), chain=("a", "b", "c"), hedge={"after": 0.1, "budget_ratio": 1.0, "max_extra": max_extra}
+    )
+    call = start(p)
+    launch(call, T0)
+
+    hedge = launch(call, T0 + 0.1)
+
+    if max_extra == 1:
+        assert hedge.hedge_at is None  # no hedge of the hedge
+        assert isinstance(call.next_action(T0 + 0.3), Wait)
+    else:
+        assert hedge.hedge_at == pytest.approx(T0 + 0.2)
+        p.budgets.hedges("chat").record_request(T0)  # room in the budget for a second hedge
+        assert launch(call, T0 + 0.2).spec.name == "c"
