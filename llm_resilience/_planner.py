@@ -360,7 +360,6 @@ class Call:
         self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)
         self._retry: tuple[ModelSpec, float, int] | None = None  # (model, not before, retry of index)
         self._retries: dict[str, int] = {}  # retries sent per model in this call
-        self._panicked = False  # the one panic attempt of this call was made
         if self.route.hedge is not None and not request.stream:
             planner.budgets.hedges(self.route.name).record_request(now)
         planner.hooks.call_started(self)
@@ -739,7 +738,8 @@ class Call:
         pick next anyway. (The last model to succeed is often the one that just failed too.)
         Only once per call, only if no request was sent yet, and never past the deadline.
         """
-        if self._panicked or any(r.outcome != "skipped" for r in self.records):
+        # (Once per call: after the panic attempt, a record is not "skipped", or the call is decided.)
+        if any(r.outcome != "skipped" for r in self.records):
             return None
         skipped = {r.model for r in self.records if r.reason == k.BREAKER_OPEN}
         if not skipped or len(skipped) != len({r.model for r in self.records}):
@@ -751,7 +751,6 @@ class Call:
         ]  # fmt: skip
         if not candidates:
             return None
-        self._panicked = True
         spec = min(candidates, key=lambda s: breakers.get(s.name).opened_at or float("inf"))
         return self._prepare(spec, now, panic=True)
 
@@ -1158,10 +1157,11 @@ def attempt_timeout(attempt: Attempt) -> Exception:
 def retry_after_s(error: BaseException | None) -> float | None:
     """Seconds the provider asked us to wait (``Retry-After`` / ``retry-after-ms``), if it said."""
     headers: Any = None
-    for source in (getattr(error, "response", None), error):
-        try:
+    for source_of in (lambda: getattr(error, "response", None), lambda: error):
+        try:  # some SDK errors compute .response lazily and may raise
+            source = source_of()
             headers = getattr(source, "headers", None) or getattr(source, "litellm_response_headers", None)
-        except Exception:  # some SDK errors compute .response lazily and may raise
+        except Exception:
             headers = None
         if headers:
             break

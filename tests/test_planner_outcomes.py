@@ -330,3 +330,114 @@ def test_retries_stop_at_max_retries_and_the_chain_moves_on() -> None:
 
     assert launch(call, waiting.until).spec.name == "b"
     assert retry.record.extra["retry_skipped"] == "max_retries"
+
+
+# -- panic: every model skipped because its breaker is open -------------------------------------------
+
+
+def panic_planner(breakers: dict[str, Any] | None = None, *, key_of_b: str = "k") -> Planner:
+    pol = Policy.from_dict(
+        {
+            "models": {
+                "a": {
+                    "litellm_params": {"model": "openai/a-model", "api_base": "http://127.0.0.1:9/v1", "api_key": "k"}
+                },
+                "b": {
+                    "litellm_params": {
+                        "model": "openai/b-model",
+                        "api_base": "http://127.0.0.1:9/v1",
+                        "api_key": key_of_b,
+                    }
+                },
+            },
+            "routes": {"chat": {"chain": ["a", "b"]}},
+            "prompt_classes": {"default": {"timeout_s": 1.0, "deadline_s": 3.0}},
+            "breakers": breakers or {"default": {"fail_max": 1, "reset_timeout_s": 30}},
+        }
+    )
+    return Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+
+
+def open_breaker(p: Planner, name: str) -> None:
+    breaker = p.breakers.get(name)
+    breaker.record(breaker.admit_with_ticket()[1], k.CONNECTION)
+    assert breaker.state == "open"
+
+
+def test_no_panic_once_a_request_was_sent() -> None:
+    p = panic_planner()
+    open_breaker(p, "b")
+    call = start(p)
+    call.on_error(launch(call, T0), lx.ServiceUnavailableError("overloaded", "openai", "a-model"), T0 + 0.1)
+
+    assert isinstance(call.next_action(T0 + 0.1), Fail)  # a answered (badly): b's open breaker is respected
+
+
+def test_no_panic_when_a_model_was_skipped_for_another_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLM_RESILIENCE_TEST_UNSET_KEY", raising=False)
+    p = panic_planner(key_of_b="os.environ/LLM_RESILIENCE_TEST_UNSET_KEY")
+    open_breaker(p, "a")
+    call = start(p)
+
+    action = call.next_action(T0)
+
+    assert isinstance(action, Fail)  # b has no key: trying a past its breaker would not be a last resort
+    assert [r.reason for r in call.records] == [k.BREAKER_OPEN, k.MISSING_API_KEY]
+
+
+def test_panic_tries_only_models_whose_breaker_allows_it() -> None:
+    p = panic_planner({"default": {"fail_max": 1, "reset_timeout_s": 30}, "a": {"panic": "fail_fast"}})
+    open_breaker(p, "a")  # opened first, but its policy says fail fast
+    open_breaker(p, "b")
+    call = start(p)
+
+    assert launch(call, T0).spec.name == "b"
+
+
+def test_panic_is_tried_once_per_call() -> None:
+    p = panic_planner()
+    open_breaker(p, "a")
+    open_breaker(p, "b")
+    call = start(p)
+
+    assert launch(call, T0).record.extra["panic"] is True
+    call.on_error(call.in_flight[0], ConnectionError("refused"), T0 + 0.1)
+    assert isinstance(call.next_action(T0 + 0.1), Fail)  # once per call
+
+
+# -- Retry-After, wherever litellm put it ----------------------------------------------------------------
+
+
+class HeadersOnly(Exception):
+    """An SDK error that carries the response headers itself (litellm's ``litellm_response_headers``)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__("overloaded")
+        self.litellm_response_headers = headers
+
+
+class LazyResponse(Exception):
+    """An SDK error whose ``.response`` is computed on access and fails."""
+
+    @property
+    def response(self) -> Any:
+        raise RuntimeError("no response object")
+
+    headers = {"retry-after": "3"}
+
+
+def test_retry_after_is_read_from_litellms_response_headers_too() -> None:
+    assert _planner.retry_after_s(HeadersOnly({"Retry-After": "4"})) == 4.0
+    assert _planner.retry_after_s(HeadersOnly({"retry-after-ms": "1500"})) == 1.5
+
+
+def test_retry_after_survives_a_response_that_cannot_be_read() -> None:
+    assert _planner.retry_after_s(LazyResponse()) == 3.0
+
+
+def test_a_retry_after_in_the_past_or_negative_means_no_wait() -> None:
+    assert _planner.retry_after_s(HeadersOnly({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert _planner.retry_after_s(HeadersOnly({"Retry-After": "-3"})) == 0.0
+    assert _planner.retry_after_s(HeadersOnly({"retry-after-ms": "-3"})) == 0.0
+    assert _planner.retry_after_s(HeadersOnly({"x-other": "3"})) is None
+    assert _planner.retry_after_s(None) is None
