@@ -301,3 +301,36 @@ def test_an_evicted_breaker_stops_being_watched_by_the_fleet() -> None:
     assert len(registry) == 8
     assert set(fleet.watched) == set(registry.models())
     assert "m0" not in fleet.watched
+
+
+def test_an_open_breaker_says_until_when_it_skips() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    clock.advance(3)
+
+    assert b.admit_with_ticket()[0] is Admission.OPEN
+    assert b.open_until() == pytest.approx(T0.timestamp() + 10.0)
+
+
+def test_the_probe_is_admitted_exactly_at_the_reset_timeout() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    clock.advance(10)
+
+    assert b.admit_with_ticket()[0] is Admission.PROBE
+
+
+def test_a_reload_to_more_successes_keeps_a_half_open_breaker_probing() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    b.reconfigure(BreakerSettings(fail_max=2, reset_timeout_s=10.0, success_threshold=2))
+    clock.advance(10)
+    admission, ticket = b.admit_with_ticket()
+    assert admission is Admission.PROBE
+
+    b.record(ticket, None)
+
+    assert b.state == "half-open"  # one success of the two now required

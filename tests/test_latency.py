@@ -56,6 +56,18 @@ def test_keys_are_model_and_prompt_class() -> None:
 
 
 @pytest.mark.sans_io
+def test_forgetting_a_model_drops_its_windows_in_every_class_and_no_other() -> None:
+    stats = LatencyStats()
+    for model, klass in [("m", "summary"), ("m", "code"), ("other", "m"), ("other", "code")]:
+        stats.observe(model, klass, 0.1)
+
+    stats.forget("m")
+
+    assert stats.samples("m", "summary") == stats.samples("m", "code") == (0, 0)
+    assert stats.samples("other", "m") == stats.samples("other", "code") == (1, 0)
+
+
+@pytest.mark.sans_io
 def test_memory_is_bounded_by_capacity_whatever_the_traffic() -> None:
     stats = LatencyStats(capacity=64)
     for i in range(10_000):

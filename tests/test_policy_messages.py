@@ -115,3 +115,10 @@ def test_a_float_key_says_what_yaml_read_and_is_then_an_unknown_key() -> None:
         "<string>:5: 3.5: unknown key '3.5' (expected one of: version, models, routes, prompt_classes, breakers, "
         "errors, review_log, telemetry, state)",
     ]
+
+
+def test_the_built_in_policy_names_its_source_and_has_the_built_in_class() -> None:
+    builtin = Policy.defaults()
+
+    assert builtin.source == "<built-in defaults>"
+    assert (builtin.classes["default"].timeout_s, builtin.classes["default"].deadline_s) == (60.0, 180.0)
