@@ -239,3 +239,15 @@ def test_max_extra_is_how_many_hedges_one_call_may_start(max_extra: int) -> None
         assert hedge.hedge_at == pytest.approx(T0 + 0.2)
         p.budgets.hedges("chat").record_request(T0)  # room in the budget for a second hedge
         assert launch(call, T0 + 0.2).spec.name == "c"
+
+
+def test_each_attempt_in_flight_is_flagged_slow_the_moment_it_crosses_its_soft_timeout() -> None:
+    p, call, first, hedge = _raced({"warmup_s": 0.4, "min_samples": 50})
+
+    assert isinstance(call.next_action(T0 + 0.4), Wait)  # exactly at a's soft timeout
+    assert first.record.extra["slow"] is True and "slow" not in hedge.record.extra
+    assert p.breakers.get("a").suspect  # few new requests to a until a verdict
+
+    assert isinstance(call.next_action(T0 + 0.5), Wait)  # the hedge started at 0.1: its own soft timeout
+    assert hedge.record.extra["slow"] is True
+    assert (p.breakers.get("a").fail_counter, p.breakers.get("b").fail_counter) == (1, 1)

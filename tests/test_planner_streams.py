@@ -18,7 +18,7 @@ import litellm
 import pytest
 from test_under_load_planner import Scripted
 
-from llm_resilience import AllAttemptsFailed, StreamInterrupted
+from llm_resilience import AllAttemptsFailed, LLMResilienceError, StreamInterrupted
 from llm_resilience import _outcomes as k
 from llm_resilience._breakers import BreakerRegistry
 from llm_resilience._hooks import HookSet
@@ -49,9 +49,11 @@ class Ended:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, BaseException | None]] = []
+        self.of: list[Call] = []
 
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
         self.calls.append((response, error))
+        self.of.append(call)
 
 
 def stream_planner(
@@ -539,7 +541,9 @@ def test_a_caller_who_stops_reading_a_committed_stream_was_answered_in_part() ->
 
     assert call.answered_by is first.record
     assert call.summary()["model"] == "a"
-    assert ended.calls == [(None, None)]
+    assert ended.calls == [(None, None)] and ended.of == [call]
+    error = final_error(call, T0 + 0.4)
+    assert isinstance(error, LLMResilienceError) and str(error) == "the call was cancelled by the caller"
     call.cancel(T0 + 0.5)
     assert len(ended.calls) == 1
 
