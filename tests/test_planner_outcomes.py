@@ -101,7 +101,8 @@ def test_the_bound_shows_three_significant_digits() -> None:
 
 
 def test_an_attempt_past_its_bound_is_cut_by_the_planner_and_the_next_model_starts() -> None:
-    p = make_planner()
+    ended = Ended()
+    p = make_planner(hooks=[ended])
     call = start(p)
     first = launch(call, T0)
     assert call.next_action(T0 + 0.5) is not None  # still within its bound
@@ -112,6 +113,7 @@ def test_an_attempt_past_its_bound_is_cut_by_the_planner_and_the_next_model_star
     assert (first.record.outcome, first.record.reason) == ("failure", k.TIMEOUT)
     assert isinstance(first.record.error, lx.Timeout)
     assert p.breakers.get("a").fail_counter == 1
+    assert [r for _, r in ended.attempts] == [first.record] and ended.told_about(call)
 
 
 # -- every model exhausted --------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_when_every_answer_fails_validation_raise_is_all_attempts_failed() -> No
     action = call.next_action(T0 + 0.1)
 
     assert isinstance(action, Fail) and isinstance(action.error, AllAttemptsFailed)
-    assert ended.calls == [(None, action.error)]
+    assert ended.calls == [(None, action.error)] and ended.told_about(call)
     assert "returned_as_best" not in call.records[0].extra
 
 
@@ -161,7 +163,8 @@ def test_all_attempts_failed_names_route_class_and_attempts_with_the_last_error_
     assert (error.route, error.prompt_class) == ("chat", "default")
     assert [(r.model, r.reason) for r in error.attempts] == [("a", k.RATE_LIMIT), ("b", k.SERVER_ERROR)]
     assert error.__cause__ is last
-    assert ended.calls == [(None, error)]
+    assert ended.calls == [(None, error)] and ended.told_about(call)
+    assert len(ended.attempts) == 2
     assert call.next_action(T0 + 0.3) is action  # decided: the same answer every time
 
 

@@ -50,10 +50,18 @@ class Ended:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, BaseException | None]] = []
         self.of: list[Call] = []
+        self.attempts: list[tuple[Call, Any]] = []
+
+    def attempt_ended(self, call: Call, record: Any, response: Any) -> None:
+        self.attempts.append((call, record))
 
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
         self.calls.append((response, error))
         self.of.append(call)
+
+    def told_about(self, call: Call) -> bool:
+        """Every event named ``call``, and every attempt_ended one of its records."""
+        return all(c is call for c in self.of) and all(c is call and r in call.records for c, r in self.attempts)
 
 
 def stream_planner(
@@ -326,7 +334,7 @@ def test_models_that_cannot_prefill_are_skipped_and_the_caller_gets_the_interrup
     call.on_error(cont, lx.BadRequestError("assistant prefill is not supported", "b", "openai"), T0 + 0.6)
 
     assert final_error(call, T0 + 0.6) is error  # not b's 400, not AllAttemptsFailed: the caller has text
-    assert ended.calls == [(None, error)]
+    assert ended.calls == [(None, error)] and ended.told_about(call)
     reasons = [(r.model, r.outcome, r.reason) for r in call.records]
     assert reasons == [
         ("a", "failure", k.CONNECTION),
@@ -515,7 +523,8 @@ def test_the_callers_timeout_ends_a_committed_stream_without_blaming_the_provide
     assert (first.record.outcome, first.record.reason) == ("cancelled", k.DEADLINE)
     assert call.answered_by is first.record
     assert p.breakers.get("a").fail_counter == 0
-    assert ended.calls == [(None, error)]
+    assert ended.calls == [(None, error)] and ended.told_about(call)
+    assert [r for _, r in ended.attempts] == [first.record]
     call.expire(TimeoutError("again"), T0 + 4.0)  # decided already: nothing changes
     assert final_error(call, T0 + 4.0) is error
     assert len(ended.calls) == 1
@@ -541,7 +550,8 @@ def test_a_caller_who_stops_reading_a_committed_stream_was_answered_in_part() ->
 
     assert call.answered_by is first.record
     assert call.summary()["model"] == "a"
-    assert ended.calls == [(None, None)] and ended.of == [call]
+    assert ended.calls == [(None, None)] and ended.of == [call] and ended.told_about(call)
+    assert [r for _, r in ended.attempts] == [first.record]
     error = final_error(call, T0 + 0.4)
     assert isinstance(error, LLMResilienceError) and str(error) == "the call was cancelled by the caller"
     call.cancel(T0 + 0.5)
