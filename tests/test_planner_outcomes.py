@@ -444,3 +444,39 @@ def test_a_retry_after_in_the_past_or_negative_means_no_wait() -> None:
     assert _planner.retry_after_s(HeadersOnly({"retry-after-ms": "-3"})) == 0.0
     assert _planner.retry_after_s(HeadersOnly({"x-other": "3"})) is None
     assert _planner.retry_after_s(None) is None
+
+
+def test_the_policy_owns_where_a_request_goes_and_as_whom() -> None:
+    call = start(make_planner(), api_version="2024-01-01", aws_region_name="eu-west-1", organization="org", top_p=0.5)
+
+    sent = launch(call, T0).kwargs
+
+    assert "api_version" not in sent and "aws_region_name" not in sent and "organization" not in sent
+    assert sent["top_p"] == 0.5  # not an endpoint argument: passed through
+
+
+def test_the_timeout_error_names_the_provider_of_a_model_with_a_path() -> None:
+    pol = Policy.from_dict(
+        {
+            "models": {"a": {"litellm_params": {"model": "openrouter/meta/llama-3", "api_base": "http://127.0.0.1:9"}}},
+            "routes": {"chat": {"chain": ["a"]}},
+        }
+    )
+    p = Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+
+    error = attempt_timeout(launch(start(p), T0))
+
+    assert (error.llm_provider, error.model) == ("openrouter", "openrouter/meta/llama-3")
+
+
+def test_the_dropped_argument_warning_says_why_and_stream_timeout_only_for_streams(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_planner, "_dropped_warned", set())
+    with caplog.at_level(logging.WARNING, logger="llm_resilience"):
+        start(make_planner(), fallbacks=["x"], stream_timeout=9.0)
+
+    messages = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert messages == [
+        "llm_resilience ignores the argument 'fallbacks': the policy's chain decides fallbacks (logged once)"
+    ]

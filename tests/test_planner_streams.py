@@ -344,6 +344,20 @@ def test_models_that_cannot_prefill_are_skipped_and_the_caller_gets_the_interrup
     assert p.breakers.get("b").fail_counter == 0  # a model that cannot prefill is not sick
 
 
+@pytest.mark.parametrize("says", ["assistant prefill is not supported", "Prefix completion is not available"])
+def test_a_400_naming_the_prefill_or_prefix_means_the_model_cannot_continue(says: str) -> None:
+    p = stream_planner(prefill={"b": True, "c": True})
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hello", connection_cut()), "Hello", T0 + 0.5)
+    cont = launch(call, T0 + 0.5)
+
+    call.on_error(cont, lx.BadRequestError(says, "b", "openai"), T0 + 0.6)
+
+    assert cont.record.reason == k.PREFILL_REJECTED
+
+
 def test_a_continuations_own_400_about_something_else_counts_and_still_never_ends_the_call() -> None:
     p = stream_planner(prefill={"b": True, "c": True})
     call = start_stream(p)
