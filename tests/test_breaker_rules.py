@@ -334,3 +334,40 @@ def test_a_reload_to_more_successes_keeps_a_half_open_breaker_probing() -> None:
     b.record(ticket, None)
 
     assert b.state == "half-open"  # one success of the two now required
+
+
+def test_every_transition_is_told_with_its_cause_count_last_failure_and_open_until(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    heard: list[tuple[Any, ...]] = []
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=2, reset_timeout_s=10.0), clock=clock)
+    registry.listeners.append(lambda *args: heard.append(args))
+    b = registry.get("m")
+    generation = b.generation
+
+    with caplog.at_level("WARNING", logger="llm_resilience.breaker"):
+        b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+        b.record(b.admit_with_ticket()[1], k.TIMEOUT)  # opens
+        clock.advance(10)
+        b.record(b.admit_with_ticket()[1], k.CONNECTION)  # the probe fails: open again
+        clock.advance(10)
+        b.record(b.admit_with_ticket()[1], None)  # the probe answers: closed
+
+    assert [(model, old, new) for model, old, new, _ in heard] == [
+        ("m", "closed", "open"), ("m", "open", "half-open"), ("m", "half-open", "open"),
+        ("m", "open", "half-open"), ("m", "half-open", "closed"),
+    ]  # fmt: skip
+    infos = [info for *_, info in heard]
+    assert [(i.model, i.old, i.new, i.cause, i.failures, i.last_failure) for i in infos] == [
+        ("m", "closed", "open", "consecutive_failures", 2, k.TIMEOUT),
+        ("m", "open", "half-open", "reset_timeout_elapsed", 2, None),
+        ("m", "half-open", "open", "probe_failed", 3, k.CONNECTION),
+        ("m", "open", "half-open", "reset_timeout_elapsed", 3, None),
+        ("m", "half-open", "closed", "probe_succeeded", 0, None),
+    ]
+    assert infos[0].open_until == pytest.approx(T0.timestamp() + 10.0)
+    assert infos[2].open_until == pytest.approx(T0.timestamp() + 20.0)
+    assert [i.open_until for i in infos[1::2]] + [infos[4].open_until] == [None, None, None]
+    assert b.generation == generation + 5
+    assert caplog.messages[0] == "breaker m: closed -> open (consecutive_failures, 2 failures)"
