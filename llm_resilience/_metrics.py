@@ -24,7 +24,7 @@ policy's name), ``llm_resilience.route``, ``llm_resilience.prompt_class``. Skipp
 models produce no duration (nothing was sent). A *fallback* is an attempt that did not
 answer and after which the call went on to another model (so the last failure of an
 exhausted chain is not one). ``decision`` is ``launched`` or why not (``budget``,
-``max_extra``, ``no_model``, ``deadline``, ``max_retries``, ``breaker_open``).
+``no_model``, ``deadline``, ``max_retries``, ``breaker_open``).
 
 Provider choice, as for traces: the application's global MeterProvider if it set one;
 else, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._METRICS_ENDPOINT``) is set, a

@@ -360,7 +360,6 @@ class Call:
         self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)
         self._retry: tuple[ModelSpec, float, int] | None = None  # (model, not before, retry of index)
         self._retries: dict[str, int] = {}  # retries sent per model in this call
-        self._panicked = False  # the one panic attempt of this call was made
         if self.route.hedge is not None and not request.stream:
             planner.budgets.hedges(self.route.name).record_request(now)
         planner.hooks.call_started(self)
@@ -448,7 +447,7 @@ class Call:
             self.planner.breakers.get(attempt.spec.name).mark_suspect()
 
     def _cut_unhedged(self, now: float) -> None:
-        """Drop attempts past their soft timeout for which no hedge started (budget, max_extra...).
+        """Drop attempts past their soft timeout for which no hedge started (budget, no model left).
 
         Without a hedge racing it, a slow attempt is handled as on a route without hedging: a
         soft_timeout failure, and the chain moves on. The driver closes its connection, since
@@ -468,8 +467,8 @@ class Call:
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
-            if "slow" not in record.extra:  # else _flag_slow already counted it
-                self._count(attempt, k.SOFT_TIMEOUT)
+            # Not counted here: _flag_slow, run just before in next_action, saw it cross the same
+            # bound (cut_at is its start + soft timeout) and counted it as slow.
             self.planner.hooks.attempt_ended(self, record, None)
 
     def _maybe_hedge(self, now: float) -> Attempt | None:
@@ -477,8 +476,9 @@ class Call:
 
         Starting a hedge is not a verdict on the slow attempt: it keeps running, and whichever
         answers first wins. Why a hedge did not start is recorded on the slow attempt
-        (``hedge_skipped``: ``max_extra``, ``budget``, ``no_model``, or ``client_overload`` while the
-        client, not the provider, is what makes it slow).
+        (``hedge_skipped``: ``budget``, ``no_model``, or ``client_overload`` while the client, not the
+        provider, is what makes it slow). ``max_extra`` is enforced earlier: :meth:`_prepare` gives no
+        hedge threshold to an attempt once that many hedges ran.
         """
         cfg = self.route.hedge
         if cfg is None:
@@ -495,13 +495,7 @@ class Call:
             return None
         self._hedge_due.update(a.record.index for a in due)
         slow = due[0].record
-        slow.extra.pop("hedge_skipped", None)
-        if self._hedges >= cfg.max_extra:
-            slow.extra["hedge_skipped"] = "max_extra"
-            return None
-        if self._position >= len(self.route.chain):
-            slow.extra["hedge_skipped"] = "no_model"
-            return None
+        slow.extra.pop("hedge_skipped", None)  # a client_overload reason from an earlier check
         budget = self.planner.budgets.hedges(self.route.name)
         if not budget.try_spend(now, cfg.budget_ratio):
             slow.extra["hedge_skipped"] = "budget"
@@ -768,7 +762,8 @@ class Call:
         is often the one that just failed too.) Only once per call, only if no request was sent
         yet, and never past the deadline.
         """
-        if self._panicked or any(r.outcome != "skipped" for r in self.records):
+        # (Once per call: after the panic attempt, a record is not "skipped", or the call is decided.)
+        if any(r.outcome != "skipped" for r in self.records):
             return None
         reasons = {r.model: r.reason for r in self.records}
         breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
@@ -776,7 +771,6 @@ class Call:
             return None  # some model was skipped for another reason (context, key): panic cannot help
         suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
         if suspects:
-            self._panicked = True
             return self._prepare(suspects[0], now, overflow=True)
         skipped = {model for model, reason in reasons.items() if reason == k.BREAKER_OPEN}
         if len(skipped) != len(reasons):
@@ -788,7 +782,6 @@ class Call:
         ]  # fmt: skip
         if not candidates:
             return None
-        self._panicked = True
         spec = min(candidates, key=lambda s: breakers.get(s.name).opened_at or float("inf"))
         return self._prepare(spec, now, panic=True)
 
@@ -1209,10 +1202,11 @@ def attempt_timeout(attempt: Attempt) -> Exception:
 def retry_after_s(error: BaseException | None) -> float | None:
     """Seconds the provider asked us to wait (``Retry-After`` / ``retry-after-ms``), if it said."""
     headers: Any = None
-    for source in (getattr(error, "response", None), error):
-        try:
+    for source_of in (lambda: getattr(error, "response", None), lambda: error):
+        try:  # some SDK errors compute .response lazily and may raise
+            source = source_of()
             headers = getattr(source, "headers", None) or getattr(source, "litellm_response_headers", None)
-        except Exception:  # some SDK errors compute .response lazily and may raise
+        except Exception:
             headers = None
         if headers:
             break

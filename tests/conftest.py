@@ -116,8 +116,10 @@ def _servers() -> Iterator[dict[str, FakeProvider]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _warm_litellm(_servers: dict[str, FakeProvider]) -> None:
-    _warm_up_litellm(_servers["big"])
+def _warm_litellm(request: pytest.FixtureRequest) -> None:
+    if all(item.get_closest_marker("sans_io") for item in request.session.items):
+        return  # only server-less tests (e.g. the mutation run, one session per mutant): no server to warm
+    _warm_up_litellm(request.getfixturevalue("_servers")["big"])
 
 
 def _warm_up_litellm(provider: FakeProvider) -> None:

@@ -64,6 +64,7 @@ def take_probe(b: ModelBreaker) -> Any:
 # -- the state machine, without a server ---------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_success_admitted_before_the_breaker_opened_does_not_close_it_during_a_probe() -> None:
     b = breaker()
     _, sent_before = b.admit_with_ticket()  # a slow request, still in flight while the breaker opens
@@ -79,6 +80,7 @@ def test_success_admitted_before_the_breaker_opened_does_not_close_it_during_a_p
     assert b.state == "closed"
 
 
+@pytest.mark.sans_io
 def test_failure_admitted_before_the_breaker_opened_does_not_reopen_it_during_a_probe() -> None:
     b = breaker()
     _, sent_before = b.admit_with_ticket()
@@ -92,6 +94,7 @@ def test_failure_admitted_before_the_breaker_opened_does_not_reopen_it_during_a_
     assert b.state == "closed"
 
 
+@pytest.mark.sans_io
 def test_outcomes_of_the_current_generation_still_count() -> None:
     b = breaker(fail_max=3)
     tickets = [b.admit_with_ticket()[1] for _ in range(3)]
@@ -134,6 +137,7 @@ def test_reset_timeout_is_checked_inside_the_probe_gate() -> None:
     assert min(gaps, default=reset_s) >= reset_s * 0.9, f"back-to-back probes: {gaps}"
 
 
+@pytest.mark.sans_io
 def test_reset_backoff_grows_after_failed_probes_up_to_its_cap_and_resets_on_success() -> None:
     b = breaker(reset_timeout_s=1.0, reset_backoff=ResetBackoff(factor=3.0, max_s=5.0))
     open_it(b)
@@ -151,6 +155,7 @@ def test_reset_backoff_grows_after_failed_probes_up_to_its_cap_and_resets_on_suc
     assert b.open_period_s == 1.0
 
 
+@pytest.mark.sans_io
 def test_without_reset_backoff_every_open_period_is_the_reset_timeout() -> None:
     b = breaker(reset_timeout_s=1.0)
     open_it(b)
@@ -161,6 +166,7 @@ def test_without_reset_backoff_every_open_period_is_the_reset_timeout() -> None:
         assert b.open_period_s == 1.0
 
 
+@pytest.mark.sans_io
 def test_library_defaults_bring_a_healed_primary_back_within_15_s() -> None:
     """The documented defaults: 5 failures open it, 10 s until a probe, no growth unless asked."""
     settings = Policy.defaults().breaker_default
@@ -303,6 +309,7 @@ def test_healed_primary_is_back_within_the_reset_timeout(
 # -- a bounded registry -------------------------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_registry_stays_bounded_under_arbitrary_model_strings_and_keeps_open_breakers() -> None:
     from llm_resilience._breakers import BreakerRegistry
 
@@ -325,6 +332,7 @@ def test_registry_stays_bounded_under_arbitrary_model_strings_and_keeps_open_bre
     assert registry.states()["openai/sick"] == "open"
 
 
+@pytest.mark.sans_io
 def test_registry_evicts_the_least_recently_used_first() -> None:
     from llm_resilience._breakers import BreakerRegistry
 

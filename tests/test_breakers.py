@@ -225,6 +225,7 @@ def test_async_probe_is_gated_too(half_open: Resilience, big: FakeProvider) -> N
     assert half_open.breaker_states()["big"] == "closed"
 
 
+@pytest.mark.sans_io
 def test_an_injected_clock_decides_when_an_open_breaker_lets_a_probe_through() -> None:
     # What `llm-resilience simulate` relies on: breakers live in simulated time, not wall time.
     from datetime import UTC, datetime, timedelta

@@ -8,6 +8,8 @@ import pytest
 
 from llm_resilience._budget import DEFAULT_WINDOW_S, Budgets, RatioBudget
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 
 def test_spending_is_allowed_up_to_the_ratio_of_recent_requests() -> None:
     budget = RatioBudget(window_s=10.0, buckets=10)
@@ -119,3 +121,29 @@ def test_concurrent_spenders_never_exceed_the_budget() -> None:
 
     assert granted.count(True) == 30
     assert budget.usage(0.0) == (100, 30)
+
+
+def test_each_model_has_its_own_retry_budget() -> None:
+    budgets = Budgets()
+
+    assert budgets.retries("a") is not budgets.retries("b")
+    assert budgets.retries("a") is budgets.retries("a")
+
+
+def test_one_bucket_is_a_valid_window() -> None:
+    budget = RatioBudget(window_s=1.0, buckets=1)
+    budget.record_request(0.5)
+
+    assert budget.try_spend(0.5, ratio=1.0)
+    assert budget.usage(1.0) == (0, 0)  # the next second is a new window
+
+
+def test_a_refund_gives_back_exactly_one() -> None:
+    budget = RatioBudget(window_s=10.0)
+    for _ in range(2):
+        budget.record_request(0.0)
+        assert budget.try_spend(0.0, ratio=1.0)
+
+    budget.refund(0.0)
+
+    assert budget.usage(0.0) == (2, 1)

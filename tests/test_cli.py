@@ -42,12 +42,14 @@ def test_console_script_points_at_main() -> None:
 # -- validate -----------------------------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_validate_accepts_a_good_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"ok: {EXAMPLE} ")
 
 
+@pytest.mark.sans_io
 def test_validate_prints_every_problem_with_file_and_line_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -63,6 +65,7 @@ def test_validate_prints_every_problem_with_file_and_line_and_exits_1(
     assert problems[2].startswith(f"{bad}:9: prompt_classes.summarize.timeuot_s: unknown key")
 
 
+@pytest.mark.sans_io
 def test_validate_reports_cross_reference_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_POLICY.replace("timeuot_s", "idle_timeout_s").replace("deadline_s: 1}", "deadline_s: 9}"))
@@ -70,6 +73,7 @@ def test_validate_reports_cross_reference_problems(tmp_path: Path, capsys: pytes
     assert f"{bad}:6: routes.chat.chain[1]: unknown model 'medium'" in capsys.readouterr().err
 
 
+@pytest.mark.sans_io
 def test_validate_checks_every_file_even_after_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_POLICY)
@@ -84,6 +88,7 @@ def test_validate_checks_every_file_even_after_a_bad_one(tmp_path: Path, capsys:
 # -- schema -------------------------------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -91,6 +96,7 @@ def test_schema_prints_the_json_schema(capsys: pytest.CaptureFixture[str]) -> No
     assert {"models", "routes", "prompt_classes", "breakers"} <= set(printed["properties"])
 
 
+@pytest.mark.sans_io
 def test_committed_schema_file_is_up_to_date() -> None:
     committed = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     assert committed == json_schema(), "policies/policy.schema.json is stale: run `make schema`"

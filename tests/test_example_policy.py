@@ -14,6 +14,8 @@ import yaml
 from llm_resilience import Policy
 from llm_resilience._policy import ENV_PREFIX, json_schema
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "policies" / "example.yaml"
 ROOT = "<top level>"
 

@@ -30,6 +30,7 @@ class FakeClock:
 # -- the window ----------------------------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_percentile_is_none_until_min_samples_then_nearest_rank() -> None:
     stats = LatencyStats()
     for i in range(1, 20):
@@ -44,6 +45,7 @@ def test_percentile_is_none_until_min_samples_then_nearest_rank() -> None:
     assert stats.percentile("other", "c", 95, min_samples=1) is None
 
 
+@pytest.mark.sans_io
 def test_keys_are_model_and_prompt_class() -> None:
     stats = LatencyStats()
     stats.observe("m", "summary", 0.1)
@@ -53,6 +55,19 @@ def test_keys_are_model_and_prompt_class() -> None:
     assert stats.percentile("m", "code", 99, min_samples=1) == 5.0
 
 
+@pytest.mark.sans_io
+def test_forgetting_a_model_drops_its_windows_in_every_class_and_no_other() -> None:
+    stats = LatencyStats()
+    for model, klass in [("m", "summary"), ("m", "code"), ("other", "m"), ("other", "code")]:
+        stats.observe(model, klass, 0.1)
+
+    stats.forget("m")
+
+    assert stats.samples("m", "summary") == stats.samples("m", "code") == (0, 0)
+    assert stats.samples("other", "m") == stats.samples("other", "code") == (1, 0)
+
+
+@pytest.mark.sans_io
 def test_memory_is_bounded_by_capacity_whatever_the_traffic() -> None:
     stats = LatencyStats(capacity=64)
     for i in range(10_000):
@@ -62,6 +77,7 @@ def test_memory_is_bounded_by_capacity_whatever_the_traffic() -> None:
     assert stats.percentile("m", "c", 0.1, min_samples=1) == 9.936  # only the newest 64 remain
 
 
+@pytest.mark.sans_io
 def test_number_of_keys_is_bounded() -> None:
     stats = LatencyStats(max_keys=3)
     for model in ("a", "b", "c", "d"):
@@ -71,6 +87,7 @@ def test_number_of_keys_is_bounded() -> None:
     assert stats.samples("d", "c") == (1, 0)
 
 
+@pytest.mark.sans_io
 def test_samples_older_than_max_age_expire() -> None:
     clock = FakeClock()
     stats = LatencyStats(max_age_s=60, clock=clock)
@@ -86,6 +103,7 @@ def test_samples_older_than_max_age_expire() -> None:
     assert stats.percentile("m", "c", 95, min_samples=20) is None
 
 
+@pytest.mark.sans_io
 def test_cut_off_calls_keep_their_rank_so_the_percentile_is_not_biased_down() -> None:
     # 100 calls with latencies 0.01 .. 1.00, but the slowest 10 were cut off (timed out or
     # cancelled after a hedge): p80 must still be 0.80. Dropping them would give 0.72.
@@ -99,6 +117,7 @@ def test_cut_off_calls_keep_their_rank_so_the_percentile_is_not_biased_down() ->
     assert stats.samples("m", "c") == (90, 10)
 
 
+@pytest.mark.sans_io
 def test_cut_off_calls_never_ratchet_the_percentile_above_what_was_observed() -> None:
     # A spike: every call is cut off. The percentile stays at the slowest answer really seen,
     # so a soft timeout of multiplier x p95 cannot grow by itself during the spike.
@@ -112,6 +131,7 @@ def test_cut_off_calls_never_ratchet_the_percentile_above_what_was_observed() ->
     assert stats.percentile("m", "c", 95, min_samples=20) == 0.15
 
 
+@pytest.mark.sans_io
 def test_min_samples_counts_answers_only() -> None:
     stats = LatencyStats()
     for _ in range(5):
@@ -122,6 +142,7 @@ def test_min_samples_counts_answers_only() -> None:
     assert stats.percentile("m", "c", 95, min_samples=10) is None
 
 
+@pytest.mark.sans_io
 def test_concurrent_observers_and_readers() -> None:
     stats = LatencyStats(capacity=128)
     errors: list[BaseException] = []
@@ -147,6 +168,7 @@ def test_concurrent_observers_and_readers() -> None:
     assert complete + censored == 128
 
 
+@pytest.mark.sans_io
 def test_invalid_sizes_are_rejected() -> None:
     with pytest.raises(ValueError):
         LatencyStats(capacity=0)

@@ -25,6 +25,8 @@ from llm_resilience._outcomes import classify_error
 from llm_resilience._planner import Attempt, Call, CallRequest, Done, Fail, Launch, Planner
 from llm_resilience._policy import Policy
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 lx = litellm.exceptions
 T0 = 1000.0
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]

@@ -15,12 +15,15 @@ from test_under_load_planner import T0, Scripted, launch, make_planner, start
 from llm_resilience._breakers import ProbeTicket
 from llm_resilience._planner import Attempt, Call, Planner, Wait
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 SOFT = {"percentile": 99, "floor_s": 0.05, "min_samples": 10, "warmup_s": 0.5}
 
 
 def first_attempt(
     hedge: dict[str, Any], *, soft: dict[str, Any] | None = None, learned: Sequence[float] = ()
 ) -> Attempt:
+
     p: Planner = make_planner(Scripted(), hedge={"budget_ratio": 1.0, **hedge}, soft=soft)
     for latency in learned:
         p.latency.observe("a", "default", latency)
@@ -164,3 +167,87 @@ def test_a_primary_already_flagged_slow_is_not_counted_again_when_it_loses() -> 
 
     assert first.record.reason == "soft_timeout"
     assert p.breakers.get("a").fail_counter == 1
+
+
+# -- an attempt no hedge started for is cut at its soft timeout ---------------------------------------
+
+CUT_SOFT = {"warmup_s": 0.4, "min_samples": 50}
+
+
+def test_an_attempt_no_hedge_started_for_is_cut_at_its_soft_timeout_and_the_chain_moves_on() -> None:
+    p = make_planner(Scripted(), hedge={"after": 0.1, "budget_ratio": 0.0}, soft=CUT_SOFT)
+    call = start(p)
+    first = launch(call, T0)
+    assert first.cut_at == pytest.approx(T0 + 0.4)
+
+    waiting = call.next_action(T0 + 0.1)  # the hedge is refused (budget): wait for the cut
+    assert isinstance(waiting, Wait) and waiting.until == pytest.approx(T0 + 0.4)
+    assert isinstance(call.next_action(T0 + 0.39), Wait)
+    second = launch(call, T0 + 0.4)
+
+    assert second.spec.name == "b"
+    assert call.in_flight == [second]
+    assert (first.record.outcome, first.record.reason) == ("failure", "soft_timeout")
+    assert isinstance(first.record.error, TimeoutError)
+    assert str(first.record.error) == "no answer within the soft timeout (0.4 s) and no hedge started"
+    assert p.breakers.get("a").fail_counter == 1  # once: slow, and cut for it
+    assert p.latency.percentile("a", "default", 50, 1) is None  # cut off: only a lower bound was learned
+    assert p.latency.samples("a", "default") == (0, 1)  # type: ignore[attr-defined]
+
+
+def test_the_cut_waits_while_the_client_is_the_slow_one() -> None:
+    p = make_planner(Scripted(delay_s=0.2), hedge={"after": 0.1, "budget_ratio": 0.0}, soft=CUT_SOFT)
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.4), Wait)  # 0.4 s of wall time, 0.2 s of it the client's
+    assert isinstance(call.next_action(T0 + 0.55), Wait)
+    assert call.in_flight == [first]
+    assert launch(call, T0 + 0.6).spec.name == "b"  # the provider's share reached the soft timeout
+    assert first.record.reason == "soft_timeout"
+
+
+def test_a_hedged_attempt_races_on_past_its_soft_timeout_and_the_unhedged_one_beside_it_is_cut() -> None:
+    p = make_planner(Scripted(), chain=("a", "b", "c"), hedge={"after": 0.1, "budget_ratio": 1.0, "max_extra": 2},
+                     soft=CUT_SOFT)  # fmt: skip
+    call = start(p)
+    first = launch(call, T0)
+    hedge = launch(call, T0 + 0.1)
+    assert isinstance(call.next_action(T0 + 0.2), Wait)  # b's own hedge is due: refused by the budget
+    assert hedge.record.extra["hedge_skipped"] == "budget"
+
+    assert isinstance(call.next_action(T0 + 0.51), Wait)  # b passed its soft timeout with no hedge of its own
+
+    assert (hedge.record.outcome, hedge.record.reason) == ("failure", "soft_timeout")  # cut
+    assert call.in_flight == [first]  # still racing: it was hedged
+
+
+@pytest.mark.parametrize("max_extra", [1, 2])
+def test_max_extra_is_how_many_hedges_one_call_may_start(max_extra: int) -> None:
+    p = make_planner(
+        Scripted(), chain=("a", "b", "c"), hedge={"after": 0.1, "budget_ratio": 1.0, "max_extra": max_extra}
+    )
+    call = start(p)
+    launch(call, T0)
+
+    hedge = launch(call, T0 + 0.1)
+
+    if max_extra == 1:
+        assert hedge.hedge_at is None  # no hedge of the hedge
+        assert isinstance(call.next_action(T0 + 0.3), Wait)
+    else:
+        assert hedge.hedge_at == pytest.approx(T0 + 0.2)
+        p.budgets.hedges("chat").record_request(T0)  # room in the budget for a second hedge
+        assert launch(call, T0 + 0.2).spec.name == "c"
+
+
+def test_each_attempt_in_flight_is_flagged_slow_the_moment_it_crosses_its_soft_timeout() -> None:
+    p, call, first, hedge = _raced({"warmup_s": 0.4, "min_samples": 50})
+
+    assert isinstance(call.next_action(T0 + 0.4), Wait)  # exactly at a's soft timeout
+    assert first.record.extra["slow"] is True and "slow" not in hedge.record.extra
+    assert p.breakers.get("a").suspect  # few new requests to a until a verdict
+
+    assert isinstance(call.next_action(T0 + 0.5), Wait)  # the hedge started at 0.1: its own soft timeout
+    assert hedge.record.extra["slow"] is True
+    assert (p.breakers.get("a").fail_counter, p.breakers.get("b").fail_counter) == (1, 1)

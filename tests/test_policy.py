@@ -135,6 +135,7 @@ BROKEN: dict[str, tuple[str, int, str, list[str]]] = {
 }
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_policy_names_file_line_and_field(case: str, tmp_path: Path) -> None:
     text, line, field, words = BROKEN[case]
@@ -151,6 +152,7 @@ def test_broken_policy_names_file_line_and_field(case: str, tmp_path: Path) -> N
         assert word in problem, problem
 
 
+@pytest.mark.sans_io
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     text = MINIMAL.replace("timeout_s: 0.3", "timeout_s: -1").replace("fail_max: 3", "fail_maxx: 3")
     path = write(tmp_path, text)
@@ -162,6 +164,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert problems[1].startswith(f"{path}:10: breakers.default.fail_maxx: ")
 
 
+@pytest.mark.sans_io
 def test_duplicate_key_is_reported_with_other_problems(tmp_path: Path) -> None:
     text = MINIMAL.replace(
         "  chat: {chain: [big, small]}\n", "  chat: {chain: [big, small]}\n  chat: {chain: [medium]}\n"
@@ -174,6 +177,7 @@ def test_duplicate_key_is_reported_with_other_problems(tmp_path: Path) -> None:
     assert any("routes.chat.chain[0]: unknown model 'medium'" in p for p in problems)
 
 
+@pytest.mark.sans_io
 def test_a_misplaced_api_key_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     text = edit("big:   {litellm_params:", "big:   {api_key: sk-literal-SECRET-555, litellm_params:")
     path = write(tmp_path, text)
@@ -184,11 +188,13 @@ def test_a_misplaced_api_key_is_not_echoed_in_the_error(tmp_path: Path) -> None:
     assert not any("sk-literal-SECRET-555" in p for p in problems)
 
 
+@pytest.mark.sans_io
 def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read policy file"):
         Policy.from_file(tmp_path / "nope.yaml")
 
 
+@pytest.mark.sans_io
 def test_dict_policies_are_validated_the_same_way() -> None:
     with pytest.raises(PolicyError) as info:
         Resilience.from_dict({"routes": {"chat": {"chain": ["ghost"]}}})
@@ -202,6 +208,7 @@ def test_dict_policies_are_validated_the_same_way() -> None:
 # -- the minimal policy from the issue ----------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_minimal_policy_loads_and_means_what_it_says(tmp_path: Path) -> None:
     policy = Policy.from_file(write(tmp_path, MINIMAL))
 

@@ -35,6 +35,7 @@ ALIAS_BOMB = (
 )
 
 
+@pytest.mark.sans_io
 def test_an_alias_bomb_is_rejected_within_bounded_memory(tmp_path: Path) -> None:
     path = write(tmp_path, ALIAS_BOMB)
 
@@ -51,6 +52,7 @@ def test_an_alias_bomb_is_rejected_within_bounded_memory(tmp_path: Path) -> None
     assert peak < 50_000_000, f"parsing took {peak / 1e6:.0f} MB"  # a resource bound, not a timing
 
 
+@pytest.mark.sans_io
 def test_ordinary_aliases_and_merge_keys_still_work() -> None:
     text = MINIMAL.replace(
         "prompt_classes:\n  default:   {timeout_s: 0.3, deadline_s: 2}",
@@ -63,11 +65,13 @@ def test_ordinary_aliases_and_merge_keys_still_work() -> None:
     assert (policy.classes["longer"].timeout_s, policy.classes["longer"].deadline_s) == (0.3, 4)
 
 
+@pytest.mark.sans_io
 def test_an_alias_inside_itself_is_rejected() -> None:
     with pytest.raises(PolicyError, match="nested more than"):
         Policy.from_yaml("models: &m {x: *m}\n")
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
@@ -92,6 +96,7 @@ def test_malformed_input_is_a_located_policy_error(tmp_path: Path, text: str, li
         assert word in problems[0], problems
 
 
+@pytest.mark.sans_io
 def test_a_file_that_is_not_utf8_is_a_located_policy_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"models: {}\nroutes: {}  # caf\xe9\n")
@@ -140,6 +145,7 @@ def test_the_cli_prints_problems_not_tracebacks_for_malformed_files(tmp_path: Pa
         "huge_hedge", "p500_soft", "empty_class_chain", "first_token_over_timeout",
     ],
 )  # fmt: skip
+@pytest.mark.sans_io
 def test_values_that_cannot_work_are_rejected_at_load(
     tmp_path: Path, old: str, new: str, line: int, field: str, words: list[str]
 ) -> None:
@@ -160,6 +166,7 @@ def test_values_that_cannot_work_are_rejected_at_load(
     ("key", "what"), [("on", "the boolean true"), ("yes", "the boolean true"), ("off", "the boolean false"),
                       ("no", "the boolean false"), ("1", "the int 1"), ("~", "null")],
 )  # fmt: skip
+@pytest.mark.sans_io
 def test_a_key_yaml_reads_as_a_non_string_says_so_on_its_own_line(tmp_path: Path, key: str, what: str) -> None:
     path = write(tmp_path, MINIMAL.replace("  summarize:", f"  {key}:"))
 
@@ -168,6 +175,7 @@ def test_a_key_yaml_reads_as_a_non_string_says_so_on_its_own_line(tmp_path: Path
     assert problems == [f"{path}:8: prompt_classes.{key}: '{key}' was read as {what}; quote it (\"{key}\")"]
 
 
+@pytest.mark.sans_io
 def test_a_quoted_on_key_is_an_ordinary_name(tmp_path: Path) -> None:
     policy = Policy.from_file(write(tmp_path, MINIMAL.replace("  summarize:", '  "on":')))
 
@@ -187,6 +195,7 @@ SECRETS = [
 ]
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize("secret", SECRETS)
 @pytest.mark.parametrize(
     "place",
@@ -216,6 +225,7 @@ def test_a_secret_pasted_anywhere_is_not_echoed(tmp_path: Path, secret: str, pla
     assert any("<redacted>" in p for p in problems), problems
 
 
+@pytest.mark.sans_io
 @pytest.mark.parametrize(
     "text", ["openai/gpt-4o-mini-2024-07-18", "anthropic.claude-3-5-sonnet-20241022-v2:0", "fall_back_on", "p95"]
 )
@@ -226,6 +236,7 @@ def test_ordinary_names_are_not_taken_for_secrets(text: str) -> None:
 # -- one pass, one loader ------------------------------------------------------------------------
 
 
+@pytest.mark.sans_io
 def test_schema_errors_do_not_hide_cross_reference_errors(tmp_path: Path) -> None:
     text = edit("timeout_s: 0.3", "timout_s: 0.3").replace("chain: [big, small]", "chain: [big, medium]")
     path = write(tmp_path, text)
@@ -251,6 +262,7 @@ BAD_VALIDATOR = MINIMAL.replace(
 )
 
 
+@pytest.mark.sans_io
 def test_a_misspelt_validator_fails_validate_with_its_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], _clean_registry: object
 ) -> None:
@@ -267,6 +279,7 @@ def test_a_misspelt_validator_fails_validate_with_its_line(
     assert info.value.problems == err  # the engine says the same thing, line included
 
 
+@pytest.mark.sans_io
 def test_validate_accepts_custom_validators_it_is_told_about(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], _clean_registry: object
 ) -> None:
@@ -276,6 +289,7 @@ def test_validate_accepts_custom_validators_it_is_told_about(
     assert main(["validate", "--validator", "has_citation", str(path)]) == 0
 
 
+@pytest.mark.sans_io
 def test_a_registered_custom_validator_may_count_toward_the_breaker(tmp_path: Path, _clean_registry: object) -> None:
     text = BAD_VALIDATOR.replace("truncate: flag", "has_citation: fall_back").replace(
         "default: {fail_max: 3, reset_timeout_s: 30}",
@@ -296,6 +310,7 @@ def test_a_registered_custom_validator_may_count_toward_the_breaker(tmp_path: Pa
     assert "has_citation" in policy.breaker_settings("big").count
 
 
+@pytest.mark.sans_io
 def test_a_validator_declared_at_load_must_be_registered_before_the_engine(
     tmp_path: Path, _clean_registry: object
 ) -> None:

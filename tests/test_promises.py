@@ -81,6 +81,7 @@ def test_dropped_arguments_are_logged_once_by_name_never_by_value(
 # -- models.NAME.max_output_tokens is read (issue 12, item 5) -----------------------------------------
 
 
+@pytest.mark.sans_io
 def test_a_models_max_output_tokens_caps_the_reserved_output() -> None:
     # Mutation checked: deleting the `reserve = min(reserve, spec.max_output_tokens)` line.
     klass = PromptClass(timeout_s=1, deadline_s=2)

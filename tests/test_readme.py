@@ -31,6 +31,8 @@ from llm_resilience._policy import (
     TelemetryConfig,
 )
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 PACKAGE = ROOT / "llm_resilience"

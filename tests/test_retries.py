@@ -221,6 +221,7 @@ def planner(**retries: Any) -> Planner:
     return p
 
 
+@pytest.mark.sans_io
 def test_backoff_is_jittered_exponential_and_capped() -> None:
     call = planner(backoff_base_s=0.1, backoff_max_s=0.3).start(CallRequest("chat", MESSAGES, {}), 0.0)
     now = 0.0
@@ -242,6 +243,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert cap / 2 <= waited <= cap
 
 
+@pytest.mark.sans_io
 def test_retry_after_parsing() -> None:
     def error(headers: dict[str, str]) -> Exception:
         response = httpx.Response(429, headers=headers, request=httpx.Request("POST", "http://x"))

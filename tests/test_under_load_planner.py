@@ -23,6 +23,8 @@ from llm_resilience._planner import Attempt, Call, CallRequest, Fail, Launch, Pl
 from llm_resilience._policy import Policy
 from llm_resilience._saturation import _HISTORY, _Samples
 
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
 T0 = 1000.0
 MESSAGES = [{"role": "user", "content": "hello"}]
 

@@ -1,0 +1,373 @@
+"""The breaker's rules with an injected wall clock and a scripted fleet view (no server, no Redis, no sleeps).
+
+``test_shared_state.py`` runs the fleet against a real Redis; these pin what a breaker does with
+the fleet's answer (``FleetAdmission``), how it follows the fleet's transitions, and the operator
+and reload paths, which mutation testing found unpinned (README "Circuit breakers").
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from llm_resilience import _outcomes as k
+from llm_resilience._breakers import Admission, BreakerRegistry, ModelBreaker, ProbeTicket
+from llm_resilience._policy import BreakerSettings
+from llm_resilience._shared_state import FleetAdmission, SharedBreakerState
+
+pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class ScriptedFleet(SharedBreakerState):
+    """The fleet view as the test sets it; what the breaker reports to it is kept (never sent anywhere)."""
+
+    def __init__(self, answer: FleetAdmission = FleetAdmission.DEFER, open_until: float | None = None) -> None:
+        super().__init__(lambda: None, "test", start=False)
+        self.answer = answer
+        self.until = open_until
+        self.watched: dict[str, tuple[Any, Any]] = {}
+        self.reported: list[tuple[Any, ...]] = []
+
+    def admission(self, model: str) -> FleetAdmission:
+        return self.answer
+
+    def open_until_epoch(self, model: str) -> float | None:
+        return self.until
+
+    def watch(self, model: str, mirror: Any, open_for_s: Any = None) -> None:
+        self.watched[model] = (mirror, open_for_s)
+
+    def unwatch(self, model: str) -> None:
+        self.watched.pop(model, None)
+
+    def record_failure(self, model: str, fail_max: int, open_s: float) -> None:
+        self.reported.append(("failure", model, fail_max, open_s))
+
+    def record_success(self, model: str) -> None:
+        self.reported.append(("success", model))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def breaker(
+    clock: Clock | None = None, fleet: ScriptedFleet | None = None, *, fail_max: int = 2, reset_timeout_s: float = 10.0
+) -> ModelBreaker:
+    settings = BreakerSettings(fail_max=fail_max, reset_timeout_s=reset_timeout_s)
+    return ModelBreaker("m", settings, [], clock=clock or Clock(), fleet=fleet)
+
+
+def open_it(b: ModelBreaker) -> None:
+    for _ in range(b.settings.fail_max):
+        b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+    assert b.state == "open"
+
+
+# -- the fleet's view decides first ---------------------------------------------------------------
+
+
+def test_an_open_fleet_breaker_skips_the_model_and_says_until_when() -> None:
+    b = breaker(fleet=ScriptedFleet(FleetAdmission.OPEN, open_until=1_900_000_000.0))
+
+    admission, ticket = b.admit_with_ticket()
+
+    assert admission is Admission.OPEN and not ticket.probe
+    assert b.open_until() == 1_900_000_000.0
+    assert b.state == "closed"  # the local breaker is not moved by a skip
+
+
+def test_the_fleets_probe_is_one_request_of_this_process_and_the_local_breaker_is_half_open() -> None:
+    b = breaker(fleet=ScriptedFleet(FleetAdmission.PROBE))
+
+    admission, ticket = b.admit_with_ticket()
+
+    assert admission is Admission.PROBE and ticket.probe
+    assert b.state == "half-open"
+    assert ticket.generation == b.generation  # its outcome is not stale
+    assert b.admit_with_ticket()[0] is Admission.PROBE_BUSY  # one request, even though the fleet says probe
+
+
+def test_the_fleets_probe_through_an_already_half_open_breaker_moves_nothing() -> None:
+    clock = Clock()
+    fleet = ScriptedFleet()
+    b = breaker(clock, fleet)
+    open_it(b)
+    clock.advance(11)
+    b.release(b.admit_with_ticket()[1])  # the local probe half-opened it; its request was never sent
+    generation = b.generation
+
+    fleet.answer = FleetAdmission.PROBE
+    admission, ticket = b.admit_with_ticket()
+
+    assert admission is Admission.PROBE and b.state == "half-open"
+    assert b.generation == generation == ticket.generation
+
+
+def test_while_another_process_probes_the_model_is_skipped() -> None:
+    b = breaker(fleet=ScriptedFleet(FleetAdmission.PROBE_BUSY))
+
+    admission, ticket = b.admit_with_ticket()
+
+    assert admission is Admission.PROBE_BUSY and not ticket.probe
+    assert b.state == "closed"
+
+
+def test_without_a_fleet_opinion_the_local_breaker_decides() -> None:
+    fleet = ScriptedFleet(FleetAdmission.DEFER)
+    b = breaker(fleet=fleet)
+    assert b.admit_with_ticket()[0] is Admission.ADMIT
+    open_it(b)
+    assert b.admit_with_ticket()[0] is Admission.OPEN
+
+
+def test_outcomes_are_reported_to_the_fleet_only_when_they_count() -> None:
+    fleet = ScriptedFleet()
+    b = breaker(fleet=fleet, fail_max=3, reset_timeout_s=7.0)
+
+    b.record(b.admit_with_ticket()[1], None)
+    b.record(b.admit_with_ticket()[1], k.BAD_REQUEST)  # not counted: the caller's error
+    b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+
+    assert fleet.reported == [("success", "m"), ("failure", "m", 3, 7.0)]
+
+
+# -- sharing --------------------------------------------------------------------------------------
+
+
+def test_sharing_a_registry_shares_its_breakers_now_and_later_and_none_stops_it() -> None:
+    registry = BreakerRegistry(lambda model: BreakerSettings(), clock=Clock())
+    before = registry.get("a")
+    fleet = ScriptedFleet(FleetAdmission.OPEN)
+
+    registry.share(fleet)
+    after = registry.get("b")
+
+    assert set(fleet.watched) == {"a", "b"}
+    assert before.admit() is Admission.OPEN and after.admit() is Admission.OPEN
+    registry.share(None)
+    assert before.admit() is Admission.ADMIT and registry.get("c").admit() is Admission.ADMIT
+
+
+def test_the_local_breaker_follows_the_fleets_transitions() -> None:
+    fleet = ScriptedFleet()
+    b = breaker(fleet=fleet)
+    mirror, _ = fleet.watched["m"]
+
+    mirror("m", "open")
+    assert b.state == "open"
+    generation = b.generation
+    mirror("m", "open")  # already open: no second transition
+    assert b.generation == generation
+
+    mirror("m", "closed")
+    assert b.state == "closed"
+    generation = b.generation
+    mirror("m", "closed")
+    assert b.generation == generation
+
+
+def test_a_half_open_breaker_closes_when_the_fleet_closes_it() -> None:
+    clock = Clock()
+    fleet = ScriptedFleet()
+    b = breaker(clock, fleet)
+    open_it(b)
+    clock.advance(11)
+    b.admit_with_ticket()  # half-open, probing
+
+    fleet.watched["m"][0]("m", "closed")
+
+    assert b.state == "closed"
+
+
+def test_the_fleet_hears_how_long_the_local_breaker_stays_open() -> None:
+    clock = Clock()
+    fleet = ScriptedFleet()
+    b = breaker(clock, fleet, reset_timeout_s=10.0)
+    _, open_for_s = fleet.watched["m"]
+    assert open_for_s() is None  # closed
+
+    open_it(b)
+    clock.advance(4)
+    assert open_for_s() == pytest.approx(6.0)
+    clock.advance(6)
+    assert open_for_s() is None  # its open period is over
+    clock.advance(-0.5)
+    assert open_for_s() == pytest.approx(0.5)
+
+
+def test_a_half_open_breaker_is_not_open_for_the_fleet() -> None:
+    clock = Clock()
+    fleet = ScriptedFleet()
+    b = breaker(clock, fleet)
+    open_it(b)
+    clock.advance(11)
+    b.admit_with_ticket()
+
+    assert fleet.watched["m"][1]() is None
+
+
+# -- operators, reloads, probes -------------------------------------------------------------------
+
+
+def test_reset_closes_the_breaker_frees_the_probe_slot_and_forgets_suspicion() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    open_it(b)
+    clock.advance(11)
+    assert b.admit_with_ticket()[0] is Admission.PROBE
+    b.mark_suspect()
+
+    b.reset()
+
+    assert b.state == "closed" and not b.suspect
+    assert b.last_transition is not None and b.last_transition.cause == "reset"
+    open_it(b)
+    clock.advance(11)
+    assert b.admit_with_ticket()[0] is Admission.PROBE  # the slot was freed
+
+
+def test_a_passed_probe_closes_the_breaker_and_its_later_failure_counts_as_an_ordinary_one() -> None:
+    clock = Clock()
+    b = breaker(clock, fail_max=1)
+    open_it(b)
+    clock.advance(11)
+    admission, ticket = b.admit_with_ticket()
+    assert admission is Admission.PROBE
+
+    b.probe_passed(ticket)
+    assert b.state == "closed"
+    assert b.last_transition is not None and b.last_transition.cause == "probe_succeeded"
+    assert not ticket.probe and ticket.generation == b.generation
+
+    b.record(ticket, k.CONNECTION)
+    assert b.state == "open"
+
+
+def test_probe_passed_with_an_ordinary_ticket_records_nothing() -> None:
+    b = breaker(fail_max=2)
+    b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+    ticket = ProbeTicket(probe=False, generation=b.generation)
+
+    b.probe_passed(ticket)
+
+    assert b.fail_counter == 1  # a success would have reset it
+
+
+def test_a_reload_changes_the_settings_and_keeps_the_state() -> None:
+    b = breaker(fail_max=5)
+    b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+
+    b.reconfigure(BreakerSettings(fail_max=2, reset_timeout_s=3.0, success_threshold=2))
+
+    assert b.settings.fail_max == 2
+    b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+    assert b.state == "open"  # the new fail_max applies to the count already there
+    assert b.open_period_s == 3.0
+
+
+def test_a_dropped_breaker_is_fresh_on_next_use() -> None:
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=1), clock=Clock())
+    old = registry.get("a")
+    open_it(old)
+    registry.get("b")
+
+    registry.drop("a")
+
+    assert registry.models() == ["b"]
+    assert registry.get("a") is not old and registry.get("a").state == "closed"
+    registry.drop("never-used")  # nothing to forget: no error
+
+
+def test_an_evicted_breaker_stops_being_watched_by_the_fleet() -> None:
+    fleet = ScriptedFleet()
+    registry = BreakerRegistry(lambda model: BreakerSettings(), clock=Clock(), max_breakers=8, fleet=fleet)
+    for i in range(8):
+        registry.get(f"m{i}")
+
+    registry.get("m8")  # over the bound: the least recently used go, down to 7/8 of it
+
+    assert len(registry) == 8
+    assert set(fleet.watched) == set(registry.models())
+    assert "m0" not in fleet.watched
+
+
+def test_an_open_breaker_says_until_when_it_skips() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    clock.advance(3)
+
+    assert b.admit_with_ticket()[0] is Admission.OPEN
+    assert b.open_until() == pytest.approx(T0.timestamp() + 10.0)
+
+
+def test_the_probe_is_admitted_exactly_at_the_reset_timeout() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    clock.advance(10)
+
+    assert b.admit_with_ticket()[0] is Admission.PROBE
+
+
+def test_a_reload_to_more_successes_keeps_a_half_open_breaker_probing() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    b.reconfigure(BreakerSettings(fail_max=2, reset_timeout_s=10.0, success_threshold=2))
+    clock.advance(10)
+    admission, ticket = b.admit_with_ticket()
+    assert admission is Admission.PROBE
+
+    b.record(ticket, None)
+
+    assert b.state == "half-open"  # one success of the two now required
+
+
+def test_every_transition_is_told_with_its_cause_count_last_failure_and_open_until(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    heard: list[tuple[Any, ...]] = []
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=2, reset_timeout_s=10.0), clock=clock)
+    registry.listeners.append(lambda *args: heard.append(args))
+    b = registry.get("m")
+    generation = b.generation
+
+    with caplog.at_level("WARNING", logger="llm_resilience.breaker"):
+        b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+        b.record(b.admit_with_ticket()[1], k.TIMEOUT)  # opens
+        clock.advance(10)
+        b.record(b.admit_with_ticket()[1], k.CONNECTION)  # the probe fails: open again
+        clock.advance(10)
+        b.record(b.admit_with_ticket()[1], None)  # the probe answers: closed
+
+    assert [(model, old, new) for model, old, new, _ in heard] == [
+        ("m", "closed", "open"), ("m", "open", "half-open"), ("m", "half-open", "open"),
+        ("m", "open", "half-open"), ("m", "half-open", "closed"),
+    ]  # fmt: skip
+    infos = [info for *_, info in heard]
+    assert [(i.model, i.old, i.new, i.cause, i.failures, i.last_failure) for i in infos] == [
+        ("m", "closed", "open", "consecutive_failures", 2, k.TIMEOUT),
+        ("m", "open", "half-open", "reset_timeout_elapsed", 2, None),
+        ("m", "half-open", "open", "probe_failed", 3, k.CONNECTION),
+        ("m", "open", "half-open", "reset_timeout_elapsed", 3, None),
+        ("m", "half-open", "closed", "probe_succeeded", 0, None),
+    ]
+    assert infos[0].open_until == pytest.approx(T0.timestamp() + 10.0)
+    assert infos[2].open_until == pytest.approx(T0.timestamp() + 20.0)
+    assert [i.open_until for i in infos[1::2]] + [infos[4].open_until] == [None, None, None]
+    assert b.generation == generation + 5
+    assert caplog.messages[0] == "breaker m: closed -> open (consecutive_failures, 2 failures)"
