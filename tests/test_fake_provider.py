@@ -148,6 +148,8 @@ def test_malformed_body_raises_a_litellm_exception(provider: FakeProvider) -> No
     with pytest.raises(InternalServerError, match=r"Unterminated string|Expecting"):  # litellm 1.110.2
         complete(provider)
 
+    # The client may raise on the body before the server thread has marked its write done.
+    assert provider.wait_idle(timeout=2.0)
     assert provider.requests[0].completed  # the HTTP exchange itself was complete
 
 
