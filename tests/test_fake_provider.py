@@ -80,6 +80,7 @@ def test_normal_answer_content_usage_and_recording(provider: FakeProvider) -> No
     assert response.usage.total_tokens == 38 // 4 + 17 // 4
     assert response.model.endswith("fake-model")
 
+    assert provider.wait_idle(timeout=2.0)  # the server records the exchange just after its last write
     (request,) = provider.requests
     assert request.model == "fake-model"
     assert request.messages == MESSAGES
@@ -188,6 +189,7 @@ def test_stream_yields_content_in_chunks_and_reassembles(provider: FakeProvider)
     assert rebuilt.choices[0].message.content == "abcdefghi"
     assert rebuilt.choices[0].finish_reason == "stop"
     assert rebuilt.usage.completion_tokens == 9 // 4
+    assert provider.wait_idle(timeout=2.0)
     (request,) = provider.requests
     assert request.stream and request.completed
 
