@@ -487,10 +487,13 @@ class Call:
         due = [a for a in due if a.record.index not in self._hedge_due]
         # Slow because the client was (not the provider): a hedge would queue for the same CPU.
         # Checked again at the next wake-up; the reason stays on the attempt unless a hedge starts.
-        excused = [a for a in due if self._client_excuse(a, (a.hedge_at or now) - a.record.started_at, now)]
-        for held_back in excused:
-            held_back.record.extra["hedge_skipped"] = k.CLIENT_OVERLOAD
-        due = [a for a in due if a not in excused]
+        slow_here: list[Attempt] = []
+        for waiting in due:
+            if self._client_excuse(waiting, (waiting.hedge_at or now) - waiting.record.started_at, now):
+                waiting.record.extra["hedge_skipped"] = k.CLIENT_OVERLOAD
+            else:
+                slow_here.append(waiting)
+        due = slow_here
         if not due:
             return None
         self._hedge_due.update(a.record.index for a in due)
