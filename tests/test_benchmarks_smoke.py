@@ -141,3 +141,19 @@ def test_burst_benchmark_reports_every_contestant_for_each_burst(tmp_path: Path)
     assert all(r[7].isdigit() and r[8].isdigit() for r in ours)  # breaker opens, client_overload attempts
     assert all(r[9] for r in rows)  # what the next calls got
     assert re.search(r"Throughput at 5 concurrent .*\*\*\d+\.\d\dx\*\*", report)
+
+
+def test_mixed_callers_benchmark_reports_both_kinds_of_caller_for_each_system(tmp_path: Path) -> None:
+    proc = run_benchmark(
+        "mixed_callers.py", tmp_path, "--seconds", "1", "--threads", "2", "--tasks", "5", "--rounds", "1"
+    )
+    report = (tmp_path / "mixed-callers.md").read_text(encoding="utf-8")
+    assert report.strip() in proc.stdout
+
+    rows = table_rows(report, "system")
+    assert [(r[0], r[2]) for r in rows] == [
+        (system, kind) for system in ("bare litellm", "llm-resilience") for kind in ("sync (2)", "async (5)")
+    ]
+    for row in rows:
+        assert int(row[3]) > 0  # calls really finished against the healthy provider
+        assert row[-1] == "0"  # and none failed: nothing is cut at a 60 s timeout
