@@ -21,7 +21,9 @@ Checks:
 * nothing leaks: stream helper threads back to zero, threads and file descriptors back near
   their start; memory flat: RSS may grow while caches and pools fill in the first half, but over the
   second half it grows by at most ``RSS_SECOND_HALF_MB``. RSS at start, along the way and at the end
-  is printed. ``SOAK_TRACEMALLOC=1`` also compares Python allocations at half-way and at the end and
+  is printed, with the kinds of live objects whose number grew most over the second half (a census
+  of the garbage collector's objects: a leak of ours shows there as a growing type, at no cost to
+  the run). ``SOAK_TRACEMALLOC=1`` also compares Python allocations at half-way and at the end and
   prints the lines that grew most (slower: use it to find a leak, not to measure throughput).
 """
 
@@ -93,6 +95,12 @@ def rss_mb() -> float:
 
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def census() -> Counter[str]:
+    """Live objects the garbage collector tracks, by type (containers: a leaked call leaves some)."""
+    gc.collect()
+    return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 
 
 def litellm_logging_backlog() -> int:
@@ -345,6 +353,7 @@ def main() -> int:
                 halfway["calls"] = tally.done
                 halfway["threads"] = threading.active_count()
                 halfway["fds"] = fds()
+                halfway["census"] = census()
                 if TRACEMALLOC:
                     halfway["snapshot"] = tracemalloc.take_snapshot()
             sides = f"sync {tally.by_side['sync']} async {tally.by_side['async']}"
@@ -458,9 +467,19 @@ def main() -> int:
         print(f"    {n:>6}  {signature[:300]}")
     print(f"  start {start}")
     if halfway:
-        half = {k: round(v, 1) if isinstance(v, float) else v for k, v in halfway.items() if k != "snapshot"}
+        half = {
+            k: round(v, 1) if isinstance(v, float) else v for k, v in halfway.items() if k not in ("snapshot", "census")
+        }
         print(f"  half  {half}")
     print(f"  end   {end}")
+    if "census" in halfway:
+        grew = census()
+        grew.subtract(halfway["census"])
+        top = [(kind, n) for kind, n in grew.most_common(6) if n > 0]
+        print(
+            "  live objects that grew most over the second half: "
+            + (", ".join(f"{k} {n:+d}" for k, n in top) or "none")
+        )
     if TRACEMALLOC and "snapshot" in halfway:
         grown = tracemalloc.take_snapshot().compare_to(halfway["snapshot"], "traceback")
         print("  python allocations that grew most over the second half:")
