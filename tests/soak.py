@@ -317,9 +317,14 @@ def main() -> int:
     transitions: dict[str, list[tuple[str, str]]] = {}
     transitions_lock = threading.Lock()
 
+    opened_by: dict[str, Counter[str]] = {}  # model -> what opened it (cause: last failure kind)
+
     def on_transition(model: str, old: str, new: str, info: Any) -> None:
         with transitions_lock:
             transitions.setdefault(model, []).append((old, new))
+            if new == "open":
+                why = f"{getattr(info, 'cause', '?')}: {getattr(info, 'last_failure', '?')}"
+                opened_by.setdefault(model, Counter())[why] += 1
 
     engine = Resilience(policy)
     engine.breakers.listeners.append(on_transition)
@@ -454,6 +459,7 @@ def main() -> int:
             f" law); over deadline + 1 s: {len(late)} ({worst}); hang bound {hang_s[side]:.0f} s"
         )
     print(f"  breaker transitions: {counts}")
+    print(f"  what opened them: { {model: dict(why) for model, why in opened_by.items()} }")
     print(f"  breaker states at end: {engine.breaker_states()}")
     print(f"  breakers inside at end: {breaker_internals(engine, providers)}")
     print(f"  failed without sending a request: {tally.untried}")
