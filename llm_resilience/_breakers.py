@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import pybreaker
 
@@ -89,11 +89,7 @@ class Admission(Enum):
 
 
 class _CountedFailure(Exception):
-    """Stands in for the real outcome when it is reported to pybreaker."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
+    """Stands in for the real outcome when it is reported to pybreaker (which only counts it)."""
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -102,9 +98,10 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self.clock = clock
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        # pybreaker sets its first state without telling listeners: every call has an old state.
         if self.clock is not None and new_state.name == OPEN:
             cb._state_storage.opened_at = self.clock()  # pybreaker stamped the wall clock; use ours
-        self.breaker._on_transition(old_state.name if old_state is not None else "none", str(new_state.name))
+        self.breaker._on_transition(str(old_state.name), str(new_state.name))
 
 
 @dataclass
@@ -120,18 +117,24 @@ class ProbeTicket:
     generation: int = 0
 
 
+_SKIPPED = ProbeTicket(probe=False, generation=-1)
+"""The ticket of every skipped admission (OPEN, PROBE_BUSY): no probe slot, no generation (an
+outcome reported with it would be stale). Shared: only a probe ticket is ever changed."""
+
 _RESET = "reset"  # ModelBreaker.last_kind while an operator closes the breaker
 
 
 class ModelBreaker:
     """The breaker of one model, shared by every thread and task of an engine."""
 
+    last_used: float
+    """Monotonic; set by :class:`BreakerRegistry` on every lookup (eviction order)."""
+
     def __init__(
         self,
         model: str,
         settings: BreakerSettings,
         on_transition: list[TransitionListener],
-        state_storage: pybreaker.CircuitBreakerStorage | None = None,
         clock: WallClock | None = None,
         fleet: SharedBreakerState | None = None,
     ) -> None:
@@ -141,23 +144,18 @@ class ModelBreaker:
         self.last_transition: BreakerTransition | None = None
         self._open_until: float | None = None
         self._clock = clock
+        self._now: WallClock = clock if clock is not None else _utc_now
         self._on_transition_listeners = on_transition
         self._generation = 0
         self._failed_probes = 0  # consecutive half-open -> open transitions (reset backoff)
         self.fleet: SharedBreakerState | None = None
+        # No reset_timeout: pybreaker's own timer is never consulted (the gate judges the open period,
+        # and record() never calls into pybreaker while the breaker is open).
         self._cb = pybreaker.CircuitBreaker(
-            fail_max=settings.fail_max,
-            reset_timeout=settings.reset_timeout_s,
-            success_threshold=settings.success_threshold,
-            listeners=[_Listener(self, clock)],
-            state_storage=state_storage,
-            name=model,
-            throw_new_error_on_trip=True,
+            fail_max=settings.fail_max, success_threshold=settings.success_threshold, listeners=[_Listener(self, clock)]
         )
-        self._counts_in_memory = isinstance(self._cb._state_storage, pybreaker.CircuitMemoryStorage)
-        self.last_used = 0.0  # monotonic; set by the registry on every lookup
         self._gate = threading.RLock()  # re-entered when a transition happens while it is held
-        self._probe_in_flight = False
+        self._probe: ProbeTicket | None = None  # the ticket holding the half-open probe slot
         self.suspect = False
         """A request in flight is past its soft timeout, or a failure was counted while closed."""
         self._suspect_slots = 0  # requests admitted while suspect that are still in flight
@@ -175,7 +173,7 @@ class ModelBreaker:
     @property
     def evictable(self) -> bool:
         """Closed with no probe in flight: forgetting it loses nothing but recent failure counts."""
-        return not self._probe_in_flight and self._cb.current_state == CLOSED
+        return self._probe is None and self._cb.current_state == CLOSED
 
     @property
     def generation(self) -> int:
@@ -219,14 +217,11 @@ class ModelBreaker:
             fn(self.model, old, new, info)
 
     def _reset_timeout_elapsed(self) -> bool:
-        # pybreaker keeps opened_at in its storage (wall clock, so Redis-shared breakers agree).
-        opened_at: datetime | None = self._cb._state_storage.opened_at
-        if opened_at is None:
-            return True
+        # pybreaker keeps opened_at in its storage; its open() stamps it before the state turns open.
+        opened_at = cast(datetime, self._cb._state_storage.opened_at)
         period = self.open_period_s
         self._open_until = opened_at.timestamp() + period  # for open_until()
-        now = self._clock() if self._clock is not None else datetime.now(UTC)
-        return (now - opened_at).total_seconds() >= period
+        return (self._now() - opened_at).total_seconds() >= period
 
     def admit(self) -> Admission:
         """May a request go to this model now? Never blocks; never sends anything."""
@@ -235,39 +230,40 @@ class ModelBreaker:
     def admit_with_ticket(self) -> tuple[Admission, ProbeTicket]:
         """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically)."""
         generation = self._generation  # read before the state: a transition in between only makes it stale
-        if self.fleet is not None:  # the fleet's view, when Redis is reachable, decides first
-            shared = self.fleet.admission(self.model)
+        fleet = self.fleet
+        if fleet is not None:  # the fleet's view, when Redis is reachable, decides first
+            shared = fleet.admission(self.model)
             if shared is not FleetAdmission.DEFER:
-                return self._admit_fleet(shared)
-        if self._cb.current_state == CLOSED:
-            return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
-        with self._gate:
-            # Decided entirely under the gate: a probe that fails re-opens the breaker before it
-            # frees the slot, so whoever takes the slot next sees the new opened_at.
-            state = self._cb.current_state
-            if state == CLOSED:
-                return Admission.ADMIT, ProbeTicket(probe=False, generation=self._generation)
-            if state == OPEN and not self._reset_timeout_elapsed():
-                return Admission.OPEN, ProbeTicket(probe=False, generation=self._generation)
-            if self._probe_in_flight:
-                return Admission.PROBE_BUSY, ProbeTicket(probe=False, generation=self._generation)
-            self._probe_in_flight = True
-            if state == OPEN:
-                self._cb.half_open()
-            return Admission.PROBE, ProbeTicket(probe=True, generation=self._generation)
+                return self._admit_fleet(fleet, shared)
+        if self._cb.current_state != CLOSED:
+            with self._gate:
+                # Decided entirely under the gate: a probe that fails re-opens the breaker before it
+                # frees the slot, so whoever takes the slot next sees the new opened_at.
+                state = self._cb.current_state
+                if state == OPEN and not self._reset_timeout_elapsed():
+                    return Admission.OPEN, _SKIPPED
+                if state != CLOSED:  # (closed by another thread meanwhile: admitted, with a stale ticket)
+                    return self._take_probe_slot(state == OPEN)
+        return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
 
-    def _admit_fleet(self, shared: FleetAdmission) -> tuple[Admission, ProbeTicket]:
+    def _take_probe_slot(self, half_open: bool) -> tuple[Admission, ProbeTicket]:
+        """Under the gate: the probe, if no other request of this process holds the slot."""
+        if self._probe is not None:
+            return Admission.PROBE_BUSY, _SKIPPED
+        if half_open:
+            self._cb.half_open()
+        self._probe = ProbeTicket(probe=True, generation=self._generation)
+        return Admission.PROBE, self._probe
+
+    def _admit_fleet(self, fleet: SharedBreakerState, shared: FleetAdmission) -> tuple[Admission, ProbeTicket]:
         with self._gate:
             if shared is FleetAdmission.OPEN:
-                self._open_until = self.fleet.open_until_epoch(self.model) if self.fleet is not None else None
-                return Admission.OPEN, ProbeTicket(probe=False, generation=self._generation)
-            if shared is FleetAdmission.PROBE and not self._probe_in_flight:
+                self._open_until = fleet.open_until_epoch(self.model)
+                return Admission.OPEN, _SKIPPED
+            if shared is FleetAdmission.PROBE:
                 # This process holds the fleet's probe: one request, through the local gate.
-                self._probe_in_flight = True
-                if self._cb.current_state != HALF_OPEN:
-                    self._cb.half_open()
-                return Admission.PROBE, ProbeTicket(probe=True, generation=self._generation)
-            return Admission.PROBE_BUSY, ProbeTicket(probe=False, generation=self._generation)
+                return self._take_probe_slot(self._cb.current_state != HALF_OPEN)
+            return Admission.PROBE_BUSY, _SKIPPED
 
     def share(self, fleet: SharedBreakerState | None) -> None:
         """Share this breaker with other processes through ``fleet`` (``None``: stop sharing)."""
@@ -280,8 +276,7 @@ class ModelBreaker:
         opened_at: datetime | None = self._cb._state_storage.opened_at
         if self._cb.current_state != OPEN or opened_at is None:
             return None
-        now = self._clock() if self._clock is not None else datetime.now(UTC)
-        left = self.open_period_s - (now - opened_at).total_seconds()
+        left = self.open_period_s - (self._now() - opened_at).total_seconds()
         return left if left > 0 else None
 
     def _mirror(self, model: str, fleet_state: str) -> None:
@@ -297,7 +292,6 @@ class ModelBreaker:
         """New settings from a policy reload; the state (open, counts) is kept."""
         self.settings = settings
         self._cb.fail_max = settings.fail_max
-        self._cb.reset_timeout = settings.reset_timeout_s
         self._cb.success_threshold = settings.success_threshold
 
     def record(self, ticket: ProbeTicket, failure_kind: str | None) -> None:
@@ -315,7 +309,7 @@ class ModelBreaker:
                 if ticket.generation != self._generation or self._cb.current_state == OPEN:
                     return  # stale, or nothing to decide while open (only a probe may move it)
                 if failure_kind is None:
-                    if not (self._counts_in_memory and self._cb.current_state == CLOSED and not self._cb.fail_counter):
+                    if not (self._cb.current_state == CLOSED and not self._cb.fail_counter):
                         # (closed with no failures counted: a success changes nothing; pybreaker's
                         # call path costs ~12 Python calls on every answered request)
                         self._cb.call(_succeed)
@@ -324,7 +318,7 @@ class ModelBreaker:
                 elif failure_kind in self.settings.count:
                     if fleet is not None:
                         fleet.record_failure(self.model, self.settings.fail_max, self.open_period_s)
-                    self._cb.call(_fail, failure_kind)
+                    self._cb.call(_fail)
         except _CountedFailure:
             pass
         except pybreaker.CircuitBreakerError:
@@ -353,7 +347,8 @@ class ModelBreaker:
         if ticket.probe:
             ticket.probe = False
             with self._gate:
-                self._probe_in_flight = False
+                if self._probe is ticket:  # (a reset may have freed the slot and a new probe taken it)
+                    self._probe = None
 
     def open_until(self) -> float | None:
         """When (epoch seconds) the open breaker admits a probe, as the last :meth:`admit` saw it.
@@ -396,16 +391,20 @@ class ModelBreaker:
         self.last_kind = _RESET
         with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
             self._cb.close()
-            self._probe_in_flight = False
-        self.suspect = False
+            self._probe = None
+        self.clear_suspect()
 
 
 def _succeed() -> None:
     return None
 
 
-def _fail(kind: str) -> None:
-    raise _CountedFailure(kind)
+def _fail() -> None:
+    raise _CountedFailure
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class BreakerRegistry:
@@ -456,7 +455,7 @@ class BreakerRegistry:
         keep = self.max_breakers * 7 // 8
         idle = [b for b in self._breakers.values() if b.evictable]
         idle.sort(key=lambda b: b.last_used)
-        for b in idle[: max(0, len(self._breakers) - keep)]:
+        for b in idle[: len(self._breakers) - keep]:  # (positive: called at max_breakers or more)
             del self._breakers[b.model]
             if self.fleet is not None:
                 self.fleet.unwatch(b.model)

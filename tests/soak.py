@@ -513,7 +513,7 @@ def breaker_internals(engine: Resilience, names: Any) -> dict[str, str]:
     out = {}
     for name in names:
         b = engine.breakers.get(name)
-        out[name] = f"{b.state} probe={b._probe_in_flight} suspect={b.suspect} slots={b._suspect_slots}"
+        out[name] = f"{b.state} probe={b._probe is not None} suspect={b.suspect} slots={b._suspect_slots}"
     return out
 
 
