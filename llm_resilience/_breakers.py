@@ -143,7 +143,6 @@ class ModelBreaker:
         self.last_kind: str | None = None  # the outcome being recorded, for the transition's cause
         self.last_transition: BreakerTransition | None = None
         self._open_until: float | None = None
-        self._clock = clock
         self._now: WallClock = clock if clock is not None else _utc_now
         self._on_transition_listeners = on_transition
         self._generation = 0

@@ -7,6 +7,7 @@ and reload paths, which mutation testing found unpinned (README "Circuit breaker
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -508,3 +509,57 @@ def test_suspect_slots_are_counted_up_to_suspect_admit_and_freed_one_at_a_time()
     for _ in range(3):
         b.release_suspect_slot()  # more releases than slots taken: none is owed
     assert [b.take_suspect_slot() for _ in range(3)] == [True, True, False]
+
+
+# -- the registry -------------------------------------------------------------------------------------
+
+
+def test_the_registry_keeps_1024_breakers_before_it_evicts_by_default() -> None:
+    registry = BreakerRegistry(lambda model: BreakerSettings(), clock=Clock())  # README "Bounded state"
+    for i in range(1024):
+        registry.get(f"m{i}")
+    assert len(registry) == 1024
+
+    registry.get("one-more")
+
+    assert len(registry) == 1024 * 7 // 8 + 1  # the least recently used went, down to 7/8 of the bound
+
+
+class Turnstile:
+    """A lock that says when a second thread has to wait for it (to line up a race, no sleeps)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_threads_asking_for_a_new_models_breaker_at_once_share_one_breaker() -> None:
+    got: list[ModelBreaker] = []
+    settings_asked: list[str] = []
+
+    def settings_for(model: str) -> BreakerSettings:
+        # The first thread is creating the breaker (under the registry's lock): a second one asks now.
+        settings_asked.append(model)
+        if len(settings_asked) == 1:
+            second.start()
+            assert turnstile.contended.wait(10), "the second thread never reached the registry's lock"
+        return BreakerSettings()
+
+    registry = BreakerRegistry(settings_for, clock=Clock())
+    turnstile = Turnstile()
+    registry._lock = turnstile  # type: ignore[assignment]
+    second = threading.Thread(target=lambda: got.append(registry.get("m")))
+
+    first = registry.get("m")
+    second.join(10)
+
+    assert got == [first] and registry.models() == ["m"]
+    assert settings_asked == ["m"]  # created once
