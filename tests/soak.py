@@ -423,7 +423,7 @@ def main() -> int:
                 break
         if chain and chain[-1][1] != b.state:
             problems.append(f"breaker {name}: state {b.state} but last transition to {chain[-1][1]}")
-        if b._probe_in_flight:
+        if b._probe is not None:
             problems.append(f"breaker {name}: a probe slot is still held after every call ended")
         if b._suspect_slots:
             problems.append(f"breaker {name}: {b._suspect_slots} suspect slots still held after every call ended")
