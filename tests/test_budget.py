@@ -84,7 +84,7 @@ def test_slot_width_is_window_over_buckets() -> None:
 
 @pytest.mark.parametrize(("window_s", "buckets"), [(0.0, 10), (-1.0, 10), (10.0, 0)])
 def test_invalid_sizes_are_rejected(window_s: float, buckets: int) -> None:
-    with pytest.raises(ValueError, match="window_s must be > 0 and buckets >= 1"):
+    with pytest.raises(ValueError, match=r"^window_s must be > 0 and buckets >= 1$"):
         RatioBudget(window_s=window_s, buckets=buckets)
 
 

@@ -170,10 +170,47 @@ def test_concurrent_observers_and_readers() -> None:
 
 @pytest.mark.sans_io
 def test_invalid_sizes_are_rejected() -> None:
-    with pytest.raises(ValueError):
+    message = r"^capacity and max_keys must be >= 1 and max_age_s > 0$"
+    with pytest.raises(ValueError, match=message):
         LatencyStats(capacity=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         LatencyStats(max_age_s=0)
+    with pytest.raises(ValueError, match=message):
+        LatencyStats(max_keys=0)
+
+
+@pytest.mark.sans_io
+def test_the_smallest_sizes_are_valid_one_sample_one_key_under_a_second() -> None:
+    clock = FakeClock()
+    stats = LatencyStats(capacity=1, max_age_s=0.5, max_keys=1, clock=clock)
+    stats.observe("m", "c", 0.3)
+    stats.observe("m", "c", 0.2)
+
+    assert stats.samples("m", "c") == (1, 0)
+    assert stats.percentile("m", "c", 95, min_samples=1) == 0.2
+    clock.now += 0.6
+    assert stats.samples("m", "c") == (0, 0)
+
+
+@pytest.mark.sans_io
+def test_a_sample_exactly_max_age_old_still_counts() -> None:
+    clock = FakeClock()
+    stats = LatencyStats(max_age_s=60, clock=clock)
+    stats.observe("m", "c", 0.5)
+
+    clock.now += 60  # "none older than max_age_s": this one is not older yet
+
+    assert stats.samples("m", "c") == (1, 0)
+
+
+@pytest.mark.sans_io
+def test_nearest_rank_over_a_full_window_of_256_samples() -> None:
+    stats = LatencyStats(capacity=256)
+    for ms in range(256, 0, -1):
+        stats.observe("m", "c", ms / 1000)
+
+    assert stats.percentile("m", "c", 50, min_samples=1) == 0.128  # rank ceil(0.5 * 256) = 128
+    assert stats.percentile("m", "c", 99, min_samples=1) == 0.254  # rank ceil(0.99 * 256) = 254
 
 
 # -- soft timeouts through real HTTP --------------------------------------------------------------
