@@ -245,11 +245,11 @@ class ModelBreaker:
                     return self._take_probe_slot(state == OPEN)
         return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
 
-    def _take_probe_slot(self, half_open: bool) -> tuple[Admission, ProbeTicket]:
+    def _take_probe_slot(self, half_open_first: bool) -> tuple[Admission, ProbeTicket]:
         """Under the gate: the probe, if no other request of this process holds the slot."""
         if self._probe is not None:
             return Admission.PROBE_BUSY, _SKIPPED
-        if half_open:
+        if half_open_first:
             self._cb.half_open()
         self._probe = ProbeTicket(probe=True, generation=self._generation)
         return Admission.PROBE, self._probe
