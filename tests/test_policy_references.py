@@ -9,10 +9,16 @@ these problems unpinned.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import llm_resilience
 from llm_resilience import Policy, PolicyError
 from llm_resilience._validators import _registry, register_validator
 
@@ -141,3 +147,26 @@ def test_a_breaker_section_that_is_not_a_mapping_is_a_problem_not_a_crash() -> N
     assert problems(MODELS + "routes:\n  chat: {chain: [big]}\nbreakers:\n  default: 5\n") == [
         "<string>:7: breakers.default: input should be a valid dictionary or instance of BreakerConfig (got 5)"
     ]
+
+
+def test_validator_names_are_checked_without_importing_litellm() -> None:
+    # `llm-resilience validate` answers at once: nothing registered a validator, so litellm (~2 s) stays out.
+    # The package this test imports (under `make mutate`, the mutated copy), in a fresh process.
+    text = MODELS + "routes:\n  chat: {chain: [big], validators: {emty: flag}}\n"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from llm_resilience._policy import Policy, PolicyError
+        try:
+            Policy.from_yaml({text!r})
+        except PolicyError as e:
+            print(e.problems[0].split(": ")[1])
+        print(sorted(m for m in sys.modules if m == "litellm" or m.startswith("litellm.")))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(llm_resilience.__file__).parent.parent)}
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["routes.chat.validators.emty", "[]"]
