@@ -817,7 +817,6 @@ MAX_YAML_VALUES = 20_000
 MAX_YAML_DEPTH = 32
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-_STR_TAG = "tag:yaml.org,2002:str"
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
@@ -841,6 +840,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]
         loader = yaml.SafeLoader(text)  # reads the text at once: control characters raise here
     except yaml.reader.ReaderError as e:
         return None, {}, [f"{source}:{text.count(chr(10), 0, e.position) + 1}: not valid YAML: {_reader_problem(e)}"]
+    # The reader checked the whole text above: from here on PyYAML raises only marked errors.
     try:
         too_deep = _too_deep(loader)
         if too_deep is not None:
@@ -848,13 +848,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]
         loader.dispose()
         loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
-    except yaml.reader.ReaderError as e:
-        return None, {}, [f"{source}:{text.count(chr(10), 0, e.position) + 1}: not valid YAML: {_reader_problem(e)}"]
     except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else 0
-        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or type(e).__name__}"]
-    except yaml.YAMLError as e:
-        return None, {}, [f"{source}: not valid YAML: {type(e).__name__}"]
+        return None, {}, [_not_yaml(source, e)]
     finally:
         loader.dispose()
     if node is None:
@@ -865,16 +860,23 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]
     except _TooBig as e:
         return None, {}, [f"{source}:{e.node.start_mark.line + 1}: {e}"]
     except yaml.MarkedYAMLError as e:  # a scalar the safe constructor refuses (an unknown !tag...)
-        line = e.problem_mark.line + 1 if e.problem_mark else 0
-        return None, {}, [f"{source}:{line}: not valid YAML: {e.problem or type(e).__name__}"]
+        return None, {}, [_not_yaml(source, e)]
     return data, builder.lines, builder.problems
 
 
+def _line(mark: Any) -> int:  # a PyYAML Mark (pure Python or libyaml) or None
+    """The 1-based line of a PyYAML mark (0 without one; PyYAML's parser always sets it)."""
+    return int(mark.line) + 1 if mark is not None else 0
+
+
+def _not_yaml(source: str, e: yaml.MarkedYAMLError) -> str:
+    return f"{source}:{_line(e.problem_mark)}: not valid YAML: {e.problem or type(e).__name__}"
+
+
 def _reader_problem(e: yaml.reader.ReaderError) -> str:
-    char = e.character if isinstance(e.character, str) else chr(e.character)
-    return (
-        f"control character #x{ord(char):04x} at position {e.position}; remove it (or write it as an escape in quotes)"
-    )
+    # A text (not bytes) stream: PyYAML's reader passes the character's code point.
+    code, at = e.character, e.position
+    return f"control character #x{code:04x} at position {at}; remove it (or write it as an escape in quotes)"
 
 
 def _too_deep(loader: yaml.SafeLoader) -> int | None:
@@ -889,7 +891,7 @@ def _too_deep(loader: yaml.SafeLoader) -> int | None:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_YAML_DEPTH:
-                return int(event.start_mark.line) + 1 if event.start_mark else 0
+                return _line(event.start_mark)
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return None
@@ -946,7 +948,7 @@ class _Builder:
             seen.add(key)
             self.lines[sub] = line
             out[key] = self.build(value_node, sub, depth + 1)
-        return {**merged, **out} if merged else out
+        return {**merged, **out}
 
     def _key(self, key_node: yaml.Node, path: tuple[Any, ...]) -> Any:
         line = key_node.start_mark.line + 1
@@ -954,7 +956,7 @@ class _Builder:
             self.problems.append(f"{self.source}:{line}: {_dotted(path)}: a key must be a name, not a list or mapping")
             return f"<{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'} at line {line}>"
         key = self.loader.construct_object(key_node)
-        if isinstance(key, str) or key_node.tag == _STR_TAG:
+        if isinstance(key, str):
             return key
         # YAML 1.1 reads `on`, `yes`, `no`, `off` as booleans, `1` as a number, `~` as null. No policy
         # key is anything but a string: say what YAML did, on this line, and go on with the text as written.
@@ -1013,17 +1015,17 @@ def redact_secrets(text: str) -> str:
 
 
 def _finish(source: str, problems: Sequence[str]) -> list[str]:
-    """Problems in file order, with secret-shaped text removed (the location is kept as is)."""
+    """Problems in file order, with secret-shaped text removed (the location is kept as is).
+
+    Every problem starts with ``source`` (then ``:LINE`` when the data came from YAML).
+    """
 
     def line_of(problem: str) -> int:
-        m = re.match(r":(\d+):", problem[len(source) :]) if problem.startswith(source) else None
+        m = re.match(r":(\d+):", problem[len(source) :])
         return int(m.group(1)) if m else 0
 
-    out = []
-    for problem in sorted(problems, key=line_of):  # stable: same-line problems keep their order
-        head = source if problem.startswith(source) else ""
-        out.append(head + redact_secrets(problem[len(head) :]))
-    return out
+    # sorted() is stable: same-line problems keep their order
+    return [source + redact_secrets(problem[len(source) :]) for problem in sorted(problems, key=line_of)]
 
 
 _PYDANTIC_TAG = re.compile(
@@ -1044,7 +1046,7 @@ def _format_pydantic_error(err: Any, where: Any) -> str:
     value = err.get("input")
     if kind == "missing":
         return f"{where(loc)}: {_dotted(loc)}: required field is missing"
-    if kind in ("value_error", "assertion_error") and ctx_err is not None:
+    if isinstance(ctx_err, ValueError):  # raised by one of our validators: its message is for ops
         msg = str(ctx_err)
     else:
         msg = err["msg"][:1].lower() + err["msg"][1:]
