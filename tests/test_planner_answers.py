@@ -19,7 +19,7 @@ from test_planner_streams import first_content, interruption, start_stream, stre
 from test_under_load_planner import T0, Scripted, launch, make_planner, start
 
 from llm_resilience import _outcomes as k
-from llm_resilience._breakers import ProbeTicket
+from llm_resilience._breakers import Admission, ProbeTicket
 from llm_resilience._hooks import HookSet
 from llm_resilience._latency import LatencyStats
 from llm_resilience._planner import Call, CallRequest, Done, Planner, Wait
@@ -268,3 +268,46 @@ def test_a_caller_who_stops_reading_while_the_continuation_has_not_started_ends_
     call.cancel(T0 + 0.3)
 
     assert call.finished and cont.record.outcome == "cancelled"
+
+
+def test_a_half_open_model_rejecting_the_prefill_frees_its_probe_slot() -> None:
+    wall = [datetime(2026, 1, 1, tzinfo=UTC)]
+    p = stream_planner(prefill={"b": True, "c": True}, wall=wall)
+    b = p.breakers.get("b")
+    b.record(ProbeTicket(probe=False), k.SERVER_ERROR)
+    b.record(ProbeTicket(probe=False), k.SERVER_ERROR)
+    wall[0] += timedelta(seconds=31)
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hello", lx.APIConnectionError("cut", "openai", "a")), "Hello", T0 + 0.5)
+    cont = launch(call, T0 + 0.5)
+    assert (cont.spec.name, cont.record.extra["probe"]) == ("b", True)
+
+    call.on_error(cont, lx.BadRequestError("assistant prefill is not supported", "b", "openai"), T0 + 0.6)
+
+    assert b.state == "half-open"
+    admission, ticket = b.admit_with_ticket()
+    assert admission is Admission.PROBE and ticket.probe  # the slot is free: the next request to b probes it
+
+
+def test_a_model_litellms_map_says_can_prefill_continues_the_stream() -> None:
+    pol = Policy.from_dict(
+        {
+            "models": {
+                "a": {"litellm_params": {"model": "openai/a", "api_base": "http://127.0.0.1:9/v1", "api_key": "k"}},
+                "d": {"litellm_params": {"model": "deepseek/deepseek-chat", "api_base": "http://127.0.0.1:9/v1",
+                                         "api_key": "k"}},
+            },
+            "routes": {"chat": {"chain": ["a", "d"], "streaming": {"on_interrupt": "continue"}}},
+        }
+    )  # fmt: skip
+    from llm_resilience._breakers import BreakerRegistry
+
+    p = Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hello", lx.APIConnectionError("cut", "openai", "a")), "Hello", T0 + 0.5)
+
+    assert launch(call, T0 + 0.5).spec.name == "d"

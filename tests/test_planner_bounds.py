@@ -9,9 +9,11 @@ the attempt or more), and never past the deadline minus ``MIN_ATTEMPT_S``. One v
 from __future__ import annotations
 
 import pytest
+from test_planner_streams import Ended
 from test_under_load_planner import T0, Scripted, launch, make_planner, start
 
 from llm_resilience import _outcomes as k
+from llm_resilience._hooks import HookSet
 from llm_resilience._planner import MIN_ATTEMPT_S, MIN_EXTENSION_S, Wait
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
@@ -163,3 +165,30 @@ def test_a_hedged_attempt_flagged_slow_no_longer_wakes_the_planner() -> None:
 
     assert first.record.extra["slow"] is True
     assert waiting == Wait(until=pytest.approx(T0 + 0.6))
+
+
+def test_a_client_late_for_exactly_a_tenth_of_the_attempt_is_noticed() -> None:
+    signal = Scripted(delay_s=0.1)
+    call = start(make_planner(signal))
+    first = launch(call, T0)
+
+    later = call.at_bound(first, T0 + 1.0)  # 0.1 s of 1 s the client's: the provider's 0.9 s is within the bound
+
+    assert later == pytest.approx(T0 + 1.1)
+    assert signal.asked[-1] == (T0, T0 + 1.0)  # the client's delay over the attempt's own time
+
+
+def test_a_saturated_client_keeps_an_attempt_past_its_cut_and_hooks_hear_the_cut_later() -> None:
+    signal = Scripted(delay_s=0.45)
+    ended = Ended()
+    p = make_planner(signal, hedge={"after": 0.1, "budget_ratio": 0.0}, soft={"warmup_s": 0.4, "min_samples": 50})
+    p.hooks = HookSet([ended])
+    call = start(p)
+    first = launch(call, T0)
+
+    assert isinstance(call.next_action(T0 + 0.9), Wait)  # provider's share 0.45 s > 0.4 s, but the client was saturated
+    assert call.in_flight == [first]
+
+    signal.delay = 0.0
+    assert launch(call, T0 + 1.0).spec.name == "b"  # the client caught up: past the soft timeout, cut
+    assert ended.attempts == [(call, first.record)]

@@ -249,3 +249,21 @@ def test_a_skipped_retry_of_an_error_the_policy_does_not_fall_back_on_ends_the_c
     assert first.record.extra["retry_skipped"] == reason
     assert isinstance(action, Fail) and isinstance(action.error, lx.ServiceUnavailableError)
     assert {r.model for r in call.records} == {"a"}  # never moved on to b
+
+
+def test_only_first_attempts_on_routes_that_retry_earn_retry_budget() -> None:
+    p = retrying_planner(max_retries=1, budget_ratio=1.0, min_per_s=0.0)
+    call = start(p)
+    first = launch(call, T0)  # 1 request to a: room for one retry (max_retries 1 is enough to earn it)
+    retry_wait(call, first, overloaded(), T0 + 0.1)
+    assert p.budgets.retries("a").usage(T0 + 0.1) == (1, 1)
+
+    for retries in ({"max_retries": 0}, None):  # retries off, or no retries section: nothing earned
+        route: dict[str, Any] = {"chain": ["a"]} if retries is None else {"chain": ["a"], "retries": retries}
+        pol = Policy.from_dict(
+            {"models": {"a": {"litellm_params": {"model": "openai/a", "api_base": "http://127.0.0.1:9/v1"}}},
+             "routes": {"chat": route}}
+        )  # fmt: skip
+        off = Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet())
+        launch(start(off), T0)
+        assert off.budgets.retries("a").usage(T0) == (0, 0)
