@@ -68,11 +68,12 @@ _dropped_lock = threading.Lock()
 def _warn_dropped(kwargs: Mapping[str, Any], stream: bool) -> None:
     """Log, once per process and argument, a caller argument we do not pass on (its name, never its value)."""
     for name in (*_OWNED_KWARGS, "stream_timeout") if stream else _OWNED_KWARGS:
-        if name in kwargs and name not in _dropped_warned:
-            with _dropped_lock:
-                if name in _dropped_warned:
-                    continue
-                _dropped_warned.add(name)
+        if name not in kwargs:
+            continue
+        with _dropped_lock:  # (only calls that pass such an argument get here)
+            first = name not in _dropped_warned
+            _dropped_warned.add(name)
+        if first:
             log.warning("llm_resilience ignores the argument %r: %s (logged once)", name, _WHY_DROPPED[name])
 
 
@@ -355,7 +356,7 @@ class Call:
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
         if len(self._base_kwargs) != len(request.kwargs) or (request.stream and "stream_timeout" in request.kwargs):
             _warn_dropped(request.kwargs, request.stream)
-        self._base_kwargs.pop("timeout", None)
+        # (The caller's `timeout` stays here: every attempt's kwargs["timeout"] is set in _prepare.)
         self._hedges = 0  # hedges launched by this call (route.hedge.max_extra caps it)
         self._hedge_due: set[int] = set()  # attempts whose hedge threshold passed (hedged or not)
         self._retry: tuple[ModelSpec, float, int] | None = None  # (model, not before, retry of index)
@@ -378,7 +379,7 @@ class Call:
                 return Launch(hedge)
             self._cut_unhedged(now)
             if self._in_flight:
-                return Wait(until=self._wake_at(now))
+                return Wait(until=self._wake_at())
         if self._retry is not None:
             spec, not_before, retry_of = self._retry
             if now < not_before:
@@ -398,7 +399,7 @@ class Call:
             return Launch(panic)
         return self._finish_exhausted()
 
-    def _wake_at(self, now: float) -> float | None:
+    def _wake_at(self) -> float | None:
         """The next hedge threshold, cut or soft timeout among attempts in flight (``None``: wait for one)."""
         due = self._hedge_due
         times = [
@@ -511,7 +512,7 @@ class Call:
             if attempt is not None:
                 slow.extra["hedged_by"] = attempt.record.index
                 return attempt
-        self._hedges -= 1
+        # (self._hedges stays counted: no model is left, so no later attempt can be hedged anyway.)
         budget.refund(now)  # every remaining model was skipped: nothing was sent
         slow.extra["hedge_skipped"] = "no_model"
         return None
@@ -842,10 +843,10 @@ class Call:
         self._committed = attempt
         if self._continue_text is not None:  # the continuation took over: the join is complete
             attempt.record.extra["join"] = True  # the path shows it: "(join)"
-            attempt.record.extra["continues"] = self._joins[-1]["from"] if self._joins else None
-            if self._joins:
-                self._joins[-1]["to"] = attempt.record.index
-                self._joins[-1]["model"] = attempt.record.model
+            join = self._joins[-1]  # (on_interrupted records the join whenever it sets _continue_text)
+            attempt.record.extra["continues"] = join["from"]
+            join["to"] = attempt.record.index
+            join["model"] = attempt.record.model
             self._continue_text = None
             self._interrupted = None
         if not attempt.ticket.probe:
@@ -1118,8 +1119,7 @@ class Call:
     def _settle(self, attempt: Attempt, now: float) -> AttemptRecord:
         self._in_flight.remove(attempt)
         self.planner.saturation.ended()
-        if attempt.suspect_slot:
-            attempt.suspect_slot = False
+        if attempt.suspect_slot:  # (settled once: it leaves _in_flight here)
             self.planner.breakers.get(attempt.spec.name).release_suspect_slot()
         record = attempt.record
         record.latency_s = now - record.started_at
