@@ -110,9 +110,9 @@ class Attempt:
     ticket: ProbeTicket
     timeout_s: float
     """The timeout this attempt runs with: the soft timeout when that is tighter."""
-    hard_timeout_s: float
     first_token_timeout_s: float | None = None
     idle_timeout_s: float | None = None
+    """Streams: the longest wait for the next chunk (the class's ``idle_timeout_s``, else its ``timeout_s``)."""
     hedge_at: float | None = None
     """Monotonic time after which, if no answer came, the next model may start in parallel."""
     soft_timeout_s: float | None = None
@@ -660,7 +660,6 @@ class Call:
             kwargs=kwargs,
             ticket=ticket,
             timeout_s=kwargs["timeout"],
-            hard_timeout_s=timeout,
             first_token_timeout_s=first_token,
             idle_timeout_s=self.klass.idle_timeout_s or self.klass.timeout_s,
             hedge_at=hedge_at,

@@ -74,9 +74,12 @@ def stream_planner(
     wall: list[datetime] | None = None,
     validator: Checks | None = None,
     hooks: Sequence[object] = (),
+    idle_s: float | None = None,
 ) -> Planner:
     prefill = {"b": True, "c": False} if prefill is None else prefill
     klass: dict[str, Any] = {"timeout_s": 2.0, "deadline_s": 5.0}
+    if idle_s is not None:
+        klass["idle_timeout_s"] = idle_s
     if soft is not None:
         klass["soft_timeout"] = soft
     models: dict[str, Any] = {}
@@ -142,6 +145,12 @@ def final_error(call: Call, now: float) -> BaseException:
 
 
 # -- a committed stream cannot be replaced ------------------------------------------------------
+
+
+def test_a_stream_attempt_waits_for_each_chunk_the_classs_idle_timeout_else_its_timeout() -> None:
+    # The stream driver stops waiting for the next chunk after the attempt's idle_timeout_s.
+    assert launch(start_stream(stream_planner(idle_s=0.5)), T0).idle_timeout_s == 0.5
+    assert launch(start_stream(stream_planner()), T0).idle_timeout_s == 2.0  # the class's timeout_s
 
 
 def test_a_committed_stream_that_breaks_ends_the_call_when_on_interrupt_is_raise() -> None:
