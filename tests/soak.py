@@ -106,9 +106,10 @@ def census() -> Counter[str]:
 def litellm_logging_backlog() -> int:
     """Logging coroutines litellm has queued and not run yet (its LoggingWorker, one per event loop).
 
-    Read for the report only. Every async call queues one; while the loop is saturated the worker
-    falls behind and the queue (up to ``LOGGING_WORKER_MAX_QUEUE_SIZE``, 50,000) holds each call's
-    logging state: memory that grows with the backlog, not a leak of ours.
+    Read for the report only. Async calls queue their logging there; while the loop is saturated the
+    worker falls behind (thousands of entries were seen when async calls succeed on a starved loop),
+    and the queue (up to ``LOGGING_WORKER_MAX_QUEUE_SIZE``, 50,000) holds each entry's state: memory
+    that grows with the backlog, not a leak of ours.
     """
     try:
         from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
@@ -203,7 +204,7 @@ class CallBudget:
     """The run's calls, taken one at a time by threads and tasks alike.
 
     One shared budget keeps the mix of sync and async calls the same until the end. With a fixed half
-    each, the faster side (the threads, ~4 x the tasks here) finished early and the last stretch ran
+    each, the faster side (the threads: 2-4 x the tasks on a busy machine) finished early and the last stretch ran
     async calls alone: a different workload whose memory showed up as "growth" late in the run.
     """
 
