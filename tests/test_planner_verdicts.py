@@ -8,11 +8,12 @@ attempt is a censored latency sample; an attempt the client made slow is no verd
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import litellm
 import pytest
+from test_planner_attempts import Fits
 from test_planner_streams import Ended
 from test_under_load_planner import T0, Scripted, launch, make_planner, start
 
@@ -21,8 +22,8 @@ from llm_resilience import _outcomes as k
 from llm_resilience._breakers import BreakerRegistry
 from llm_resilience._hooks import HookSet
 from llm_resilience._latency import LatencyStats
-from llm_resilience._planner import Call, CallRequest, Fail, Fit, Planner, Wait
-from llm_resilience._policy import ModelSpec, Policy, PromptClass, ResolvedRoute
+from llm_resilience._planner import Call, CallRequest, Fail, Planner, Wait
+from llm_resilience._policy import Policy
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
 
@@ -152,25 +153,6 @@ def test_an_error_the_policy_does_not_fall_back_on_ends_the_call_and_cancels_the
 # -- a prompt too long for the model -----------------------------------------------------------------------------
 
 
-class Shrinks:
-    """A fitter that keeps the ``shrink`` factor it was asked to fit with, per model."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, float]] = []
-
-    def fit(
-        self,
-        spec: ModelSpec,
-        messages: Sequence[Mapping[str, Any]],
-        route: ResolvedRoute,
-        prompt_class: PromptClass,
-        kwargs: Mapping[str, Any],
-        shrink: float,
-    ) -> Fit:
-        self.asked.append((spec.name, shrink))
-        return Fit(messages=messages)
-
-
 def test_each_context_window_error_asks_the_fitter_for_a_quarter_less() -> None:
     pol = Policy.from_dict(
         {
@@ -181,7 +163,7 @@ def test_each_context_window_error_asks_the_fitter_for_a_quarter_less() -> None:
             "routes": {"chat": {"chain": ["a", "b", "c", "d"]}},
         }
     )
-    fitter = Shrinks()
+    fitter = Fits(["a", "b", "c", "d"])
     p = Planner(policy=pol, breakers=BreakerRegistry(pol.breaker_settings), hooks=HookSet(), fitter=fitter)
     call = p.start(CallRequest(model="chat", messages=[{"role": "user", "content": "hi"}], kwargs={}), T0)
 
@@ -193,7 +175,12 @@ def test_each_context_window_error_asks_the_fitter_for_a_quarter_less() -> None:
     call.on_error(c, overloaded(), T0 + 0.3)  # another error: the estimate was not the problem
     launch(call, T0 + 0.3)
 
-    assert fitter.asked == [("a", 1.0), ("b", 0.75), ("c", pytest.approx(0.5625)), ("d", pytest.approx(0.5625))]
+    assert [(name, shrink) for name, *_, shrink in fitter.asked] == [
+        ("a", 1.0),
+        ("b", 0.75),
+        ("c", pytest.approx(0.5625)),
+        ("d", pytest.approx(0.5625)),
+    ]
 
 
 # -- cancelled attempts -------------------------------------------------------------------------------------------
