@@ -16,9 +16,15 @@ OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py 
 setup: $(STAMP)
 
 # Installs exactly what requirements.lock pins, hash-checked; then this package without deps.
+# --no-deps: the lock is complete, and the pip a fresh venv comes with (23.2 on Python 3.11) refuses
+# extra-qualified requirements such as litellm's `httpx[http2]` in --require-hashes mode even when the
+# lock pins every package. `pip check` then proves the set is consistent.
+PIP_LOCKED = --quiet --disable-pip-version-check --no-deps --require-hashes
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	@$(BIN)/pip --version
+	$(BIN)/pip install $(PIP_LOCKED) -r requirements.lock
+	$(BIN)/pip check
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
@@ -47,7 +53,8 @@ wheel-check: setup
 
 $(OLD_STAMP): requirements-oldest.lock pyproject.toml
 	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
-	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-oldest.lock
+	$(OLD_VENV)/bin/pip install $(PIP_LOCKED) -r requirements-oldest.lock
+	$(OLD_VENV)/bin/pip check
 	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(OLD_VENV)/.installed-* && touch $(OLD_STAMP)
 

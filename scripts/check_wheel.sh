@@ -40,7 +40,11 @@ step "fresh virtualenv from requirements.lock (the wheel's runtime part of it), 
 "$py" -m venv "$work/venv"
 # --no-compile: byte-compiling ~10,000 modules nobody imports here costs more than the rest of the install.
 pip_install=("$work/venv/bin/pip" install --quiet --disable-pip-version-check --no-compile)
-"${pip_install[@]}" --require-hashes -r "$work/runtime.lock"
+"$work/venv/bin/pip" --version
+# --no-deps: the runtime lock is complete; a fresh venv's own pip (23.2 on 3.11) refuses litellm's
+# `httpx[http2]` in --require-hashes mode otherwise. `pip check` proves the set is consistent.
+"${pip_install[@]}" --no-deps --require-hashes -r "$work/runtime.lock"
+"$work/venv/bin/pip" check
 "${pip_install[@]}" --no-deps "$work"/dist/*.whl
 bin=$work/venv/bin
 mkdir "$work/elsewhere"
