@@ -169,6 +169,8 @@ class AttemptRecord:
     caused, and open -> half-open when the attempt was admitted as the probe."""
     started_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    """Things that happened during the attempt, as (name, attributes): span events (a skipped SSE event)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (no exception object, no prompt text)."""
