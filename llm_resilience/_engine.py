@@ -288,7 +288,17 @@ _default_lock = threading.Lock()
 def default_engine() -> Resilience:
     """The engine behind the module-level functions, built on first use.
 
-    From the file named by ``LLM_RESILIENCE_POLICY``, or the built-in defaults.
+    :func:`completion`, :func:`acompletion` and :func:`install` use it. It is built once per
+    process, thread-safely, from the file named by the ``LLM_RESILIENCE_POLICY`` environment
+    variable (and then follows edits of that file: hot reload), or from the built-in defaults
+    when the variable is unset. A broken file raises :class:`PolicyError` here, at the first call.
+
+    Use it to reach the live engine, e.g. to read breaker states or reload now::
+
+        import llm_resilience
+
+        engine = llm_resilience.default_engine()
+        engine.breaker_states()  # {'big': 'open', 'small': 'closed'}
     """
     global _default
     if _default is None:
@@ -300,7 +310,19 @@ def default_engine() -> Resilience:
 
 
 def set_default_engine(engine: Resilience | None) -> None:
-    """Replace the engine used by the module-level functions (``None``: rebuild on next use)."""
+    """Replace the engine used by the module-level functions.
+
+    For an application that builds its engine itself (a policy from somewhere other than
+    ``LLM_RESILIENCE_POLICY``, hooks of its own) but wants :func:`completion` and
+    :func:`install` to use it, and for tests. ``None`` forgets the current engine: the next
+    call builds a fresh one from the environment. The engine replaced is not closed: call its
+    :meth:`Resilience.close` if it shares state through Redis::
+
+        import llm_resilience
+        from llm_resilience import Resilience
+
+        llm_resilience.set_default_engine(Resilience.from_file("policies/prod.yaml", hooks=[MyHook()]))
+    """
     global _default
     with _default_lock:
         _default = engine

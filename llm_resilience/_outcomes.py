@@ -203,4 +203,4 @@ class AttemptRecord:
 
 
 _SUMMARY_EXTRA = ("client_overload", "client_delay_s", "panic", "suspect")
-"""Decisions taken under load (README "Under load") that the call summary shows."""
+"""Decisions taken under load (docs/design.md, "Saturation") that the call summary shows."""
