@@ -697,7 +697,11 @@ class Call:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
-            delay = max(signal.delay_s(record.started_at, now), _client_time(attempt, now))
+            # An attempt timed at the wire has its client time measured, not estimated: while its
+            # request is at the provider, the provider is working whatever the lag probes say. The
+            # thread probe's estimate (CLIENT_HOPS x its lateness) would otherwise postpone a hedge by
+            # 300 ms after a few late ticks (the sequential incident's third spike call).
+            delay = _client_time(attempt, now) if attempt.io_measured else signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
             provider_s = wall - attempt.client_delay_s

@@ -245,6 +245,7 @@ class FakeProvider:
         self._initial_behavior = behavior or Behavior()
         self._scripts = _Scripts(default=self._initial_behavior)
         self._requests: list[RecordedRequest] = []
+        self._other_paths: list[str] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -326,6 +327,7 @@ class FakeProvider:
         """
         with self._lock:
             self._requests.clear()
+            self._other_paths.clear()
             self._scripts.queue.clear()
             self._scripts.per_model_queue.clear()
             if behaviors:
@@ -337,6 +339,19 @@ class FakeProvider:
         """Snapshot of the chat-completions requests received so far (oldest first)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def other_requests(self) -> list[str]:
+        """``"METHOD /path"`` of every request to a path it does not serve (answered 404), oldest first.
+
+        With :attr:`requests` it says whether anything at all reached this endpoint (e.g. one
+        standing in for ``OPENAI_BASE_URL``)."""
+        with self._lock:
+            return list(self._other_paths)
+
+    def _record_other(self, method: str, path: str) -> None:
+        with self._lock:
+            self._other_paths.append(f"{method} {path}")
 
     @property
     def request_count(self) -> int:
@@ -525,6 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = [{"id": n, "object": "model", "created": created, "owned_by": "fake"} for n in names]
             self._send_json(200, {"object": "list", "data": data})
         else:
+            self._srv.provider._record_other("GET", path)
             self._send_error_json(404, f"Unknown path {path!r}.", code="not_found")
 
     def do_POST(self) -> None:
@@ -533,6 +549,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in _CHAT_PATHS:
+            self._srv.provider._record_other("POST", path)
             self._send_error_json(404, f"Unknown path {path!r}.", code="not_found")
             return
         try:
