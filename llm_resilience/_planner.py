@@ -254,6 +254,19 @@ class LatencyView(Protocol):
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None: ...
 
 
+class ProbeContexts(Protocol):
+    """Which callers may take a half-open breaker's probe (``_saturation.CallerContexts``)."""
+
+    def may_probe(self, now: float) -> bool: ...
+
+
+class AnyCaller:
+    """Every caller may probe (planner default; the simulator)."""
+
+    def may_probe(self, now: float) -> bool:
+        return True
+
+
 class NoLatency:
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None:
         return None
@@ -281,6 +294,8 @@ class Planner:
     """Jitter for retry backoff (seed it in tests)."""
     saturation: SaturationSignal = field(default_factory=NotSaturated)
     """Whether the client itself is the bottleneck (``_saturation.py``; tests script it)."""
+    contexts: ProbeContexts = field(default_factory=lambda: AnyCaller())
+    """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
@@ -558,7 +573,7 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket()
+            admission, ticket = breaker.admit_with_ticket(lambda: self.planner.contexts.may_probe(now))
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -568,6 +583,9 @@ class Call:
             return None
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
+            return None
+        if admission is Admission.PROBE_DEFERRED:  # a starved caller's probe would judge nothing
+            self._skip(record, k.PROBE_DEFERRED)
             return None
         suspect_slot = False
         if admission is Admission.ADMIT and not panic and breaker.suspect:
@@ -773,7 +791,7 @@ class Call:
         if any(r.outcome != "skipped" for r in self.records):
             return None
         reasons = {r.model: r.reason for r in self.records}
-        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
+        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.PROBE_DEFERRED, k.SUSPECT)
         if not reasons or any(reason not in breaker_reasons for reason in reasons.values()):
             return None  # some model was skipped for another reason (context, key): panic cannot help
         suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
