@@ -366,6 +366,19 @@ def _new_http_client() -> Any:
 
 
 _leases = _Leases()
+
+
+def lease_client(kwargs: Mapping[str, Any]) -> _Lease | None:
+    """An httpx client for one attempt whose sockets :meth:`_Lease.abort` shuts down from any thread
+    (``None`` when the attempt's provider cannot take our client); hand it back with :func:`return_client`."""
+    return _leases.lease(kwargs)
+
+
+def return_client(lease: _Lease) -> None:
+    """Hand a :func:`lease_client` client back (an aborted one is closed, not reused)."""
+    _leases.give_back(lease)
+
+
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 

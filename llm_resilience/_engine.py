@@ -26,7 +26,7 @@ from ._policy import ENV_PREFIX, Policy, StateConfig
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
-from ._saturation import ProcessSaturation, monitor
+from ._saturation import CallerContexts, ProcessSaturation, monitor
 from ._shared_state import SharedBreakerState
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
@@ -85,6 +85,7 @@ class Resilience:
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
         self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
+        self._contexts = CallerContexts()  # which callers' probes can judge (a starved loop's cannot)
         self._metrics = MetricsHook(meter_provider, self.breakers)
         self._logging = LoggingHook()
         self.breakers.listeners.append(self._breaker_transition)
@@ -108,10 +109,10 @@ class Resilience:
         tracing = TracingHook(self._tracer_provider, record_content=policy.document.telemetry.record_content)
         review_log = ReviewLogHook.from_policy(policy, tracing)
         extra = [review_log] if review_log is not None else []
-        hooks = HookSet([tracing, self._metrics, self._logging, *extra, *self._user_hooks])
+        hooks = HookSet([tracing, self._metrics, self._logging, self._contexts, *extra, *self._user_hooks])
         planner = Planner(
             policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency, budgets=self.budgets, saturation=self._saturation,
+            latency=self.latency, budgets=self.budgets, saturation=self._saturation, contexts=self._contexts,
         )  # fmt: skip
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:

@@ -42,6 +42,12 @@ ErrorKind = Literal[
 ]  # fmt: skip
 ValidatorAction = Literal["fall_back", "flag", "off"]
 ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+DEFAULT_CONTINUE_PROMPT = (
+    "Your previous message was cut off. Continue it from exactly where it stopped: do not repeat "
+    "anything already written and add no preamble."
+)
+"""The user turn that asks a model to continue a broken stream (``streaming.continue_prompt``)."""
+
 BUILTIN_VALIDATORS: tuple[str, ...] = (k.EMPTY, k.TRUNCATED, k.INVALID_JSON, k.CONTENT_FILTER)
 
 
@@ -287,9 +293,16 @@ class StreamingConfig(_Strict):
     """What a stream does when it breaks after content reached the caller."""
 
     on_interrupt: Literal["raise", "continue"] = Field(
-        "raise",
-        description="raise: StreamInterrupted. continue: the next model that accepts an assistant prefill "
-        "continues the text already sent; only the continuation reaches the caller.",
+        "continue",
+        description="continue: the next model of the chain finishes the text already sent (an assistant "
+        "prefill where the model accepts one, else the text as an assistant turn plus continue_prompt); "
+        "only the missing remainder reaches the caller. raise: StreamInterrupted.",
+    )
+    continue_prompt: str = Field(
+        DEFAULT_CONTINUE_PROMPT,
+        min_length=1,
+        description="The user turn that asks a model without assistant prefill to go on with the text "
+        "already sent (it follows that text as an assistant turn; never a system message).",
     )
 
 
@@ -532,8 +545,10 @@ class ResolvedRoute:
     hedge: HedgeConfig | None
     retries: RetryConfig | None
     truncation: TruncationConfig
-    on_interrupt: str = "raise"
-    """Streams: ``raise`` or ``continue`` with the next model after a break mid-stream."""
+    on_interrupt: str = "continue"
+    """Streams: ``continue`` with the next model after a break mid-stream, or ``raise``."""
+    continue_prompt: str = DEFAULT_CONTINUE_PROMPT
+    """Streams: the user turn asking a model without assistant prefill to continue the text."""
 
 
 @dataclass(frozen=True)
@@ -707,6 +722,7 @@ class Policy:
                 retries=over.retries if over and over.retries else route.retries,
                 truncation=route.truncation,
                 on_interrupt=(over.streaming if over and over.streaming else route.streaming).on_interrupt,
+                continue_prompt=(over.streaming if over and over.streaming else route.streaming).continue_prompt,
             )
         spec = self.models.get(model) or self.by_litellm_model.get(model)
         if spec is None:
