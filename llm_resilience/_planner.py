@@ -141,6 +141,9 @@ class Attempt:
     """When the provider's answer had been read; the time after it is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
+    started_cold: bool = False
+    """Started before any attempt had ended in the process: it may carry litellm's first-call costs,
+    whenever it ends (a stream's first-token timeout is judged after the attempt left the call)."""
 
 
 def _client_time(attempt: Attempt, now: float) -> float:
@@ -254,6 +257,19 @@ class LatencyView(Protocol):
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None: ...
 
 
+class ProbeContexts(Protocol):
+    """Which callers may take a half-open breaker's probe (``_saturation.CallerContexts``)."""
+
+    def may_probe(self, now: float) -> bool: ...
+
+
+class AnyCaller:
+    """Every caller may probe (planner default; the simulator)."""
+
+    def may_probe(self, now: float) -> bool:
+        return True
+
+
 class NoLatency:
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None:
         return None
@@ -281,6 +297,8 @@ class Planner:
     """Jitter for retry backoff (seed it in tests)."""
     saturation: SaturationSignal = field(default_factory=NotSaturated)
     """Whether the client itself is the bottleneck (``_saturation.py``; tests script it)."""
+    contexts: ProbeContexts = field(default_factory=lambda: AnyCaller())
+    """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
@@ -562,7 +580,7 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket()
+            admission, ticket = breaker.admit_with_ticket(lambda: self.planner.contexts.may_probe(now))
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -572,6 +590,9 @@ class Call:
             return None
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
+            return None
+        if admission is Admission.PROBE_DEFERRED:  # a starved caller's probe would judge nothing
+            self._skip(record, k.PROBE_DEFERRED)
             return None
         suspect_slot = False
         if admission is Admission.ADMIT and not panic and breaker.suspect:
@@ -672,6 +693,7 @@ class Call:
             soft_cut=soft_cut,
             cut_at=cut_at,
             suspect_slot=suspect_slot,
+            started_cold=self.planner.saturation.cold(),
         )
         if not self.request.stream:
             attempt.bound_at = now + attempt.timeout_s
@@ -691,14 +713,14 @@ class Call:
     def _client_excuse(self, attempt: Attempt, bound_s: float, now: float) -> str | None:
         """Why the client, not the provider, made ``attempt`` exceed ``bound_s`` by ``now`` (``None``: it did not).
 
-        ``cold_start``: no attempt has ended in this process yet (litellm's lazy imports).
+        ``cold_start``: no attempt had ended in this process when this one started (litellm's lazy imports).
         ``client_saturated``: the wall time minus the client's own delay (the saturation signal's
         estimate) is still within the bound. Either way the attempt records the reason and the
         delay (``client_overload``, ``client_delay_s``), and its bounds move by the delay.
         """
         signal = self.planner.saturation
         record = attempt.record
-        if signal.cold():
+        if attempt.started_cold:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
@@ -778,7 +800,7 @@ class Call:
         if any(r.outcome != "skipped" for r in self.records):
             return None
         reasons = {r.model: r.reason for r in self.records}
-        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
+        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.PROBE_DEFERRED, k.SUSPECT)
         if not reasons or any(reason not in breaker_reasons for reason in reasons.values()):
             return None  # some model was skipped for another reason (context, key): panic cannot help
         suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
