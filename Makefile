@@ -11,7 +11,7 @@ OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproj
 OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
 	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services unit-random fuzz mutate
+.PHONY: setup demo test docs docs-serve lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services unit-random fuzz mutate
 
 setup: $(STAMP)
 
@@ -31,7 +31,16 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/llm-resilience demo
 
-test: setup lint typecheck jaeger unit wheel-check test-oldest
+test: setup lint typecheck docs jaeger unit wheel-check test-oldest
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a missing snippet
+# (benchmarks/results/*.md) or an unresolved API reference fails the build. Offline: nothing is fetched.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The site on http://127.0.0.1:8000, rebuilt on every edit.
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: setup
 	$(BIN)/ruff check llm_resilience tests benchmarks scripts
@@ -112,7 +121,7 @@ schema: setup
 # every direct dependency at the lower bound of its range.
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --extra redis --generate-hashes \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --extra redis --extra docs --generate-hashes \
 		--python-version 3.11 -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev --resolution lowest-direct --generate-hashes \
 		--python-version 3.11 -o requirements-oldest.lock
@@ -124,5 +133,5 @@ check-compat: setup
 		| $(BIN)/uv pip compile - --python-version 3.11 --quiet -o /dev/null
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist site
 

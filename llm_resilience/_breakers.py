@@ -86,6 +86,7 @@ class Admission(Enum):
     PROBE = "probe"  # half-open: this request is the single trial call
     OPEN = "open"  # skip: still inside reset_timeout
     PROBE_BUSY = "probe_busy"  # skip: another request is already probing
+    PROBE_DEFERRED = "probe_deferred"  # skip: the probe is due, but this caller may not take it (may_probe)
 
 
 class _CountedFailure(Exception):
@@ -226,8 +227,12 @@ class ModelBreaker:
         """May a request go to this model now? Never blocks; never sends anything."""
         return self.admit_with_ticket()[0]
 
-    def admit_with_ticket(self) -> tuple[Admission, ProbeTicket]:
-        """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically)."""
+    def admit_with_ticket(self, may_probe: Callable[[], bool] | None = None) -> tuple[Admission, ProbeTicket]:
+        """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically).
+
+        ``may_probe``: asked only when this request would take the probe slot; ``False`` leaves the
+        slot (and an open breaker past its period: open) for another caller (``PROBE_DEFERRED``).
+        """
         generation = self._generation  # read before the state: a transition in between only makes it stale
         fleet = self.fleet
         if fleet is not None:  # the fleet's view, when Redis is reachable, decides first
@@ -242,6 +247,8 @@ class ModelBreaker:
                 if state == OPEN and not self._reset_timeout_elapsed():
                     return Admission.OPEN, _SKIPPED
                 if state != CLOSED:  # (closed by another thread meanwhile: admitted, with a stale ticket)
+                    if self._probe is None and may_probe is not None and not may_probe():
+                        return Admission.PROBE_DEFERRED, _SKIPPED
                     return self._take_probe_slot(state == OPEN)
         return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
 
@@ -364,7 +371,7 @@ class ModelBreaker:
         opened: datetime | None = self._cb._state_storage.opened_at
         return opened.timestamp() if opened is not None else None
 
-    # Suspect gating (README "Under load"): a model with a slow or failed request in flight gets
+    # Suspect gating (docs/design.md, "Breakers"): a model with a slow or failed request in flight gets
     # at most ``suspect_admit`` new requests at a time until a verdict (a success, or the breaker opening).
 
     def mark_suspect(self) -> None:

@@ -26,7 +26,7 @@ from ._policy import ENV_PREFIX, Policy, StateConfig
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
-from ._saturation import ProcessSaturation, monitor
+from ._saturation import CallerContexts, ProcessSaturation, monitor
 from ._shared_state import SharedBreakerState
 from ._tracing import TracingHook
 from ._truncation import TokenFitter
@@ -85,6 +85,7 @@ class Resilience:
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
         self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
+        self._contexts = CallerContexts()  # which callers' probes can judge (a starved loop's cannot)
         self._metrics = MetricsHook(meter_provider, self.breakers)
         self._logging = LoggingHook()
         self.breakers.listeners.append(self._breaker_transition)
@@ -108,10 +109,10 @@ class Resilience:
         tracing = TracingHook(self._tracer_provider, record_content=policy.document.telemetry.record_content)
         review_log = ReviewLogHook.from_policy(policy, tracing)
         extra = [review_log] if review_log is not None else []
-        hooks = HookSet([tracing, self._metrics, self._logging, *extra, *self._user_hooks])
+        hooks = HookSet([tracing, self._metrics, self._logging, self._contexts, *extra, *self._user_hooks])
         planner = Planner(
             policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency, budgets=self.budgets, saturation=self._saturation,
+            latency=self.latency, budgets=self.budgets, saturation=self._saturation, contexts=self._contexts,
         )  # fmt: skip
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:
@@ -288,7 +289,17 @@ _default_lock = threading.Lock()
 def default_engine() -> Resilience:
     """The engine behind the module-level functions, built on first use.
 
-    From the file named by ``LLM_RESILIENCE_POLICY``, or the built-in defaults.
+    :func:`completion`, :func:`acompletion` and :func:`install` use it. It is built once per
+    process, thread-safely, from the file named by the ``LLM_RESILIENCE_POLICY`` environment
+    variable (and then follows edits of that file: hot reload), or from the built-in defaults
+    when the variable is unset. A broken file raises :class:`PolicyError` here, at the first call.
+
+    Use it to reach the live engine, e.g. to read breaker states or reload now::
+
+        import llm_resilience
+
+        engine = llm_resilience.default_engine()
+        engine.breaker_states()  # {'big': 'open', 'small': 'closed'}
     """
     global _default
     if _default is None:
@@ -300,7 +311,19 @@ def default_engine() -> Resilience:
 
 
 def set_default_engine(engine: Resilience | None) -> None:
-    """Replace the engine used by the module-level functions (``None``: rebuild on next use)."""
+    """Replace the engine used by the module-level functions.
+
+    For an application that builds its engine itself (a policy from somewhere other than
+    ``LLM_RESILIENCE_POLICY``, hooks of its own) but wants :func:`completion` and
+    :func:`install` to use it, and for tests. ``None`` forgets the current engine: the next
+    call builds a fresh one from the environment. The engine replaced is not closed: call its
+    :meth:`Resilience.close` if it shares state through Redis::
+
+        import llm_resilience
+        from llm_resilience import Resilience
+
+        llm_resilience.set_default_engine(Resilience.from_file("policies/prod.yaml", hooks=[MyHook()]))
+    """
     global _default
     with _default_lock:
         _default = engine

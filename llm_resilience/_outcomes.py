@@ -32,6 +32,8 @@ CONTENT_FILTER: Final = "content_filter"
 # Reasons a model is skipped without sending a request.
 BREAKER_OPEN: Final = "breaker_open"
 PROBE_IN_FLIGHT: Final = "probe_in_flight"
+PROBE_DEFERRED: Final = "probe_deferred"
+"""Skipped: the half-open probe is due, but this caller's context is starved and another can judge it."""
 CONTEXT_TOO_SMALL: Final = "context_too_small"
 DEADLINE: Final = "deadline_exceeded"
 MISSING_API_KEY: Final = "missing_api_key"
@@ -213,4 +215,4 @@ class AttemptRecord:
 
 
 _SUMMARY_EXTRA = ("client_overload", "client_delay_s", "panic", "suspect")
-"""Decisions taken under load (README "Under load") that the call summary shows."""
+"""Decisions taken under load (docs/design.md, "Saturation") that the call summary shows."""

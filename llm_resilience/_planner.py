@@ -254,6 +254,19 @@ class LatencyView(Protocol):
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None: ...
 
 
+class ProbeContexts(Protocol):
+    """Which callers may take a half-open breaker's probe (``_saturation.CallerContexts``)."""
+
+    def may_probe(self, now: float) -> bool: ...
+
+
+class AnyCaller:
+    """Every caller may probe (planner default; the simulator)."""
+
+    def may_probe(self, now: float) -> bool:
+        return True
+
+
 class NoLatency:
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None:
         return None
@@ -281,6 +294,8 @@ class Planner:
     """Jitter for retry backoff (seed it in tests)."""
     saturation: SaturationSignal = field(default_factory=NotSaturated)
     """Whether the client itself is the bottleneck (``_saturation.py``; tests script it)."""
+    contexts: ProbeContexts = field(default_factory=lambda: AnyCaller())
+    """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
@@ -352,6 +367,10 @@ class Call:
         self._continue_text: str | None = None
         self._interrupted: BaseException | None = None
         self._joins: list[dict[str, Any]] = []
+        self._no_prefill: set[str] = set()  # models that rejected an assistant prefill in this call
+        # JSON is continued only where the join is exact (a prefill): a model asked in conversation
+        # may start a new JSON document, and no overlap rule can make two documents one.
+        self._exact_join_only = wants_json(request.kwargs.get("response_format"))
         self._shrink = 1.0  # < 1 after a provider said the prompt was too long
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
         if len(self._base_kwargs) != len(request.kwargs) or (request.stream and "stream_timeout" in request.kwargs):
@@ -559,7 +578,7 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket()
+            admission, ticket = breaker.admit_with_ticket(lambda: self.planner.contexts.may_probe(now))
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -569,6 +588,9 @@ class Call:
             return None
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
+            return None
+        if admission is Admission.PROBE_DEFERRED:  # a starved caller's probe would judge nothing
+            self._skip(record, k.PROBE_DEFERRED)
             return None
         suspect_slot = False
         if admission is Admission.ADMIT and not panic and breaker.suspect:
@@ -583,7 +605,8 @@ class Call:
             record.extra["suspect"] = True
         if ticket.probe:
             record.extra["probe"] = True
-        if self._continue_text is not None and not _accepts_prefill(spec):
+        form = self.continuation_form(spec) if self._continue_text is not None else None
+        if self._continue_text is not None and form is None:
             breaker.release(ticket)
             if suspect_slot:
                 breaker.release_suspect_slot()
@@ -657,11 +680,11 @@ class Call:
             # so one attempt's bookkeeping never leaks into the next one or back to the caller.
             kwargs["metadata"] = dict(kwargs["metadata"])
         kwargs["messages"] = fit.messages
-        if self._continue_text is not None:
-            # Continue the text the caller already has: litellm's assistant-prefill form.
-            prefill = {"role": "assistant", "content": self._continue_text, "prefix": True}
-            kwargs["messages"] = [*fit.messages, prefill]
-            record.extra["prefill_chars"] = len(self._continue_text)
+        if self._continue_text is not None and form is not None:
+            kwargs["messages"] = [*fit.messages, *continuation_messages(form, self._continue_text, self.route)]
+            record.extra["continuation"] = form
+            if form == PREFILL:
+                record.extra["prefill_chars"] = len(self._continue_text)
         kwargs["timeout"] = soft if soft_cut and soft is not None and not self.request.stream else timeout
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
@@ -711,7 +734,11 @@ class Call:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
-            delay = max(signal.delay_s(record.started_at, now), _client_time(attempt, now))
+            # An attempt timed at the wire has its client time measured, not estimated: while its
+            # request is at the provider, the provider is working whatever the lag probes say. The
+            # thread probe's estimate (CLIENT_HOPS x its lateness) would otherwise postpone a hedge by
+            # 300 ms after a few late ticks (the sequential incident's third spike call).
+            delay = _client_time(attempt, now) if attempt.io_measured else signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
             provider_s = wall - attempt.client_delay_s
@@ -805,7 +832,7 @@ class Call:
         if any(r.outcome != "skipped" for r in self.records):
             return None
         reasons = {r.model: r.reason for r in self.records}
-        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
+        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.PROBE_DEFERRED, k.SUSPECT)
         if not reasons or any(reason not in breaker_reasons for reason in reasons.values()):
             return None  # some model was skipped for another reason (context, key): panic cannot help
         suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
@@ -953,13 +980,26 @@ class Call:
         self._abandon_in_flight(now)
         self._succeed(record, response)
 
+    def continuation_form(self, spec: ModelSpec) -> str | None:
+        """How ``spec`` is asked to continue a broken stream: ``prefill``, ``conversation``, or ``None`` (it cannot).
+
+        An assistant prefill where the model accepts one (the policy's ``assistant_prefill``, else
+        litellm's map) and has not rejected one in this call: the join is then exact. Otherwise an
+        ordinary conversation (the text so far as an assistant turn, then the route's
+        ``continue_prompt`` as a user turn), except for JSON answers, which only an exact join
+        can continue.
+        """
+        if spec.name not in self._no_prefill and _accepts_prefill(spec):
+            return PREFILL
+        return None if self._exact_join_only else CONVERSATION
+
     def on_interrupted(self, attempt: Attempt, error: BaseException, delivered_text: str, now: float) -> None:
         """A committed stream broke (``error`` is the ``StreamInterrupted`` the caller would get).
 
         With the route's ``streaming.on_interrupt: continue``, text delivered and an error kind
         that falls back, the call goes on: the next models are asked to continue
-        ``delivered_text`` (an assistant prefill; models that cannot are skipped), and only a
-        continuation reaches the caller. The continuation gets the class deadline anew (the
+        ``delivered_text`` (see :meth:`continuation_form`; models that cannot are skipped), and
+        only a continuation reaches the caller. The continuation gets the class deadline anew (the
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
         If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
         """
@@ -994,9 +1034,15 @@ class Call:
         kind = classify_error(error)
         continuing = self._continue_text is not None and attempt is not self._committed
         if continuing and kind == k.BAD_REQUEST and _names_prefill(error):
-            kind = k.PREFILL_REJECTED  # this model cannot continue text: skip it, never the final error
+            kind = k.PREFILL_REJECTED  # this model cannot continue text this way, never the final error
             counted = True  # not the provider's sickness: nothing for the breaker
             self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+            self._no_prefill.add(attempt.spec.name)
+            if attempt.record.extra.get("continuation") == PREFILL and self.continuation_form(attempt.spec):
+                # Ask the same model again at once, in an ordinary conversation (no backoff: it is
+                # healthy, it only declined the prefill form).
+                self._retry = (attempt.spec, now, record.index)
+                record.extra["continue_as"] = CONVERSATION
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
         if kind in (k.TIMEOUT, k.SOFT_TIMEOUT):
@@ -1224,6 +1270,31 @@ class Call:
             "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],
         }
+
+
+PREFILL = "prefill"
+CONVERSATION = "conversation"
+
+
+def continuation_messages(form: str, delivered_text: str, route: ResolvedRoute) -> list[dict[str, Any]]:
+    """The messages appended to the prompt to ask for the rest of ``delivered_text``.
+
+    ``prefill``: litellm's assistant-prefill form (the model writes on from the last character).
+    ``conversation``: the text as a complete assistant turn, then the route's ``continue_prompt``
+    as a user turn (never a system message: the caller's system prompt stays the only one).
+    """
+    if form == PREFILL:
+        return [{"role": "assistant", "content": delivered_text, "prefix": True}]
+    return [{"role": "assistant", "content": delivered_text}, {"role": "user", "content": route.continue_prompt}]
+
+
+def wants_json(response_format: Any) -> bool:
+    """The request asked for a JSON answer (``json_object``, ``json_schema`` or a pydantic class)."""
+    if response_format is None:
+        return False
+    if isinstance(response_format, Mapping):
+        return response_format.get("type") in ("json_object", "json_schema")
+    return isinstance(response_format, type)
 
 
 def _accepts_prefill(spec: ModelSpec) -> bool:

@@ -35,7 +35,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+from ._outcomes import CLIENT_OVERLOAD
 
 PROBE_INTERVAL_S = 0.010
 """How often lag is sampled while attempts are in flight (never when the process is idle)."""
@@ -385,3 +387,100 @@ class ProcessSaturation:
 
     def ended(self) -> None:
         monitor().ended()
+
+
+# -- which callers may judge a provider ----------------------------------------------------------
+
+STARVED_SHARE = 0.5
+"""A context (one event loop, or the process's threads) whose recent attempts ended ``client_overload``
+at least this often is starved: its attempts end without a verdict, so its probe would judge nothing."""
+CONTEXT_OUTCOMES = 16
+"""Recent attempt outcomes kept per context."""
+MIN_OUTCOMES = 4
+"""A context with fewer recent outcomes than this is not judged starved (too little to go on)."""
+CONTEXT_RECENT_S = 10.0
+"""Outcomes older than this are forgotten: a context that ended nothing since cannot judge anything now."""
+
+THREADS = "threads"
+"""The context of every caller outside an event loop: the threads share the GIL, and starve together."""
+
+
+def current_context() -> object:
+    """The calling context: the running event loop, else :data:`THREADS`."""
+    loop = asyncio._get_running_loop()  # (None outside a loop, without raising: this runs on every attempt)
+    return THREADS if loop is None else loop
+
+
+class CallerContexts:
+    """Which callers can judge a half-open breaker's probe: each context is judged by its own outcomes.
+
+    A process-wide saturation signal cannot say who should probe: in the soak's shape (32 threads and
+    500 tasks on one loop) it called the threads saturated too (0.5-13 s of estimated delay per second)
+    while their attempts were answered in 0.4 s. What tells them apart is what their attempts ended
+    with: nearly every attempt of the starved loop ended ``client_overload`` (no verdict), the threads'
+    did not. So a caller whose context's recent attempts mostly ended ``client_overload`` does not
+    take a probe while another context, not starved, ended an attempt recently: that one will judge
+    the provider sooner. When every context is starved (or there is only one), callers probe as
+    before. A hook (``attempt_ended``) feeds it; the planner asks :meth:`may_probe`.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._threads: deque[tuple[float, bool]] = deque(maxlen=CONTEXT_OUTCOMES)
+        self._loops: weakref.WeakKeyDictionary[object, deque[tuple[float, bool]]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def _ring(self, context: object, create: bool) -> deque[tuple[float, bool]] | None:
+        if context is THREADS:
+            return self._threads
+        ring = self._loops.get(context)
+        if ring is None and create:
+            ring = self._loops[context] = deque(maxlen=CONTEXT_OUTCOMES)
+        return ring
+
+    def ended(self, context: object, overloaded: bool, now: float) -> None:
+        """An attempt of ``context`` ended: ``overloaded`` if it ended ``client_overload`` (no verdict)."""
+        with self._lock:
+            ring = self._ring(context, create=True)
+            assert ring is not None
+            ring.append((now, overloaded))
+
+    def starved(self, context: object, now: float) -> bool:
+        """Whether most of ``context``'s recent attempts ended without a verdict for want of client time."""
+        with self._lock:
+            return _starved(self._ring(context, create=False), now)
+
+    def may_probe(self, now: float, context: object | None = None) -> bool:
+        """May the caller (``context``, default: the calling one) take a half-open breaker's probe?"""
+        if context is None:
+            context = current_context()
+        with self._lock:
+            if not _starved(self._ring(context, create=False), now):
+                return True
+            others = [ring for key, ring in self._loops.items() if key is not context]
+            if context is not THREADS:
+                others.append(self._threads)
+            return not any(_can_judge(ring, now) for ring in others)
+
+    def attempt_ended(self, call: object, record: Any, response: object) -> None:
+        """The hook: every attempt that was sent and not cancelled is an outcome of the calling context."""
+        if record.outcome in ("skipped", "cancelled"):
+            return
+        self.ended(current_context(), record.outcome == CLIENT_OVERLOAD, self._clock())
+
+
+def _recent(ring: deque[tuple[float, bool]] | None, now: float) -> list[bool]:
+    if not ring:
+        return []
+    since = now - CONTEXT_RECENT_S
+    return [overloaded for at, overloaded in ring if at >= since]
+
+
+def _starved(ring: deque[tuple[float, bool]] | None, now: float) -> bool:
+    recent = _recent(ring, now)
+    return len(recent) >= MIN_OUTCOMES and sum(recent) >= STARVED_SHARE * len(recent)
+
+
+def _can_judge(ring: deque[tuple[float, bool]], now: float) -> bool:
+    recent = _recent(ring, now)
+    return bool(recent) and not _starved(ring, now)

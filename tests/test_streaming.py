@@ -325,7 +325,10 @@ def test_idle_timeout_mid_stream_raises_stream_interrupted(
     big, small = providers
     # First-token timeout far above the idle timeout: the connection must be closed at the idle
     # timeout itself, not when litellm's per-read backstop (above both) would fire.
-    engine = make_engine(policy_dict(["big", "small"], fail_max=1, prompt_classes=stream_class(SLOW_S, IDLE_S)))
+    raising = {"streaming": {"on_interrupt": "raise"}}
+    policy = policy_dict(["big", "small"], fail_max=1, prompt_classes=stream_class(SLOW_S, IDLE_S))
+    policy["routes"]["chat"].update(raising)
+    engine = make_engine(policy)
     big.set(Behavior(content="abcdefgh", chunks=4, inter_chunk_s=SLOW_S * 2))
 
     started = time.monotonic()
@@ -352,8 +355,11 @@ def test_idle_timeout_mid_stream_raises_stream_interrupted(
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_cut_mid_stream_raises_with_delivered_content_intact(
-    mode: str, engine: Resilience, big: FakeProvider, small: FakeProvider
+    mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
+    policy = policy_dict()
+    policy["routes"]["chat"]["streaming"] = {"on_interrupt": "raise"}
+    engine = make_engine(policy)
     big.set(Behavior(content="abcdefgh", chunks=4, cut_after_chunks=2))
 
     received, error, stream = collect_until_interrupted(mode, engine)

@@ -212,6 +212,34 @@ def test_a_provider_slow_between_request_and_answer_is_still_blamed() -> None:
     assert p.breakers.get("a").fail_counter == 1
 
 
+def test_an_attempt_timed_at_the_wire_is_hedged_at_its_threshold_whatever_the_lag_probes_say() -> None:
+    # The sequential incident: after a few late ticks of the thread probe, its estimate (16 x the mean
+    # lateness) postponed the third spike call's hedge by ~300 ms, while the request had been at the
+    # provider since the attempt began. The wire says where the time went: the provider's.
+    p = make_planner(Scripted(delay_s=0.3), hedge={"after": 0.1, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.sent_at = True, T0 + 0.002
+
+    action = call.next_action(T0 + 0.1)
+
+    assert isinstance(action, Launch) and action.attempt.spec.name == "b"
+    assert "hedge_skipped" not in first.record.extra
+
+
+def test_a_slow_answer_timed_at_the_wire_is_blamed_on_the_provider_whatever_the_lag_probes_say() -> None:
+    p = make_planner(Scripted(delay_s=0.3), chain=("a",), soft={"warmup_s": 0.2, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.sent_at, first.answered_at = True, T0 + 0.01, T0 + 0.44
+
+    call.on_response(first, object(), T0 + 0.45)
+
+    assert first.record.extra["slow"] is True
+    assert "client_overload" not in first.record.extra
+    assert p.breakers.get("a").fail_counter == 1
+
+
 def test_an_attempt_whose_request_has_not_left_the_client_is_not_cut_at_its_bound() -> None:
     p = make_planner(Scripted(delay_s=0.0))
     call = start(p)
