@@ -183,6 +183,7 @@ FLAGGED = "flagged"  # answered with an answer a validator flagged
 RETURNED_AS_BEST = "returned_as_best"  # every answer failed validation; the first one is returned
 FAILED = "failed"  # the call raised
 CANCELLED = "cancelled"  # the caller stopped waiting (cancelled its task, closed its stream)
+CALL_OUTCOMES = (ANSWERED, RESCUED, FLAGGED, RETURNED_AS_BEST, FAILED, CANCELLED)
 
 
 def call_outcome(call: Call, response: Any, error: BaseException | None) -> str:
@@ -405,7 +406,7 @@ def _role(record: AttemptRecord) -> str:
         return "hedge"
     if record.retry_of is not None:
         return "retry"
-    if "prefill_chars" in record.extra:
+    if "continuation" in record.extra:  # asked to continue a stream that broke
         return "continuation"
     return "first" if record.index == 0 else "fallback"
 

@@ -260,7 +260,7 @@ def test_a_stream_cut_mid_answer_says_so_and_how_much_had_been_delivered(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, exporter: InMemorySpanExporter, big: FakeProvider
 ) -> None:
     big.set(Behavior(content="abcdefgh", chunks=4, cut_after_chunks=2))
-    engine = make_engine(policy_dict(["big", "small"]))
+    engine = make_engine(policy_dict(["big"]))  # no model to continue it: the caller gets the break
 
     with pytest.raises(StreamInterrupted):
         list(engine.completion("chat", MESSAGES, stream=True))
@@ -270,6 +270,22 @@ def test_a_stream_cut_mid_answer_says_so_and_how_much_had_been_delivered(
     path = attrs(root)[f"{NS}.path"]
     assert re.fullmatch(r"big: stream broke after 4 chars in \d+ ms, connection", path), path
     assert "delivered" in (broken.status.description or "")
+
+
+def test_a_stream_the_next_model_finished_reads_as_a_break_then_a_join(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, exporter: InMemorySpanExporter, big: FakeProvider
+) -> None:
+    big.set(Behavior(content="abcdefgh", chunks=4, cut_after_chunks=2))
+    engine = make_engine(policy_dict(["big", "small"]))
+
+    list(engine.completion("chat", MESSAGES, stream=True))
+
+    root, (broken, continued) = split(exporter)
+    assert attrs(broken)[f"{NS}.interrupted_after_chars"] == 4
+    assert attrs(continued)[f"{NS}.attempt.role"] == "continuation"
+    path = attrs(root)[f"{NS}.path"]
+    assert re.fullmatch(r"big: stream broke after 4 chars in \d+ ms, connection → small: ok in \d+ ms \(join\)", path)
+    assert root.name == f"{NS}.completion chat rescued"
 
 
 # -- 9. no boolean that Jaeger would paint red ----------------------------------------------------------
