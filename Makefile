@@ -1,12 +1,13 @@
 # Two commands matter (see README): `make demo` and `make test`. Both set up .venv first.
+# VENV / OLD_VENV may be overridden (.ci/run builds everything in virtualenvs it creates fresh).
 PY      ?= python3
-VENV    := .venv
+VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 # A second venv on the oldest versions pyproject.toml allows (requirements-oldest.lock): the
 # lower bounds are tested, not guessed. It runs the tests that touch litellm's API most.
-OLD_VENV   := .venv-oldest
+OLD_VENV   ?= .venv-oldest
 OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproject.toml | cksum | cut -d' ' -f1)
 OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
 	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
@@ -58,10 +59,11 @@ jaeger:
 
 # The built wheel in a fresh virtualenv, run from outside the checkout (scripts/check_wheel.sh).
 wheel-check: setup
-	bash scripts/check_wheel.sh
+	PYTHON=$(BIN)/python bash scripts/check_wheel.sh
 
 $(OLD_STAMP): requirements-oldest.lock pyproject.toml
 	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
+	@$(OLD_VENV)/bin/pip --version
 	$(OLD_VENV)/bin/pip install $(PIP_LOCKED) -r requirements-oldest.lock
 	$(OLD_VENV)/bin/pip check
 	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

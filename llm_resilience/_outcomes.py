@@ -179,6 +179,8 @@ class AttemptRecord:
     prepare_s: float = 0.0
     """Time spent preparing the request before it was handed to litellm (token counting, truncation)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    """Things that happened during the attempt, as (name, attributes): span events (a skipped SSE event)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (no exception object, no prompt text)."""

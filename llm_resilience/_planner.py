@@ -141,6 +141,9 @@ class Attempt:
     """When the provider's answer had been read; the time after it is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
+    started_cold: bool = False
+    """Started before any attempt had ended in the process: it may carry litellm's first-call costs,
+    whenever it ends (a stream's first-token timeout is judged after the attempt left the call)."""
 
 
 def _client_time(attempt: Attempt, now: float) -> float:
@@ -704,6 +707,7 @@ class Call:
             soft_cut=soft_cut,
             cut_at=cut_at,
             suspect_slot=suspect_slot,
+            started_cold=self.planner.saturation.cold(),
         )
         if not self.request.stream:
             attempt.bound_at = now + attempt.timeout_s
@@ -723,14 +727,14 @@ class Call:
     def _client_excuse(self, attempt: Attempt, bound_s: float, now: float) -> str | None:
         """Why the client, not the provider, made ``attempt`` exceed ``bound_s`` by ``now`` (``None``: it did not).
 
-        ``cold_start``: no attempt has ended in this process yet (litellm's lazy imports).
+        ``cold_start``: no attempt had ended in this process when this one started (litellm's lazy imports).
         ``client_saturated``: the wall time minus the client's own delay (the saturation signal's
         estimate) is still within the bound. Either way the attempt records the reason and the
         delay (``client_overload``, ``client_delay_s``), and its bounds move by the delay.
         """
         signal = self.planner.saturation
         record = attempt.record
-        if signal.cold():
+        if attempt.started_cold:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:

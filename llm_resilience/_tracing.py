@@ -305,6 +305,8 @@ class TracingHook(Hook):
         )  # fmt: skip
         for info in record.breaker_events:  # open -> half-open (the probe), then what the outcome did
             span.add_event(_BREAKER_EVENT, _transition_attributes(info))
+        for name, event_attrs in record.events:
+            span.add_event(name, event_attrs)
         if failed:
             span.set_status(Status(StatusCode.ERROR, attempt_problem(record)))
         span.end()

@@ -625,3 +625,19 @@ def test_a_probe_reads_its_threads_run_queue_wait() -> None:
         assert queued > 0.0  # this thread has waited on a run queue at some point since it started
     else:
         assert queued == 0.0
+
+
+def test_an_attempt_started_cold_is_excused_even_when_it_ends_after_the_process_warmed() -> None:
+    signal = Scripted(cold=True)
+    p = make_planner(signal)
+    call = start(p)
+    first = launch(call, T0)  # e.g. a stream's first attempt, judged at its first-token timeout
+
+    call.on_error(first, TimeoutError("no content within 1 s"), T0 + 1.0)  # it leaves the call first: warm now
+
+    assert first.record.outcome == "client_overload"
+    assert first.record.extra["client_overload"] == "cold_start"
+    assert p.breakers.get("a").fail_counter == 0
+    second = launch(call, T0 + 1.0)
+    call.on_error(second, TimeoutError("no content within 1 s"), T0 + 2.0)
+    assert second.record.outcome == "failure"  # started warm: judged normally
