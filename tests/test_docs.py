@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llm_resilience import _outcomes, _policy
+from llm_resilience import _outcomes, _policy, _tracing
 from llm_resilience._policy import BUILTIN_DEFAULT_CLASS, DEFAULT_BREAKER_COUNTS, BreakerSettings
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
@@ -175,7 +175,7 @@ def code_vocabulary() -> set[str]:
     """Outcome, reason, breaker and decision words the package can print."""
     words = {v for k, v in vars(_outcomes).items() if k.isupper() and isinstance(v, str)}
     words |= set(typing.get_args(_outcomes.Outcome))
-    words |= set(re.findall(r'call_outcome"\] = "(\w+)"', _source("_tracing.py")))
+    words |= set(_tracing.CALL_OUTCOMES)
     words |= set(re.findall(r'call_outcome = "(\w+)"', _source("_review_log.py")))
     for line in re.findall(r"cause = (.*)", _source("_breakers.py")):
         words |= set(re.findall(r'"(\w+)"', line))
