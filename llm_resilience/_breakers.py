@@ -371,7 +371,7 @@ class ModelBreaker:
         opened: datetime | None = self._cb._state_storage.opened_at
         return opened.timestamp() if opened is not None else None
 
-    # Suspect gating (README "Under load"): a model with a slow or failed request in flight gets
+    # Suspect gating (docs/design.md, "Breakers"): a model with a slow or failed request in flight gets
     # at most ``suspect_admit`` new requests at a time until a verdict (a success, or the breaker opening).
 
     def mark_suspect(self) -> None:

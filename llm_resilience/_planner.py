@@ -141,6 +141,9 @@ class Attempt:
     """When the provider's answer had been read; the time after it is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
+    started_cold: bool = False
+    """Started before any attempt had ended in the process: it may carry litellm's first-call costs,
+    whenever it ends (a stream's first-token timeout is judged after the attempt left the call)."""
 
 
 def _client_time(attempt: Attempt, now: float) -> float:
@@ -484,6 +487,7 @@ class Call:
             self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
             record.outcome = "failure"
             record.reason = k.SOFT_TIMEOUT
+            record.cut_by = "soft"
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
@@ -621,9 +625,11 @@ class Call:
             record.extra["missing_env"] = missing
             self._skip(record, k.MISSING_API_KEY)
             return None
+        preparing = time.perf_counter()  # a measurement for the span, not an input to any decision
         fit = self.planner.fitter.fit(
             spec, self.request.messages, self.route, self.klass, self._base_kwargs, self._shrink
         )
+        record.prepare_s = time.perf_counter() - preparing
         record.tokens_before, record.tokens_after, record.truncated = (
             fit.tokens_before, fit.tokens_after, fit.truncated
         )  # fmt: skip
@@ -656,6 +662,17 @@ class Call:
             first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         if soft is not None:
             record.extra["soft_timeout_s"] = round(soft, 6)
+        klass = self.klass
+        if self.request.stream:
+            record.bounds = {
+                "first_token": klass.first_token_timeout_s or klass.timeout_s,
+                "idle": klass.idle_timeout_s or klass.timeout_s,
+                "deadline": left,
+            }
+        else:
+            record.bounds = {"attempt": klass.timeout_s, "deadline": left}
+        if soft is not None:
+            record.bounds["soft"] = soft
         if spec.adhoc:  # the caller's own model string: its endpoint arguments are the caller's to give
             kwargs = dict(self._base_kwargs)
         else:
@@ -690,6 +707,7 @@ class Call:
             soft_cut=soft_cut,
             cut_at=cut_at,
             suspect_slot=suspect_slot,
+            started_cold=self.planner.saturation.cold(),
         )
         if not self.request.stream:
             attempt.bound_at = now + attempt.timeout_s
@@ -709,21 +727,21 @@ class Call:
     def _client_excuse(self, attempt: Attempt, bound_s: float, now: float) -> str | None:
         """Why the client, not the provider, made ``attempt`` exceed ``bound_s`` by ``now`` (``None``: it did not).
 
-        ``cold_start``: no attempt has ended in this process yet (litellm's lazy imports).
+        ``cold_start``: no attempt had ended in this process when this one started (litellm's lazy imports).
         ``client_saturated``: the wall time minus the client's own delay (the saturation signal's
         estimate) is still within the bound. Either way the attempt records the reason and the
         delay (``client_overload``, ``client_delay_s``), and its bounds move by the delay.
         """
         signal = self.planner.saturation
         record = attempt.record
-        if signal.cold():
+        if attempt.started_cold:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
             # An attempt timed at the wire has its client time measured, not estimated: while its
             # request is at the provider, the provider is working whatever the lag probes say. The
-            # thread probe's estimate (CLIENT_HOPS x its lateness) would otherwise postpone a hedge by
-            # 300 ms after a few late ticks (the sequential incident's third spike call).
+            # thread probe's estimate (CLIENT_HOPS x its lateness) postponed a spike call's hedge by up
+            # to 179 ms where the wire said 40 ms (sequential incident, measured).
             delay = _client_time(attempt, now) if attempt.io_measured else signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
@@ -733,7 +751,9 @@ class Call:
             if attempt.client_delay_s < NOTICEABLE_SHARE * wall or (provider_s >= bound_s - 1e-9 and not saturated):
                 return None
             reason = "client_saturated"
-            record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
+            # What the record says is a share of the attempt's elapsed time (the estimate that moves
+            # its bounds may model more hops than have happened yet).
+            record.extra["client_delay_s"] = round(min(attempt.client_delay_s, wall), 6)
         record.extra[k.CLIENT_OVERLOAD] = reason
         return reason
 
@@ -757,6 +777,25 @@ class Call:
         attempt.expired = excuse is None  # cut; blamed on the provider only if the client was not the slow one
         return None
 
+    def _cut_by(self, attempt: Attempt) -> str:
+        """Which of the attempt's bounds (``record.bounds``) cut it off when it timed out: the tightest
+        of those that applied at that point (a stream waits for its first token, then chunk by chunk)."""
+        record = attempt.record
+        bounds = record.bounds
+        if self.request.stream:
+            if record.time_to_first_chunk_s is not None:
+                return "idle"  # content had come: only the wait for the next chunk was bounded
+            named = "first_token"
+        else:
+            named = "attempt"
+        limit = bounds.get(named, attempt.timeout_s)
+        soft = bounds.get("soft")
+        if attempt.soft_cut and soft is not None and soft <= limit:
+            return "soft"
+        if bounds.get("deadline", limit) < limit:
+            return "deadline"
+        return named
+
     def _expire(self, now: float) -> None:
         """Attempts in flight past their bound: judged by :meth:`at_bound`; the driver stops those cut."""
         for attempt in list(self._in_flight):
@@ -765,6 +804,7 @@ class Call:
             blamed = attempt.expired
             record = self._settle(attempt, now)
             kind = k.SOFT_TIMEOUT if attempt.soft_cut else k.TIMEOUT
+            record.cut_by = self._cut_by(attempt)
             record.outcome = "failure" if blamed else k.CLIENT_OVERLOAD
             record.reason = kind
             record.error = self._last_error = attempt_timeout(attempt)
@@ -967,6 +1007,8 @@ class Call:
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
         If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
         """
+        if attempt in self._in_flight:  # however the call goes on, the span says where the stream broke
+            attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         kind = classify_error(error)
         fall_back = kind in self.planner.policy.fall_back_on
         if (
@@ -981,7 +1023,6 @@ class Call:
         self._continue_text = delivered_text
         self._interrupted = error
         self._joins.append({"from": attempt.record.index, "at_chars": len(delivered_text), "to": None})
-        attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         deadline = now + self.klass.deadline_s
         if self.caller_deadline_at is not None:
             deadline = min(deadline, self.caller_deadline_at)
@@ -1008,6 +1049,8 @@ class Call:
                 record.extra["continue_as"] = CONVERSATION
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
+        if kind in (k.TIMEOUT, k.SOFT_TIMEOUT):
+            record.cut_by = self._cut_by(attempt)
         if (
             kind in (k.TIMEOUT, k.SOFT_TIMEOUT)
             and not attempt.expired
@@ -1145,8 +1188,12 @@ class Call:
         """
         if self._final is not None:
             return
+        delivered = getattr(error, "generated_content", None)
         for attempt in self._in_flight:
             attempt.record.reason = k.DEADLINE
+            attempt.record.cut_by = "deadline"
+            if isinstance(delivered, str) and attempt is self._committed:
+                attempt.record.extra["interrupted_after_chars"] = len(delivered)
         self._abandon_in_flight(now)
         if self._committed is not None:
             self.answered_by = self._committed.record
@@ -1199,6 +1246,17 @@ class Call:
         return self._final is not None
 
     @property
+    def fallbacks(self) -> int:
+        """How many models of the chain the call passed over (failed, flagged or skipped) on its way to the
+        furthest model whose request counted (not a hedge that lost). A retry of the same model, a hedge
+        that lost, and a panic attempt going back to a model passed over add none."""
+        records = self.records
+        order = {spec.name: position for position, spec in enumerate(self.route.chain)}
+        counted = [r for r in records if r.outcome not in ("skipped", "cancelled")] or records
+        reached = max((order.get(r.model, 0) for r in counted), default=0)
+        return len({r.model for r in records if r.outcome != "cancelled" and order.get(r.model, reached) < reached})
+
+    @property
     def in_flight(self) -> list[Attempt]:
         return list(self._in_flight)
 
@@ -1211,7 +1269,7 @@ class Call:
             "prompt_class": self.prompt_class,
             "model": answered.model if answered else None,
             "litellm_model": answered.litellm_model if answered else None,
-            "fallbacks": sum(1 for r in self.records if r is not answered and r.outcome != "cancelled"),
+            "fallbacks": self.fallbacks,
             # return_best hands back an answer that failed validation: flagged as well
             "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],

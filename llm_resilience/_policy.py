@@ -315,10 +315,12 @@ class RouteOptions(_Strict):
     validators: dict[str, ValidatorAction] | None = Field(
         None, description="Validator name -> fall_back | flag | off (merged over the route's)."
     )
-    on_all_invalid: Literal["raise", "return_best"] | None = None
-    hedge: HedgeConfig | None = None
-    retries: RetryConfig | None = None
-    streaming: StreamingConfig | None = None
+    on_all_invalid: Literal["raise", "return_best"] | None = Field(
+        None, description="Overrides the route's on_all_invalid for this class."
+    )
+    hedge: HedgeConfig | None = Field(None, description="Overrides the route's hedge for this class.")
+    retries: RetryConfig | None = Field(None, description="Overrides the route's retries for this class.")
+    streaming: StreamingConfig | None = Field(None, description="Overrides the route's streaming for this class.")
 
 
 class Route(_Strict):
@@ -336,10 +338,18 @@ class Route(_Strict):
     on_all_invalid: Literal["raise", "return_best"] = Field(
         "raise", description="When every answer failed validation: raise, or return the best one flagged."
     )
-    hedge: HedgeConfig | None = None
-    retries: RetryConfig | None = None
-    truncation: TruncationConfig = Field(default_factory=TruncationConfig)
-    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    hedge: HedgeConfig | None = Field(
+        None, description="Start the next model in parallel when the current one is slow (off when absent)."
+    )
+    retries: RetryConfig | None = Field(
+        None, description="Retry the same model on listed transient errors before falling back (off when absent)."
+    )
+    truncation: TruncationConfig = Field(
+        default_factory=TruncationConfig, description="Fitting the prompt into each model's context window."
+    )
+    streaming: StreamingConfig = Field(
+        default_factory=StreamingConfig, description="What a stream does when it breaks after content."
+    )
 
 
 class ResetBackoff(_Strict):
@@ -379,7 +389,10 @@ class BreakerConfig(_Strict):
 class ErrorsConfig(_Strict):
     """Which error kinds move on to the next model. Anything else is raised to the caller at once."""
 
-    fall_back_on: list[ErrorKind] = Field(default_factory=_default_fall_back_on)
+    fall_back_on: list[ErrorKind] = Field(
+        default_factory=_default_fall_back_on,
+        description="Error kinds that move on to the next model; any other error is raised to the caller at once.",
+    )
 
 
 class ReviewLogConfig(_Strict):
@@ -435,15 +448,23 @@ class PolicyDocument(_Strict):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )  # fmt: skip
 
-    version: Literal[1] = 1
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
-    routes: dict[str, Route] = Field(default_factory=dict)
-    prompt_classes: dict[str, PromptClass] = Field(default_factory=dict)
+    version: Literal[1] = Field(1, description="Policy format version; only 1 exists.")
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Every model a route may use, by a name of your choosing."
+    )
+    routes: dict[str, Route] = Field(
+        default_factory=dict, description="The names the application passes as model=, each an ordered chain."
+    )
+    prompt_classes: dict[str, PromptClass] = Field(
+        default_factory=dict, description="Timing classes of requests; 'default' applies when no rule matches."
+    )
     breakers: dict[str, BreakerConfig] = Field(default_factory=dict, description="'default' and/or model names.")
-    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
-    review_log: ReviewLogConfig | None = None
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-    state: StateConfig = Field(default_factory=StateConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig, description="Which provider errors fall back.")
+    review_log: ReviewLogConfig | None = Field(
+        None, description="One JSON line per fallback and validator failure (off when absent)."
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="What spans may record.")
+    state: StateConfig = Field(default_factory=StateConfig, description="Where breaker state lives.")
 
 
 BUILTIN_CLASS = PromptClass.model_validate(BUILTIN_DEFAULT_CLASS)

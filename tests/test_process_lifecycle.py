@@ -13,6 +13,8 @@ import sys
 import textwrap
 from typing import Any
 
+import pytest
+
 
 def run_fresh(script: str, env: dict[str, str] | None = None, timeout: float = 180) -> dict[str, Any]:
     """Run ``script`` in a new interpreter; returns the JSON object on its last stdout line."""
@@ -62,3 +64,55 @@ def test_an_application_choice_of_litellm_switch_is_kept() -> None:
     changed = run_fresh(ENVIRONMENT_AROUND_IMPORT, env)
 
     assert changed == {"import": {}, "engine": {}, "removed": []}
+
+
+FIRST_CALL = """
+    import asyncio, json, sys
+    import llm_resilience
+    from llm_resilience.testing import Behavior, FakeProvider
+
+    mode = sys.argv[1]
+    with FakeProvider() as big, FakeProvider() as small:
+        big.set(Behavior.slow(3.0) if mode == "hedged" else Behavior.error(503))
+        route = {"chain": ["big", "small"]}
+        if mode == "hedged":
+            route["hedge"] = {"after": 0.1, "budget_ratio": 1.0}
+        engine = llm_resilience.Resilience.from_dict({
+            "models": {
+                name: {"litellm_params": {"model": model, "api_base": p.base_url, "api_key": "sk-test"}}
+                for name, model, p in (("big", "openai/gpt-4o", big), ("small", "openai/gpt-4o-mini", small))
+            },
+            "routes": {"chat": route},
+            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 10}},
+        })
+        messages = [{"role": "user", "content": "hi"}]
+        try:
+            if mode == "stream":
+                chunks = list(engine.completion("chat", messages, stream=True))
+                answered_by = "small" if chunks else None  # big answers 503
+                attempts = []
+            else:
+                call = engine.acompletion("chat", messages) if mode == "async" else None
+                response = asyncio.run(call) if call else engine.completion("chat", messages)
+                summary = response._hidden_params["llm_resilience"]
+                answered_by = summary["model"]
+                attempts = [(a["model"], a["outcome"], a["reason"]) for a in summary["attempts"]]
+        except llm_resilience.AllAttemptsFailed as e:
+            answered_by = None
+            attempts = [(a.model, a.outcome, a.reason) for a in e.attempts]
+        failures = {name: engine.breakers.get(name).fail_counter for name in ("big", "small")}
+    print(json.dumps({"answered_by": answered_by, "attempts": attempts, "failures": failures}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "hedged"])
+def test_the_first_call_of_a_process_is_not_blamed_for_litellm_first_call_costs(mode: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FIRST_CALL), mode], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result["answered_by"] == "small", result
+    assert ["small", "failure", "timeout"] not in result["attempts"], result
+    assert result["failures"]["small"] == 0, result

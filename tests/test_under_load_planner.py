@@ -666,3 +666,19 @@ def test_the_estimate_read_from_running_sums_is_the_one_walking_the_window_gives
     for since in (kept[0][1] - 1.0, kept[len(kept) // 2][1], kept[-1][1], t + 1.0):
         for now in (t, t + 0.3, kept[-1][1] - 0.001):
             assert samples.delay(since, now) == pytest.approx(_walked(kept, pending, since, now), abs=1e-9)
+
+
+def test_an_attempt_started_cold_is_excused_even_when_it_ends_after_the_process_warmed() -> None:
+    signal = Scripted(cold=True)
+    p = make_planner(signal)
+    call = start(p)
+    first = launch(call, T0)  # e.g. a stream's first attempt, judged at its first-token timeout
+
+    call.on_error(first, TimeoutError("no content within 1 s"), T0 + 1.0)  # it leaves the call first: warm now
+
+    assert first.record.outcome == "client_overload"
+    assert first.record.extra["client_overload"] == "cold_start"
+    assert p.breakers.get("a").fail_counter == 0
+    second = launch(call, T0 + 1.0)
+    call.on_error(second, TimeoutError("no content within 1 s"), T0 + 2.0)
+    assert second.record.outcome == "failure"  # started warm: judged normally
