@@ -1,17 +1,18 @@
 # Two commands matter (see README): `make demo` and `make test`. Both set up .venv first.
+# VENV / OLD_VENV may be overridden (.ci/run builds everything in virtualenvs it creates fresh).
 PY      ?= python3
-VENV    := .venv
+VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 # A second venv on the oldest versions pyproject.toml allows (requirements-oldest.lock): the
 # lower bounds are tested, not guessed. It runs the tests that touch litellm's API most.
-OLD_VENV   := .venv-oldest
+OLD_VENV   ?= .venv-oldest
 OLD_STAMP  := $(OLD_VENV)/.installed-$(shell cat requirements-oldest.lock pyproject.toml | cksum | cut -d' ' -f1)
 OLDEST_TESTS := tests/test_dropin.py tests/test_install.py tests/test_routes.py tests/test_fallback.py \
 	tests/test_streaming.py tests/test_truncation.py tests/test_hedging.py
 
-.PHONY: setup demo test lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services unit-random fuzz mutate
+.PHONY: setup demo test docs docs-serve lint typecheck unit jaeger wheel-check test-oldest bench soak schema lock check-compat clean test-services unit-random fuzz mutate
 
 setup: $(STAMP)
 
@@ -31,7 +32,16 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/llm-resilience demo
 
-test: setup lint typecheck jaeger unit wheel-check test-oldest
+test: setup lint typecheck docs jaeger unit wheel-check test-oldest
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a missing snippet
+# (benchmarks/results/*.md) or an unresolved API reference fails the build. Offline: nothing is fetched.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The site on http://127.0.0.1:8000, rebuilt on every edit.
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: setup
 	$(BIN)/ruff check llm_resilience tests benchmarks scripts
@@ -49,10 +59,11 @@ jaeger:
 
 # The built wheel in a fresh virtualenv, run from outside the checkout (scripts/check_wheel.sh).
 wheel-check: setup
-	bash scripts/check_wheel.sh
+	PYTHON=$(BIN)/python bash scripts/check_wheel.sh
 
 $(OLD_STAMP): requirements-oldest.lock pyproject.toml
 	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
+	@$(OLD_VENV)/bin/pip --version
 	$(OLD_VENV)/bin/pip install $(PIP_LOCKED) -r requirements-oldest.lock
 	$(OLD_VENV)/bin/pip check
 	$(OLD_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -112,7 +123,7 @@ schema: setup
 # every direct dependency at the lower bound of its range.
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --extra redis --generate-hashes \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra mutation --extra integration --extra redis --extra docs --generate-hashes \
 		--python-version 3.11 -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra dev --resolution lowest-direct --generate-hashes \
 		--python-version 3.11 -o requirements-oldest.lock
@@ -124,5 +135,5 @@ check-compat: setup
 		| $(BIN)/uv pip compile - --python-version 3.11 --quiet -o /dev/null
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) $(OLD_VENV) .mypy_cache .ruff_cache build dist site
 

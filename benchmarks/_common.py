@@ -7,6 +7,7 @@ this directory first on ``sys.path``). Importing it never imports litellm.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import platform
@@ -68,15 +69,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ali
 
 
 def environment_line() -> str:
-    """What the numbers were measured with (they mean little without it)."""
+    """When and on what the numbers were measured (they mean little without it)."""
     versions = []
     for dist in ("litellm", "llm-resilience", "pybreaker", "opentelemetry-sdk"):
         try:
             versions.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:
             versions.append(f"{dist} ?")
-    cpus = os.cpu_count() or 0
-    return f"Python {platform.python_version()} on {platform.system()} ({cpus} CPUs); " + ", ".join(versions)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Measured {when} on {machine()}. Python {platform.python_version()} on {platform.system()}; " + ", ".join(
+        versions
+    )
+
+
+def machine() -> str:
+    """The processor, core count and memory of this machine, e.g. ``AMD EPYC, 2 CPUs, 24 GiB``."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    parts = [cpu, f"{os.cpu_count() or 0} CPUs"]
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
+    return ", ".join(parts)
 
 
 def command_line() -> str:

@@ -746,7 +746,7 @@ def check_targets(runs: Sequence[Run]) -> list[Target]:
 
 def targets_table(targets: Sequence[Target]) -> str:
     rows = [[t.name, t.measured, t.limit, "PASS" if t.passed else "**FAIL**"] for t in targets]
-    return c.markdown_table(["target (issue 4)", "measured", "limit", "result"], rows, "lrrc")
+    return c.markdown_table(["target", "measured", "limit", "result"], rows, "lrrc")
 
 
 # ---------------------------------------------------------------------------
@@ -823,7 +823,7 @@ READING = """\
 """
 
 
-def report(runs: Sequence[Run], targets: Sequence[Target], providers: str) -> str:
+def report(runs: Sequence[Run], targets: Sequence[Target], providers: str, stem: str = "incident") -> str:
     scn = runs[0].scn
     where = (
         "Each fake provider runs in its own OS process (`scripted_provider_process`)."
@@ -850,7 +850,7 @@ def report(runs: Sequence[Run], targets: Sequence[Target], providers: str) -> st
         parts += ["## Inside llm-resilience", "", internals, ""]
     if targets:
         parts += ["## Targets", "", targets_table(targets), ""]
-    parts += ["![latency over time per system](incident.png)", ""]
+    parts += [f"![latency over time per system]({stem}.png)", ""]
     return "\n".join(parts)
 
 
@@ -959,9 +959,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         providers = "thread" if scn.rate_per_s <= 20 else "process"
     runs = asyncio.run(run_all(scn, args.systems, providers))
     targets = check_targets(runs)
-    text = report(runs, targets, providers)
-    # The concurrent variant (--rate 200, issue 13) gets its own files beside the 20 calls/s replay.
+    # The concurrent variants (--rate 100, 200) get their own files beside the 20 calls/s replay.
     stem = "incident" if scn.rate_per_s == Scenario().rate_per_s else f"incident-{scn.rate_per_s:g}rps"
+    text = report(runs, targets, providers, stem)
     c.write_text(args.out / f"{stem}.md", text)
     if not args.no_plot:
         plot(runs, args.out / f"{stem}.png")

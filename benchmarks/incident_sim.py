@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "system",
         "to sick primary",
         "floor: sent within one soft timeout of the spike + probes",
-        "issue 13 target (fail_max + probes + 2)",
+        "target (fail_max + probes + 2)",
         "soft timeout, healthy (ms)",
         "first verdict, after the spike began (ms)",
         "skipped as suspect",

@@ -7,7 +7,7 @@ Change one import::
 
 and a YAML policy (``LLM_RESILIENCE_POLICY``) decides fallbacks, breakers, timeouts and
 what counts as a failure. Libraries that call ``litellm.completion`` themselves are
-covered by ``llm_resilience.install()``. See README.md for the policy reference.
+covered by ``llm_resilience.install()``. The policy reference is docs/reference/policy.md.
 
 The public names are loaded on first use (PEP 562): ``import litellm`` costs ~2 s, and
 ``import llm_resilience`` (the CLI's ``--help``, ``validate``) must not pay it. The

@@ -90,6 +90,7 @@ class Admission(Enum):
     PROBE = "probe"  # half-open: this request is the single trial call
     OPEN = "open"  # skip: still inside reset_timeout
     PROBE_BUSY = "probe_busy"  # skip: another request is already probing
+    PROBE_DEFERRED = "probe_deferred"  # skip: the probe is due, but this caller may not take it (may_probe)
 
 
 class _CountedFailure(Exception):
@@ -253,9 +254,13 @@ class ModelBreaker:
         """May a request go to this model now? Never blocks; never sends anything."""
         return self.admit_with_ticket()[0]
 
-    def admit_with_ticket(self, probe_for_s: float | None = None) -> tuple[Admission, ProbeTicket]:
+    def admit_with_ticket(
+        self, may_probe: Callable[[], bool] | None = None, probe_for_s: float | None = None
+    ) -> tuple[Admission, ProbeTicket]:
         """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically).
 
+        ``may_probe``: asked only when this request would take the probe slot; ``False`` leaves the
+        slot (and an open breaker past its period: open) for another caller (``PROBE_DEFERRED``).
         ``probe_for_s``: how long the request may take if it becomes the probe (the fleet's probe
         key is kept at least that long, so no other process sends a second probe meanwhile).
         """
@@ -264,7 +269,7 @@ class ModelBreaker:
         if fleet is not None:  # the fleet's view, when Redis is reachable, decides first
             shared = fleet.admission(self.fleet_key)
             if shared is not FleetAdmission.DEFER:
-                return self._admit_fleet(fleet, shared, probe_for_s)
+                return self._admit_fleet(fleet, shared, may_probe, probe_for_s)
         if self._cb.current_state != CLOSED:
             with self._gate:
                 # Decided entirely under the gate: a probe that fails re-opens the breaker before it
@@ -273,6 +278,8 @@ class ModelBreaker:
                 if state == OPEN and not self._reset_timeout_elapsed():
                     return Admission.OPEN, _SKIPPED
                 if state != CLOSED:  # (closed by another thread meanwhile: admitted, with a stale ticket)
+                    if self._probe is None and may_probe is not None and not may_probe():
+                        return Admission.PROBE_DEFERRED, _SKIPPED
                     return self._take_probe_slot(state == OPEN)
         return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
 
@@ -286,7 +293,11 @@ class ModelBreaker:
         return Admission.PROBE, self._probe
 
     def _admit_fleet(
-        self, fleet: SharedBreakerState, shared: FleetAdmission, probe_for_s: float | None
+        self,
+        fleet: SharedBreakerState,
+        shared: FleetAdmission,
+        may_probe: Callable[[], bool] | None,
+        probe_for_s: float | None,
     ) -> tuple[Admission, ProbeTicket]:
         with self._gate:
             if shared is FleetAdmission.OPEN:
@@ -294,6 +305,8 @@ class ModelBreaker:
                 return Admission.OPEN, _SKIPPED
             if shared is FleetAdmission.PROBE:
                 # This process holds the fleet's probe: one request, through the local gate.
+                if self._probe is None and may_probe is not None and not may_probe():
+                    return Admission.PROBE_DEFERRED, _SKIPPED  # (unused, the key is given up after a second)
                 admission, ticket = self._take_probe_slot(self._cb.current_state != HALF_OPEN)
                 if admission is Admission.PROBE:
                     fleet.hold_probe(self.fleet_key, probe_for_s if probe_for_s is not None else 0.0)
@@ -415,7 +428,7 @@ class ModelBreaker:
         opened: datetime | None = self._cb._state_storage.opened_at
         return opened.timestamp() if opened is not None else None
 
-    # Suspect gating (README "Under load"): a model with a slow or failed request in flight gets
+    # Suspect gating (docs/design.md, "Breakers"): a model with a slow or failed request in flight gets
     # at most ``suspect_admit`` new requests at a time until a verdict (a success, or the breaker opening).
 
     def mark_suspect(self) -> None:

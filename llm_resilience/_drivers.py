@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _litellm_calls
+from . import _litellm_calls, _wire
 from ._env import litellm
 from ._planner import Attempt, Call, Done, Fail, Launch, Wait, attempt_timeout
 from ._saturation import monitor
@@ -142,6 +142,12 @@ def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any])
         call.on_response(attempt, response, clock())
 
 
+# httpcore trace events (``<connection|http11|http2>.<step>.<started|complete>``) that time a request.
+_SENDING = ("connect_tcp.started", "send_request_headers.started")
+_SENT = "send_request_body.complete"
+_ANSWERED = "receive_response_body.complete"
+
+
 class _Lease:
     """An httpx client lent to one sync attempt at a time; its sockets can be shut down from any thread."""
 
@@ -159,28 +165,50 @@ class _Lease:
         http.event_hooks = {"request": [self._on_request]}
 
     def watch(self, attempt: Attempt, clock: Clock) -> None:
-        """Report when ``attempt``'s request leaves litellm and when its answer has been read.
+        """Report when ``attempt``'s request left for the provider and when its answer arrived.
 
         The planner then knows how much of the attempt's wall time was the client's own (litellm's
         CPU before and after the request, waiting for the GIL or a pool thread): 16 threads calling
-        a 60 ms provider take 70-95 ms each on 2 cores, a delay no lag probe sees (issue 13).
+        a 60 ms provider take 70-95 ms each on 2 cores, a delay no lag probe sees. Both times are
+        the kernel's where Linux says (``_wire.py``): a thread that waits for the GIL reads its
+        answer late, but the socket knows when the bytes came in.
         """
         attempt.io_measured = True
         self.attempt, self.clock = attempt, clock
 
     def _on_request(self, request: Any) -> None:
-        attempt = self.attempt
-        if attempt is not None and attempt.sent_at is None:
-            attempt.sent_at = self.clock()  # from here on (connect included) the time is the provider's
-        # httpcore reports each new TCP connection to a "trace" callback: that is how the
-        # sockets of this client (including a reused keep-alive one) are known.
+        # httpcore reports each step of the request (and each new TCP connection) to a "trace"
+        # callback: that is how the sockets of this client (including a reused keep-alive one) are
+        # known, and when the request really left.
         request.extensions["trace"] = self._trace
 
+    def _live_sockets(self) -> list[socket.socket]:
+        with self._lock:
+            return [s for s in self._sockets if s.fileno() != -1]
+
     def _trace(self, event: str, info: Mapping[str, Any]) -> None:
-        if event == "http11.receive_response_body.complete":
-            attempt = self.attempt
-            if attempt is not None and attempt.answered_at is None:
-                attempt.answered_at = self.clock()  # what follows (parsing, litellm's wrapping) is the client's
+        attempt = self.attempt
+        if event.endswith(_SENDING):
+            if attempt is not None and attempt.sent_at is None:
+                attempt.sent_at = self.clock()  # from here on (connect included) the time is the provider's
+            return
+        if event.endswith(_SENT):
+            if attempt is not None and attempt.sent_at is not None:
+                # The write itself may have waited for the GIL; the kernel says when the bytes left.
+                now = self.clock()
+                left = _wire.last_sent_at(self._live_sockets(), now)
+                if left is not None and attempt.sent_at < left <= now:
+                    attempt.sent_at = left
+            return
+        if event.endswith(_ANSWERED):
+            if attempt is not None:
+                # What follows (parsing, litellm's wrapping) is the client's, and so is the wait for
+                # the GIL between the answer's arrival and this thread reading it.
+                now = self.clock()
+                arrived = _wire.last_received_at(self._live_sockets(), now)
+                if arrived is None or arrived > now or (attempt.sent_at is not None and arrived < attempt.sent_at):
+                    arrived = now
+                attempt.answered_at = arrived
             return
         if event != "connection.connect_tcp.complete":
             return
@@ -194,6 +222,17 @@ class _Lease:
             if aborted:  # connected after abort() ran: it must not get through either
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def note_waiting_answer(self) -> None:
+        """An answer that sits unread on this client's socket arrived when the kernel says: from then
+        on the wait is the client's (called before the planner judges the attempt in flight)."""
+        attempt = self.attempt
+        if attempt is None or attempt.sent_at is None:
+            return
+        now = self.clock()
+        arrived = _wire.waiting_since(self._live_sockets(), now)
+        if arrived is not None and attempt.sent_at <= arrived <= now:
+            attempt.answered_at = arrived
 
     def abort(self) -> None:
         """Fail the attempt's read at once and close its connection (the provider sees the disconnect)."""
@@ -327,6 +366,24 @@ def _new_http_client() -> Any:
 
 
 _leases = _Leases()
+
+
+def lease_client(kwargs: Mapping[str, Any]) -> _Lease | None:
+    """An httpx client for one attempt whose sockets :meth:`_Lease.abort` shuts down from any thread
+    (``None`` when the attempt's provider cannot take our client); hand it back with :func:`return_client`."""
+    return _leases.lease(kwargs)
+
+
+def openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """(base_url, api_key, organization) when the attempt may go through our own OpenAI client, else ``None``."""
+    return _openai_credentials(kwargs)
+
+
+def return_client(lease: _Lease) -> None:
+    """Hand a :func:`lease_client` client back (an aborted one is closed, not reused)."""
+    _leases.give_back(lease)
+
+
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
@@ -348,6 +405,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
     watchdog = monitor().watchdog
 
     def at_bound(now: float) -> float | None:
+        lease.note_waiting_answer()  # an answer the thread has not read yet (the GIL) is not late
         later = call.at_bound(attempt, now)
         if later is None:
             lease.abort()  # the read fails at once; litellm raises in this thread
@@ -400,6 +458,9 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
     running: dict[cf.Future[Any], tuple[Attempt, _Lease | None]] = {}
     try:
         while True:
+            for _attempt, watched in running.values():
+                if watched is not None:
+                    watched.note_waiting_answer()  # judged below: an unread answer is not the provider's delay
             action = call.next_action(clock())
             for future in _dropped(call, running) if running else ():
                 _stop(future, running.pop(future)[1])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from ._policy import DEFAULT_NAMESPACE, ENV_PREFIX, Policy, StateConfig
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
-from ._saturation import ProcessSaturation, monitor
+from ._saturation import CallerContexts, ProcessSaturation, monitor
 from ._shared_state import SharedBreakerState, fleet_key
 from ._tracing import TracingHook
-from ._truncation import TokenFitter
+from ._truncation import TokenFitter, load_tokenizer
 from ._validators import ResponseValidator
 
 log = logging.getLogger("llm_resilience")
@@ -85,6 +86,7 @@ class Resilience:
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
         self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
+        self._contexts = CallerContexts()  # which callers' probes can judge (a starved loop's cannot)
         self._metrics = MetricsHook(meter_provider, self.breakers)
         self._logging = LoggingHook()
         self.breakers.listeners.append(self._breaker_transition)
@@ -93,6 +95,9 @@ class Resilience:
         self._reload_lock = threading.Lock()
         self._policy = policy
         self._install(policy, previous=None)
+        # litellm's first call of each kind (sync, async, stream; answer and error) imports modules
+        # lazily for 0.3 to 1 s: paid here, once per process, not inside the first attempts.
+        _warm_litellm()
 
     def _install(self, policy: Policy, previous: Policy | None) -> None:
         """Put ``policy`` in force: everything derived from it is built first, then swapped in at once.
@@ -105,13 +110,15 @@ class Resilience:
         and forgets its latency.
         """
         validator = ResponseValidator(policy)
+        for spec in policy.models.values():  # not inside the first attempt on each model (see load_tokenizer)
+            load_tokenizer(spec.litellm_model)
         tracing = TracingHook(self._tracer_provider, record_content=policy.document.telemetry.record_content)
         review_log = ReviewLogHook.from_policy(policy, tracing)
         extra = [review_log] if review_log is not None else []
-        hooks = HookSet([tracing, self._metrics, self._logging, *extra, *self._user_hooks])
+        hooks = HookSet([tracing, self._metrics, self._logging, self._contexts, *extra, *self._user_hooks])
         planner = Planner(
             policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
-            latency=self.latency, budgets=self.budgets, saturation=self._saturation,
+            latency=self.latency, budgets=self.budgets, saturation=self._saturation, contexts=self._contexts,
         )  # fmt: skip
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:
@@ -272,8 +279,12 @@ class Resilience:
         return await run_async(call, self._clock)
 
     def warm_up(self) -> None:
-        """Pay litellm's first-call costs now rather than inside the first real call; see :func:`warm_up`."""
-        warm_up()
+        """Pay litellm's first-call costs now rather than inside the first real call; see :func:`warm_up`.
+
+        The tokenizers of this engine's models are loaded when its policy is put in force; this
+        adds litellm's lazy imports of the sync, async and streaming paths (once per process).
+        """
+        _warm_litellm()
 
     def breaker_states(self) -> dict[str, str]:
         """Current breaker state per model that has been used."""
@@ -316,7 +327,20 @@ _default_lock = threading.Lock()
 def default_engine() -> Resilience:
     """The engine behind the module-level functions, built on first use.
 
-    From the file named by ``LLM_RESILIENCE_POLICY``, or the built-in defaults.
+    :func:`completion`, :func:`acompletion` and :func:`install` use it. It is built once per
+    process, thread-safely, from the file named by the ``LLM_RESILIENCE_POLICY`` environment
+    variable (and then follows edits of that file: hot reload), or from the built-in defaults
+    when the variable is unset. Call it (or :func:`warm_up`) at start-up to fail fast: a policy
+    that cannot be loaded raises :class:`PolicyError` here (every ``file:line: field: message``),
+    not at the application's first LLM call, and the routes' capabilities are registered with
+    litellm before any client asks about them. A failed build is retried at the next use.
+
+    Use it to reach the live engine, e.g. to read breaker states or reload now::
+
+        import llm_resilience
+
+        engine = llm_resilience.default_engine()
+        engine.breaker_states()  # {'big': 'open', 'small': 'closed'}
     """
     global _default
     if _default is None:
@@ -328,7 +352,19 @@ def default_engine() -> Resilience:
 
 
 def set_default_engine(engine: Resilience | None) -> None:
-    """Replace the engine used by the module-level functions (``None``: rebuild on next use)."""
+    """Replace the engine used by the module-level functions.
+
+    For an application that builds its engine itself (a policy from somewhere other than
+    ``LLM_RESILIENCE_POLICY``, hooks of its own) but wants :func:`completion` and
+    :func:`install` to use it, and for tests. ``None`` forgets the current engine: the next
+    call builds a fresh one from the environment. The engine replaced is not closed: call its
+    :meth:`Resilience.close` if it shares state through Redis::
+
+        import llm_resilience
+        from llm_resilience import Resilience
+
+        llm_resilience.set_default_engine(Resilience.from_file("policies/prod.yaml", hooks=[MyHook()]))
+    """
     global _default
     with _default_lock:
         _default = engine
@@ -358,39 +394,79 @@ _warm_lock = threading.Lock()
 
 
 def warm_up() -> None:
-    """Pay litellm's first-call costs (0.3 to 1 s of lazy imports per call kind) now.
+    """Start-up in one call: build the default engine (fail fast) and pay litellm's first-call costs now.
 
-    Sends one sync, one async and one streamed request through litellm's real HTTP path to a
-    loopback fake provider started for the purpose (no network, no provider, no API key), then
-    stops it. Call it at start-up (a web app's startup hook, a worker's init); until a provider
-    call has completed in the process, timeouts are not blamed on providers (``cold_start``).
-    Idempotent and thread-safe; later calls return at once.
+    Builds :func:`default_engine` (a broken policy raises :class:`PolicyError` here), which
+    loads the tokenizers of the policy's models, then sends one sync, one async and one
+    streamed request through litellm's real HTTP path to a loopback fake provider started for
+    the purpose (no network, no provider, no API key), then stops it: 0.3 to 1 s of lazy imports
+    per call kind that would otherwise run inside the first real attempts. Call it at start-up
+    (a web app's startup hook, a worker's init)::
+
+        import llm_resilience
+        llm_resilience.warm_up()      # raises PolicyError now if LLM_RESILIENCE_POLICY is broken
+
+    Without it, an attempt that started before any attempt ended in the process is not blamed
+    for a timeout (``cold_start``). Thread-safe; the litellm part runs once per process.
+    """
+    default_engine().warm_up()
+
+
+def _warm_litellm() -> None:
+    """litellm's lazy imports of the sync, async and streaming paths, once per process (see :func:`warm_up`).
+
+    Each path is taken once to an answer and once to a 503 (litellm's error mapping imports
+    modules of its own the first time). A warm-up that cannot run (no loopback socket) is
+    logged and not retried; calls then start cold, and a cold attempt is never blamed.
     """
     global _warmed
     with _warm_lock:
         if _warmed:
             return
-        import asyncio
+        _warmed = True
+        try:
+            _warm_each_path()
+        except Exception:
+            log.warning("litellm warm-up failed; the first calls of this process pay litellm's costs", exc_info=True)
+            return
+        monitor().ended()
 
-        from .testing import FakeProvider
 
-        with FakeProvider() as provider:
-            kwargs: dict[str, Any] = {
-                "model": "openai/warm-up", "messages": [{"role": "user", "content": "warm-up"}],
-                "api_base": provider.base_url, "api_key": "sk-warm-up", "num_retries": 0, "max_retries": 0,
-            }  # fmt: skip
-            _litellm_calls.completion(**kwargs)
-            for _ in _litellm_calls.completion(**kwargs, stream=True):
-                pass
+def _warm_each_path() -> None:
+    import asyncio
 
-            async def warm_async() -> None:
-                await _litellm_calls.acompletion(**kwargs)
-                async for _ in await _litellm_calls.acompletion(**kwargs, stream=True):
+    from .testing import Behavior, FakeProvider
+
+    with FakeProvider() as provider:
+        provider.set(Behavior.error(503), model="warm-up-error")
+        common: dict[str, Any] = {
+            "messages": [{"role": "user", "content": "warm-up"}], "api_base": provider.base_url,
+            "api_key": "sk-warm-up", "num_retries": 0, "max_retries": 0,
+        }  # fmt: skip
+        calls = [
+            {**common, "model": f"openai/{model}", "stream": stream}
+            for model in ("warm-up", "warm-up-error")
+            for stream in (False, True)
+        ]
+        for kwargs in calls:
+            with contextlib.suppress(Exception):  # the 503s
+                response = _litellm_calls.completion(**kwargs)
+                for _ in response if kwargs["stream"] else ():
                     pass
 
-            # Its own thread: asyncio.run cannot nest in a caller's running loop (a startup hook).
-            worker = threading.Thread(target=asyncio.run, args=(warm_async(),), name="llm-resilience-warm-up")
-            worker.start()
-            worker.join()
-        monitor().ended()
-        _warmed = True
+        async def warm_async() -> None:
+            for kwargs in calls:
+                with contextlib.suppress(Exception):
+                    response = await _litellm_calls.acompletion(**kwargs)
+                    async for _ in response if kwargs["stream"] else _no_chunks():
+                        pass
+
+        # Its own thread: asyncio.run cannot nest in a caller's running loop (a startup hook).
+        worker = threading.Thread(target=asyncio.run, args=(warm_async(),), name="llm-resilience-warm-up")
+        worker.start()
+        worker.join()
+
+
+async def _no_chunks() -> AsyncIterator[Any]:
+    return
+    yield

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 
-# setdefault: an application that deliberately set these keeps its choice.
+# setdefault: an application that deliberately set it keeps its choice (see _offline).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import litellm
 
+# litellm's own switches, process-wide attributes of litellm and nothing else. An application
+# that wants litellm's banners or Hugging Face tokenizers sets them back after importing us.
 litellm.suppress_debug_info = True
 litellm.disable_hf_tokenizer_download = True
 

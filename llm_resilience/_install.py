@@ -87,8 +87,10 @@ def install(engine: Resilience | None = None) -> None:
     """Route every ``litellm.completion`` / ``litellm.acompletion`` call in this process through the policy.
 
     ``engine``: the :class:`Resilience` to use; by default the module-level engine
-    (``LLM_RESILIENCE_POLICY``), looked up at each call so ``set_default_engine`` applies.
-    Calling it again replaces the engine. Undo with :func:`uninstall`::
+    (``LLM_RESILIENCE_POLICY``), built now, so a broken policy raises :class:`PolicyError` from
+    ``install()`` at start-up rather than from the first LLM call, and clients that ask litellm
+    about a route before calling it see its capabilities; it is looked up again at each call, so
+    ``set_default_engine`` applies. Calling it again replaces the engine. Undo with :func:`uninstall`::
 
         import llm_resilience
         llm_resilience.install()
@@ -96,6 +98,10 @@ def install(engine: Resilience | None = None) -> None:
         dspy.configure(lm=dspy.LM("chat", num_retries=0))   # dspy now calls the route "chat"
     """
     global _current
+    if engine is None:
+        from ._engine import default_engine
+
+        default_engine()  # fail fast: before anything is patched
     with _lock:
         _uninstall()
         points = _entry_points(engine)

@@ -20,10 +20,13 @@ import sys
 import threading
 import warnings
 
-# setdefault: an application that deliberately set these keeps its choice.
+# The one environment variable set: litellm's own switch, read when litellm is imported (so it
+# must be in the environment, not an attribute). setdefault: an application that set it keeps its
+# choice (``LITELLM_LOCAL_MODEL_COST_MAP=False``: litellm fetches its map as it would without us).
+# Nothing outside litellm is switched: Hugging Face downloads stay off through litellm's own
+# ``disable_hf_tokenizer_download`` attribute (``_env``), never ``HF_HUB_OFFLINE``, which would turn
+# the Hub off for the whole application.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _RETRY_THREAD = "litellm-model-cost-map-retry"  # litellm's background cost-map fetch (1.110+)
 

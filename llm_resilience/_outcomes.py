@@ -32,6 +32,8 @@ CONTENT_FILTER: Final = "content_filter"
 # Reasons a model is skipped without sending a request.
 BREAKER_OPEN: Final = "breaker_open"
 PROBE_IN_FLIGHT: Final = "probe_in_flight"
+PROBE_DEFERRED: Final = "probe_deferred"
+"""Skipped: the half-open probe is due, but this caller's context is starved and another can judge it."""
 CONTEXT_TOO_SMALL: Final = "context_too_small"
 DEADLINE: Final = "deadline_exceeded"
 MISSING_API_KEY: Final = "missing_api_key"
@@ -193,7 +195,17 @@ class AttemptRecord:
     """Every transition this attempt saw, with its cause (``BreakerTransition``): those its outcome
     caused, and open -> half-open when the attempt was admitted as the probe."""
     started_at: float = 0.0
+    bounds: dict[str, float] = field(default_factory=dict)
+    """Every time limit that applied to the attempt, in seconds: ``attempt`` (the class's ``timeout_s``;
+    not for streams), ``first_token`` and ``idle`` (streams), ``soft`` (a soft timeout is configured),
+    ``deadline`` (what was left of the call's deadline when the attempt started)."""
+    cut_by: str | None = None
+    """The key of :attr:`bounds` that cut the attempt off, if one did."""
+    prepare_s: float = 0.0
+    """Time spent preparing the request before it was handed to litellm (token counting, truncation)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    """Things that happened during the attempt, as (name, attributes): span events (a skipped SSE event)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (no exception object, no prompt text)."""
@@ -218,6 +230,8 @@ class AttemptRecord:
         if self.time_to_first_chunk_s is not None:
             d["time_to_first_chunk_s"] = round(self.time_to_first_chunk_s, 6)
             d["chunks"] = self.chunks
+        if self.cut_by is not None:
+            d["cut_by"] = self.cut_by
         if self.breaker_transitions:
             d["breaker_transitions"] = [list(t) for t in self.breaker_transitions]
         if self.extra:
@@ -228,4 +242,4 @@ class AttemptRecord:
 
 
 _SUMMARY_EXTRA = ("client_overload", "client_delay_s", "panic", "suspect")
-"""Decisions taken under load (README "Under load") that the call summary shows."""
+"""Decisions taken under load (docs/design.md, "Saturation") that the call summary shows."""

@@ -141,6 +141,9 @@ class Attempt:
     """When the provider's answer had been read; the time after it is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
+    started_cold: bool = False
+    """Started before any attempt had ended in the process: it may carry litellm's first-call costs,
+    whenever it ends (a stream's first-token timeout is judged after the attempt left the call)."""
 
 
 def _client_time(attempt: Attempt, now: float) -> float:
@@ -254,6 +257,19 @@ class LatencyView(Protocol):
     def percentile(self, model: str, prompt_class: str, q: float, min_samples: int) -> float | None: ...
 
 
+class ProbeContexts(Protocol):
+    """Which callers may take a half-open breaker's probe (``_saturation.CallerContexts``)."""
+
+    def may_probe(self, now: float) -> bool: ...
+
+
+class AnyCaller:
+    """Every caller may probe (planner default; the simulator)."""
+
+    def may_probe(self, now: float) -> bool:
+        return True
+
+
 class NoLatency:
     def observe(self, model: str, prompt_class: str, latency_s: float) -> None:
         return None
@@ -281,6 +297,8 @@ class Planner:
     """Jitter for retry backoff (seed it in tests)."""
     saturation: SaturationSignal = field(default_factory=NotSaturated)
     """Whether the client itself is the bottleneck (``_saturation.py``; tests script it)."""
+    contexts: ProbeContexts = field(default_factory=lambda: AnyCaller())
+    """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
         """Decide route and prompt class, and open the call.
@@ -358,6 +376,10 @@ class Call:
         self._continue_text: str | None = None
         self._interrupted: BaseException | None = None
         self._joins: list[dict[str, Any]] = []
+        self._no_prefill: set[str] = set()  # models that rejected an assistant prefill in this call
+        # JSON is continued only where the join is exact (a prefill): a model asked in conversation
+        # may start a new JSON document, and no overlap rule can make two documents one.
+        self._exact_join_only = wants_json(request.kwargs.get("response_format"))
         self._shrink = 1.0  # < 1 after a provider said the prompt was too long
         self._base_kwargs = {key: v for key, v in request.kwargs.items() if key not in _OWNED_KWARGS}
         if len(self._base_kwargs) != len(request.kwargs) or (request.stream and "stream_timeout" in request.kwargs):
@@ -471,6 +493,7 @@ class Call:
             self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
             record.outcome = "failure"
             record.reason = k.SOFT_TIMEOUT
+            record.cut_by = "soft"
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
@@ -564,7 +587,9 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket(probe_for_s=left)
+            admission, ticket = breaker.admit_with_ticket(
+                lambda: self.planner.contexts.may_probe(now), probe_for_s=left
+            )
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -574,6 +599,9 @@ class Call:
             return None
         if admission is Admission.PROBE_BUSY:
             self._skip(record, k.PROBE_IN_FLIGHT)
+            return None
+        if admission is Admission.PROBE_DEFERRED:  # a starved caller's probe would judge nothing
+            self._skip(record, k.PROBE_DEFERRED)
             return None
         suspect_slot = False
         if admission is Admission.ADMIT and not panic and breaker.suspect:
@@ -588,7 +616,8 @@ class Call:
             record.extra["suspect"] = True
         if ticket.probe:
             record.extra["probe"] = True
-        if self._continue_text is not None and not _accepts_prefill(spec):
+        form = self.continuation_form(spec) if self._continue_text is not None else None
+        if self._continue_text is not None and form is None:
             breaker.release(ticket)
             if suspect_slot:
                 breaker.release_suspect_slot()
@@ -604,9 +633,11 @@ class Call:
             record.extra["missing_env"] = missing
             self._skip(record, k.MISSING_API_KEY)
             return None
+        preparing = time.perf_counter()  # a measurement for the span, not an input to any decision
         fit = self.planner.fitter.fit(
             spec, self.request.messages, self.route, self.klass, self._base_kwargs, self._shrink
         )
+        record.prepare_s = time.perf_counter() - preparing
         record.tokens_before, record.tokens_after, record.truncated = (
             fit.tokens_before, fit.tokens_after, fit.truncated
         )  # fmt: skip
@@ -639,6 +670,17 @@ class Call:
             first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         if soft is not None:
             record.extra["soft_timeout_s"] = round(soft, 6)
+        klass = self.klass
+        if self.request.stream:
+            record.bounds = {
+                "first_token": klass.first_token_timeout_s or klass.timeout_s,
+                "idle": klass.idle_timeout_s or klass.timeout_s,
+                "deadline": left,
+            }
+        else:
+            record.bounds = {"attempt": klass.timeout_s, "deadline": left}
+        if soft is not None:
+            record.bounds["soft"] = soft
         if spec.adhoc:  # the caller's own model string: its endpoint arguments are the caller's to give
             kwargs = dict(self._base_kwargs)
         else:
@@ -649,11 +691,11 @@ class Call:
             # so one attempt's bookkeeping never leaks into the next one or back to the caller.
             kwargs["metadata"] = dict(kwargs["metadata"])
         kwargs["messages"] = fit.messages
-        if self._continue_text is not None:
-            # Continue the text the caller already has: litellm's assistant-prefill form.
-            prefill = {"role": "assistant", "content": self._continue_text, "prefix": True}
-            kwargs["messages"] = [*fit.messages, prefill]
-            record.extra["prefill_chars"] = len(self._continue_text)
+        if self._continue_text is not None and form is not None:
+            kwargs["messages"] = [*fit.messages, *continuation_messages(form, self._continue_text, self.route)]
+            record.extra["continuation"] = form
+            if form == PREFILL:
+                record.extra["prefill_chars"] = len(self._continue_text)
         kwargs["timeout"] = soft if soft_cut and soft is not None and not self.request.stream else timeout
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
@@ -673,6 +715,7 @@ class Call:
             soft_cut=soft_cut,
             cut_at=cut_at,
             suspect_slot=suspect_slot,
+            started_cold=self.planner.saturation.cold(),
         )
         if not self.request.stream:
             attempt.bound_at = now + attempt.timeout_s
@@ -692,18 +735,22 @@ class Call:
     def _client_excuse(self, attempt: Attempt, bound_s: float, now: float) -> str | None:
         """Why the client, not the provider, made ``attempt`` exceed ``bound_s`` by ``now`` (``None``: it did not).
 
-        ``cold_start``: no attempt has ended in this process yet (litellm's lazy imports).
+        ``cold_start``: no attempt had ended in this process when this one started (litellm's lazy imports).
         ``client_saturated``: the wall time minus the client's own delay (the saturation signal's
         estimate) is still within the bound. Either way the attempt records the reason and the
         delay (``client_overload``, ``client_delay_s``), and its bounds move by the delay.
         """
         signal = self.planner.saturation
         record = attempt.record
-        if signal.cold():
+        if attempt.started_cold:
             attempt.client_delay_s = float("inf")
             reason = "cold_start"
         else:
-            delay = max(signal.delay_s(record.started_at, now), _client_time(attempt, now))
+            # An attempt timed at the wire has its client time measured, not estimated: while its
+            # request is at the provider, the provider is working whatever the lag probes say. The
+            # thread probe's estimate (CLIENT_HOPS x its lateness) postponed a spike call's hedge by up
+            # to 179 ms where the wire said 40 ms (sequential incident, measured).
+            delay = _client_time(attempt, now) if attempt.io_measured else signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
             provider_s = wall - attempt.client_delay_s
@@ -712,7 +759,9 @@ class Call:
             if attempt.client_delay_s < NOTICEABLE_SHARE * wall or (provider_s >= bound_s - 1e-9 and not saturated):
                 return None
             reason = "client_saturated"
-            record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
+            # What the record says is a share of the attempt's elapsed time (the estimate that moves
+            # its bounds may model more hops than have happened yet).
+            record.extra["client_delay_s"] = round(min(attempt.client_delay_s, wall), 6)
         record.extra[k.CLIENT_OVERLOAD] = reason
         return reason
 
@@ -736,6 +785,25 @@ class Call:
         attempt.expired = excuse is None  # cut; blamed on the provider only if the client was not the slow one
         return None
 
+    def _cut_by(self, attempt: Attempt) -> str:
+        """Which of the attempt's bounds (``record.bounds``) cut it off when it timed out: the tightest
+        of those that applied at that point (a stream waits for its first token, then chunk by chunk)."""
+        record = attempt.record
+        bounds = record.bounds
+        if self.request.stream:
+            if record.time_to_first_chunk_s is not None:
+                return "idle"  # content had come: only the wait for the next chunk was bounded
+            named = "first_token"
+        else:
+            named = "attempt"
+        limit = bounds.get(named, attempt.timeout_s)
+        soft = bounds.get("soft")
+        if attempt.soft_cut and soft is not None and soft <= limit:
+            return "soft"
+        if bounds.get("deadline", limit) < limit:
+            return "deadline"
+        return named
+
     def _expire(self, now: float) -> None:
         """Attempts in flight past their bound: judged by :meth:`at_bound`; the driver stops those cut."""
         for attempt in list(self._in_flight):
@@ -744,6 +812,7 @@ class Call:
             blamed = attempt.expired
             record = self._settle(attempt, now)
             kind = k.SOFT_TIMEOUT if attempt.soft_cut else k.TIMEOUT
+            record.cut_by = self._cut_by(attempt)
             record.outcome = "failure" if blamed else k.CLIENT_OVERLOAD
             record.reason = kind
             record.error = self._last_error = attempt_timeout(attempt)
@@ -775,7 +844,7 @@ class Call:
         if any(r.outcome != "skipped" for r in self.records):
             return None
         reasons = {r.model: r.reason for r in self.records}
-        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.SUSPECT)
+        breaker_reasons = (k.BREAKER_OPEN, k.PROBE_IN_FLIGHT, k.PROBE_DEFERRED, k.SUSPECT)
         if not reasons or any(reason not in breaker_reasons for reason in reasons.values()):
             return None  # some model was skipped for another reason (context, key): panic cannot help
         suspects = [spec for spec in self.route.chain if reasons.get(spec.name) == k.SUSPECT]
@@ -923,16 +992,31 @@ class Call:
         self._abandon_in_flight(now)
         self._succeed(record, response)
 
+    def continuation_form(self, spec: ModelSpec) -> str | None:
+        """How ``spec`` is asked to continue a broken stream: ``prefill``, ``conversation``, or ``None`` (it cannot).
+
+        An assistant prefill where the model accepts one (the policy's ``assistant_prefill``, else
+        litellm's map) and has not rejected one in this call: the join is then exact. Otherwise an
+        ordinary conversation (the text so far as an assistant turn, then the route's
+        ``continue_prompt`` as a user turn), except for JSON answers, which only an exact join
+        can continue.
+        """
+        if spec.name not in self._no_prefill and _accepts_prefill(spec):
+            return PREFILL
+        return None if self._exact_join_only else CONVERSATION
+
     def on_interrupted(self, attempt: Attempt, error: BaseException, delivered_text: str, now: float) -> None:
         """A committed stream broke (``error`` is the ``StreamInterrupted`` the caller would get).
 
         With the route's ``streaming.on_interrupt: continue``, text delivered and an error kind
         that falls back, the call goes on: the next models are asked to continue
-        ``delivered_text`` (an assistant prefill; models that cannot are skipped), and only a
-        continuation reaches the caller. The continuation gets the class deadline anew (the
+        ``delivered_text`` (see :meth:`continuation_form`; models that cannot are skipped), and
+        only a continuation reaches the caller. The continuation gets the class deadline anew (the
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
         If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
         """
+        if attempt in self._in_flight:  # however the call goes on, the span says where the stream broke
+            attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         kind = classify_error(error)
         fall_back = kind in self.planner.policy.fall_back_on
         if (
@@ -947,7 +1031,6 @@ class Call:
         self._continue_text = delivered_text
         self._interrupted = error
         self._joins.append({"from": attempt.record.index, "at_chars": len(delivered_text), "to": None})
-        attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         deadline = now + self.klass.deadline_s
         if self.caller_deadline_at is not None:
             deadline = min(deadline, self.caller_deadline_at)
@@ -968,11 +1051,19 @@ class Call:
             return
         continuing = self._continue_text is not None and attempt is not self._committed
         if continuing and kind == k.BAD_REQUEST and _names_prefill(error):
-            kind = k.PREFILL_REJECTED  # this model cannot continue text: skip it, never the final error
+            kind = k.PREFILL_REJECTED  # this model cannot continue text this way, never the final error
             counted = True  # not the provider's sickness: nothing for the breaker
             self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+            self._no_prefill.add(attempt.spec.name)
+            if attempt.record.extra.get("continuation") == PREFILL and self.continuation_form(attempt.spec):
+                # Ask the same model again at once, in an ordinary conversation (no backoff: it is
+                # healthy, it only declined the prefill form).
+                self._retry = (attempt.spec, now, record.index)
+                record.extra["continue_as"] = CONVERSATION
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
+        if kind in (k.TIMEOUT, k.SOFT_TIMEOUT):
+            record.cut_by = self._cut_by(attempt)
         if (
             kind in (k.TIMEOUT, k.SOFT_TIMEOUT)
             and not attempt.expired
@@ -1126,8 +1217,12 @@ class Call:
         """
         if self._final is not None:
             return
+        delivered = getattr(error, "generated_content", None)
         for attempt in self._in_flight:
             attempt.record.reason = k.DEADLINE
+            attempt.record.cut_by = "deadline"
+            if isinstance(delivered, str) and attempt is self._committed:
+                attempt.record.extra["interrupted_after_chars"] = len(delivered)
         self._abandon_in_flight(now)
         if self._committed is not None:
             self.answered_by = self._committed.record
@@ -1180,6 +1275,17 @@ class Call:
         return self._final is not None
 
     @property
+    def fallbacks(self) -> int:
+        """How many models of the chain the call passed over (failed, flagged or skipped) on its way to the
+        furthest model whose request counted (not a hedge that lost). A retry of the same model, a hedge
+        that lost, and a panic attempt going back to a model passed over add none."""
+        records = self.records
+        order = {spec.name: position for position, spec in enumerate(self.route.chain)}
+        counted = [r for r in records if r.outcome not in ("skipped", "cancelled")] or records
+        reached = max((order.get(r.model, 0) for r in counted), default=0)
+        return len({r.model for r in records if r.outcome != "cancelled" and order.get(r.model, reached) < reached})
+
+    @property
     def in_flight(self) -> list[Attempt]:
         return list(self._in_flight)
 
@@ -1192,11 +1298,36 @@ class Call:
             "prompt_class": self.prompt_class,
             "model": answered.model if answered else None,
             "litellm_model": answered.litellm_model if answered else None,
-            "fallbacks": sum(1 for r in self.records if r is not answered and r.outcome != "cancelled"),
+            "fallbacks": self.fallbacks,
             # return_best hands back an answer that failed validation: flagged as well
             "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],
         }
+
+
+PREFILL = "prefill"
+CONVERSATION = "conversation"
+
+
+def continuation_messages(form: str, delivered_text: str, route: ResolvedRoute) -> list[dict[str, Any]]:
+    """The messages appended to the prompt to ask for the rest of ``delivered_text``.
+
+    ``prefill``: litellm's assistant-prefill form (the model writes on from the last character).
+    ``conversation``: the text as a complete assistant turn, then the route's ``continue_prompt``
+    as a user turn (never a system message: the caller's system prompt stays the only one).
+    """
+    if form == PREFILL:
+        return [{"role": "assistant", "content": delivered_text, "prefix": True}]
+    return [{"role": "assistant", "content": delivered_text}, {"role": "user", "content": route.continue_prompt}]
+
+
+def wants_json(response_format: Any) -> bool:
+    """The request asked for a JSON answer (``json_object``, ``json_schema`` or a pydantic class)."""
+    if response_format is None:
+        return False
+    if isinstance(response_format, Mapping):
+        return response_format.get("type") in ("json_object", "json_schema")
+    return isinstance(response_format, type)
 
 
 def _accepts_prefill(spec: ModelSpec) -> bool:

@@ -42,6 +42,12 @@ ErrorKind = Literal[
 ]  # fmt: skip
 ValidatorAction = Literal["fall_back", "flag", "off"]
 ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+DEFAULT_CONTINUE_PROMPT = (
+    "Your previous message was cut off. Continue it from exactly where it stopped: do not repeat "
+    "anything already written and add no preamble."
+)
+"""The user turn that asks a model to continue a broken stream (``streaming.continue_prompt``)."""
+
 BUILTIN_VALIDATORS: tuple[str, ...] = (k.EMPTY, k.TRUNCATED, k.INVALID_JSON, k.CONTENT_FILTER)
 
 
@@ -287,9 +293,16 @@ class StreamingConfig(_Strict):
     """What a stream does when it breaks after content reached the caller."""
 
     on_interrupt: Literal["raise", "continue"] = Field(
-        "raise",
-        description="raise: StreamInterrupted. continue: the next model that accepts an assistant prefill "
-        "continues the text already sent; only the continuation reaches the caller.",
+        "continue",
+        description="continue: the next model of the chain finishes the text already sent (an assistant "
+        "prefill where the model accepts one, else the text as an assistant turn plus continue_prompt); "
+        "only the missing remainder reaches the caller. raise: StreamInterrupted.",
+    )
+    continue_prompt: str = Field(
+        DEFAULT_CONTINUE_PROMPT,
+        min_length=1,
+        description="The user turn that asks a model without assistant prefill to go on with the text "
+        "already sent (it follows that text as an assistant turn; never a system message).",
     )
 
 
@@ -302,10 +315,12 @@ class RouteOptions(_Strict):
     validators: dict[str, ValidatorAction] | None = Field(
         None, description="Validator name -> fall_back | flag | off (merged over the route's)."
     )
-    on_all_invalid: Literal["raise", "return_best"] | None = None
-    hedge: HedgeConfig | None = None
-    retries: RetryConfig | None = None
-    streaming: StreamingConfig | None = None
+    on_all_invalid: Literal["raise", "return_best"] | None = Field(
+        None, description="Overrides the route's on_all_invalid for this class."
+    )
+    hedge: HedgeConfig | None = Field(None, description="Overrides the route's hedge for this class.")
+    retries: RetryConfig | None = Field(None, description="Overrides the route's retries for this class.")
+    streaming: StreamingConfig | None = Field(None, description="Overrides the route's streaming for this class.")
 
 
 class Route(_Strict):
@@ -323,10 +338,18 @@ class Route(_Strict):
     on_all_invalid: Literal["raise", "return_best"] = Field(
         "raise", description="When every answer failed validation: raise, or return the best one flagged."
     )
-    hedge: HedgeConfig | None = None
-    retries: RetryConfig | None = None
-    truncation: TruncationConfig = Field(default_factory=TruncationConfig)
-    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    hedge: HedgeConfig | None = Field(
+        None, description="Start the next model in parallel when the current one is slow (off when absent)."
+    )
+    retries: RetryConfig | None = Field(
+        None, description="Retry the same model on listed transient errors before falling back (off when absent)."
+    )
+    truncation: TruncationConfig = Field(
+        default_factory=TruncationConfig, description="Fitting the prompt into each model's context window."
+    )
+    streaming: StreamingConfig = Field(
+        default_factory=StreamingConfig, description="What a stream does when it breaks after content."
+    )
 
 
 class ResetBackoff(_Strict):
@@ -366,7 +389,10 @@ class BreakerConfig(_Strict):
 class ErrorsConfig(_Strict):
     """Which error kinds move on to the next model. Anything else is raised to the caller at once."""
 
-    fall_back_on: list[ErrorKind] = Field(default_factory=_default_fall_back_on)
+    fall_back_on: list[ErrorKind] = Field(
+        default_factory=_default_fall_back_on,
+        description="Error kinds that move on to the next model; any other error is raised to the caller at once.",
+    )
 
 
 class ReviewLogConfig(_Strict):
@@ -434,15 +460,23 @@ class PolicyDocument(_Strict):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )  # fmt: skip
 
-    version: Literal[1] = 1
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
-    routes: dict[str, Route] = Field(default_factory=dict)
-    prompt_classes: dict[str, PromptClass] = Field(default_factory=dict)
+    version: Literal[1] = Field(1, description="Policy format version; only 1 exists.")
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Every model a route may use, by a name of your choosing."
+    )
+    routes: dict[str, Route] = Field(
+        default_factory=dict, description="The names the application passes as model=, each an ordered chain."
+    )
+    prompt_classes: dict[str, PromptClass] = Field(
+        default_factory=dict, description="Timing classes of requests; 'default' applies when no rule matches."
+    )
     breakers: dict[str, BreakerConfig] = Field(default_factory=dict, description="'default' and/or model names.")
-    errors: ErrorsConfig = Field(default_factory=ErrorsConfig)
-    review_log: ReviewLogConfig | None = None
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-    state: StateConfig = Field(default_factory=StateConfig)
+    errors: ErrorsConfig = Field(default_factory=ErrorsConfig, description="Which provider errors fall back.")
+    review_log: ReviewLogConfig | None = Field(
+        None, description="One JSON line per fallback and validator failure (off when absent)."
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="What spans may record.")
+    state: StateConfig = Field(default_factory=StateConfig, description="Where breaker state lives.")
 
 
 BUILTIN_CLASS = PromptClass.model_validate(BUILTIN_DEFAULT_CLASS)
@@ -523,8 +557,10 @@ class ResolvedRoute:
     hedge: HedgeConfig | None
     retries: RetryConfig | None
     truncation: TruncationConfig
-    on_interrupt: str = "raise"
-    """Streams: ``raise`` or ``continue`` with the next model after a break mid-stream."""
+    on_interrupt: str = "continue"
+    """Streams: ``continue`` with the next model after a break mid-stream, or ``raise``."""
+    continue_prompt: str = DEFAULT_CONTINUE_PROMPT
+    """Streams: the user turn asking a model without assistant prefill to continue the text."""
 
 
 @dataclass(frozen=True)
@@ -698,6 +734,7 @@ class Policy:
                 retries=over.retries if over and over.retries else route.retries,
                 truncation=route.truncation,
                 on_interrupt=(over.streaming if over and over.streaming else route.streaming).on_interrupt,
+                continue_prompt=(over.streaming if over and over.streaming else route.streaming).continue_prompt,
             )
         spec = self.models.get(model) or self.by_litellm_model.get(model)
         if spec is None:

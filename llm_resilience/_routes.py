@@ -23,6 +23,18 @@ chains (default and per prompt class) can reach, the weakest link:
 (:mod:`._env`, no tokenizer downloads) litellm counts every model with the same bundled
 tokenizer, so the count for a route is the count for each of its models.
 
+A registered name must never reach a provider through litellm itself (a saved reference to
+``litellm.completion``, a call after :func:`uninstall`, a ``Router`` deployment,
+``text_completion``): litellm would take ``"chat"`` for an OpenAI model and send the prompt
+to ``OPENAI_BASE_URL`` with the application's ``OPENAI_API_KEY``. So each registered name is
+also aliased (``litellm.model_alias_map``) to ``llm-resilience/<name>``, a provider
+registered in ``litellm.custom_provider_map`` whose handler raises a ``BadRequestError``
+that says what to call instead, before any I/O. Capability look-ups do not read the alias
+map, so they still answer. Names that a policy model's own litellm string uses are not
+aliased (the engine calls them). ``litellm.responses`` and ``litellm.embedding`` do not read
+the alias map either: they resolve a route name like any model name of its first model's
+provider, as they did before (see README).
+
 Names litellm already knows as real models are never overwritten (a route called
 ``gpt-4o`` keeps litellm's entry for ``gpt-4o``). litellm's table is process-wide: when
 several engines declare the same route name, the engine built (or reloaded) last
@@ -38,6 +50,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from litellm.exceptions import BadRequestError
+from litellm.llms.custom_llm import CustomLLM
+
 from ._env import litellm
 from ._policy import ModelSpec, Policy
 from ._truncation import litellm_context_window
@@ -52,8 +67,64 @@ CAPABILITIES = (
     "supports_vision",
 )
 
+REFUSING_PROVIDER = "llm-resilience"
+"""The litellm provider every registered name is aliased to: its handler refuses the call."""
+
 _lock = threading.Lock()
 _registered: dict[str, tuple[int, dict[str, Any]]] = {}  # name -> (owner id, entry we wrote)
+_aliased: set[str] = set()  # names we put in litellm.model_alias_map
+
+
+def _refusal(model: object) -> Exception:
+    name = str(model).removeprefix(f"{REFUSING_PROVIDER}/")
+    return BadRequestError(
+        message=(
+            f"{name!r} is an llm-resilience route or policy model, not a model litellm can call: nothing was sent. "
+            f"Call llm_resilience.completion(model={name!r}, ...) / acompletion, or llm_resilience.install() "
+            "before the client captures litellm.completion."
+        ),
+        model=name,
+        llm_provider=REFUSING_PROVIDER,
+    )
+
+
+class _RouteNameHandler(CustomLLM):
+    """litellm's handler for a route name called through litellm itself: refuse at once, before any I/O."""
+
+    def completion(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    def streaming(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    async def acompletion(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    async def astreaming(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+
+_handler = _RouteNameHandler()
+
+
+def _refuse_through_litellm(names: Iterable[str], keep: set[str]) -> None:
+    """Alias ``names`` to the refusing provider (``keep``: names a policy model's litellm string uses)."""
+    if not any(entry.get("custom_handler") is _handler for entry in litellm.custom_provider_map):
+        litellm.custom_provider_map.append({"provider": REFUSING_PROVIDER, "custom_handler": _handler})
+    for name in names:
+        if name in keep:
+            continue
+        if litellm.model_alias_map.get(name, f"{REFUSING_PROVIDER}/{name}") != f"{REFUSING_PROVIDER}/{name}":
+            continue  # the application aliased this name itself: its choice stands
+        litellm.model_alias_map[name] = f"{REFUSING_PROVIDER}/{name}"
+        _aliased.add(name)
+
+
+def _stop_refusing(name: str) -> None:
+    if name in _aliased:
+        _aliased.discard(name)
+        if litellm.model_alias_map.get(name) == f"{REFUSING_PROVIDER}/{name}":
+            del litellm.model_alias_map[name]
 
 
 def _supports(capability: str, spec: ModelSpec) -> bool:
@@ -133,10 +204,12 @@ def register_routes(policy: Policy, owner: object) -> dict[str, dict[str, Any]]:
             _register(written)
         for name, entry in written.items():
             _registered[name] = (id(owner), entry)
+        _refuse_through_litellm(written, keep={spec.litellm_model for spec in policy.models.values()})
         stale = [name for name, (who, _) in _registered.items() if who == id(owner) and name not in entries]
         for name in stale:
             del _registered[name]
             litellm.model_cost.pop(name, None)
+            _stop_refusing(name)
         if stale:
             _forget_lookups()
     return written

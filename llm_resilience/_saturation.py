@@ -27,6 +27,7 @@ a fresh (not yet started) watchdog and empty measurements.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import heapq
 import os
@@ -35,7 +36,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+from ._outcomes import CLIENT_OVERLOAD
 
 PROBE_INTERVAL_S = 0.010
 """How often lag is sampled while attempts are in flight (never when the process is idle)."""
@@ -87,22 +90,35 @@ class NotSaturated:
 
 
 class _Samples:
-    """(due, ran, cpu, queued) samples of one probe: it was due at ``due`` and ran at ``ran``, when the
-    process had used ``cpu`` seconds of CPU (``time.process_time``) and the probing thread had
+    """(due, ran, cpu, queued, late_sum) samples of one probe: it was due at ``due`` and ran at ``ran``,
+    when the process had used ``cpu`` seconds of CPU (``time.process_time``) and the probing thread had
     waited ``queued`` seconds in all on the OS's run queue (0.0 where the OS does not say).
+    ``late_sum`` is the running total of the lateness (``ran - due``) of every sample so far that was
+    at least ``LAG_FLOOR_S`` late: an attempt's window is then read in O(log n) (two bisections and a
+    difference), not by walking it. Under 2,000 concurrent calls each attempt lasts seconds, its window
+    holds up to the whole ring, and each of its ~4 checks walked it (~220 us for a 5 s window).
 
     One thread adds the samples of one probe (the watchdog's, or a loop's), so the run-queue
     counter read at each sample is that thread's.
     """
 
     def __init__(self) -> None:
-        self.ring: deque[tuple[float, float, float, float]] = deque(maxlen=_HISTORY)
+        self.ring: deque[tuple[float, float, float, float, float]] = deque(maxlen=_HISTORY)
+        self.added = 0  # samples appended so far: a reader that saw it change re-reads (indices moved)
         self.pending_due: float | None = None  # the next probe's due time, while one is scheduled
+        self._late_sum = 0.0
         self._schedstat: int | None = None  # fd of the probing thread's /proc/thread-self/schedstat
         self._schedstat_missing = not os.path.exists("/proc/thread-self/schedstat")
 
     def add(self, due: float, ran: float) -> None:
-        self.ring.append((due, ran, time.process_time(), self._queued_s()))
+        self.append(due, ran, time.process_time(), self._queued_s())
+
+    def append(self, due: float, ran: float, cpu: float, queued: float) -> None:
+        """One sample, as :meth:`add` measures it (tests pass their own readings)."""
+        if ran - due >= LAG_FLOOR_S:
+            self._late_sum += ran - due
+        self.ring.append((due, ran, cpu, queued, self._late_sum))
+        self.added += 1
 
     def _queued_s(self) -> float:
         # Kept open: a pread of it costs ~0.5 us where open/read/close costs ~10 us, 100 times a second.
@@ -123,35 +139,53 @@ class _Samples:
 
     def delay(self, since: float, now: float) -> float:
         """The client's delay estimate over [since, now] (see :class:`SaturationMonitor`)."""
-        late: list[tuple[float, float]] = []
-        due = self.pending_due
-        if due is not None and due < now:
-            late.append((due, now))  # overdue right now: the process is late at this very moment
-        window: list[tuple[float, float, float, float]] = []  # the samples that ran since ``since``, oldest first
-        ring = self.ring
-        # Samples are appended in the order they ran, so the window is the ring's tail: read from the
-        # newest back (an attempt checked at its bound pays for its window, not for up to _HISTORY
-        # samples), and not at all when no probe ran since ``since`` (the thread probe's ring while
-        # only async attempts run).
-        if ring and ring[-1][1] >= since:
+        for _ in range(3):
+            added = self.added
             try:
-                for sample in reversed(ring):
-                    if sample[1] < since:
-                        break
-                    window.append(sample)
-            except RuntimeError:  # the probing thread appended meanwhile: read one atomic copy instead
-                window = [sample for sample in tuple(ring) if sample[1] >= since][::-1]
-            window.reverse()
-        late.extend((due, ran) for due, ran, _, _ in window)
-        if not late:
-            return 0.0
-        if window and now - window[0][1] >= IDLE_WINDOW_S:
-            first, newest = window[0], window[-1]
+                estimate = _estimate(self.ring, self.pending_due, since, now)
+            except IndexError:  # the ring moved under the read: read again
+                continue
+            if self.added == added:  # no sample appended meanwhile: the indices read were consistent
+                return estimate
+        return _estimate(deque(tuple(self.ring)), self.pending_due, since, now)  # one atomic copy
+
+
+def _lateness(sample: tuple[float, ...]) -> float:
+    """What a sample adds to the running total: its lateness, if past the jitter floor."""
+    late = sample[1] - sample[0]
+    return late if late >= LAG_FLOOR_S else 0.0
+
+
+def _overdue_in(sample: tuple[float, ...], since: float, now: float) -> float:
+    """The part of a late sample's lateness that lies within [since, now]."""
+    if sample[1] - sample[0] < LAG_FLOOR_S:
+        return 0.0
+    return max(0.0, min(sample[1], now) - max(sample[0], since))
+
+
+def _estimate(
+    ring: deque[tuple[float, float, float, float, float]], pending_due: float | None, since: float, now: float
+) -> float:
+    count = 0
+    summed = total = 0.0
+    if pending_due is not None and pending_due < now:  # overdue right now: the process is late at this very moment
+        count = 1
+        late = now - pending_due
+        if late >= LAG_FLOOR_S:
+            summed += late
+            total += max(0.0, now - max(pending_due, since))
+    size = len(ring)
+    # Samples are appended in the order they ran; the window is those that ran since ``since``.
+    start = bisect.bisect_left(ring, since, key=_ran) if size and ring[-1][1] >= since else size
+    if start < size:
+        first, newest = ring[start], ring[-1]
+        in_window = newest[4] - first[4] + _lateness(first)  # the lateness of every late sample in it
+        if now - first[1] >= IDLE_WINDOW_S:
             busy = (time.process_time() - first[2]) / (now - first[1])
-            # Lateness of the samples after the first, against the run-queue wait over the same span.
-            lateness = sum(ran - due for due, ran, _, _ in window[1:] if ran - due >= LAG_FLOOR_S)
-            queued = newest[3] - first[3]
             if busy < BUSY_SHARE:
+                # Lateness of the samples after the first, against the run-queue wait over the same span.
+                lateness = in_window - _lateness(first)
+                queued = newest[3] - first[3]
                 if lateness <= 0.0 or queued < QUEUED_SHARE * lateness:
                     # A mostly idle process whose probes were not waiting for a core: the OS woke it late.
                     return 0.0
@@ -159,12 +193,23 @@ class _Samples:
                 # measured. Not CLIENT_HOPS x the lateness: that models an event loop busy with the
                 # client's own work, and a process doing little (reading a trickling body) has few hops.
                 return queued
-        total = summed = 0.0
-        for due, ran in late:
-            if ran - due >= LAG_FLOOR_S:
-                summed += ran - due
-                total += max(0.0, min(ran, now) - max(due, since))
-        return max(total, CLIENT_HOPS * summed / len(late))
+        count += size - start
+        summed += in_window
+        # Overdue time within [since, now]: every late sample after the first lies within it (a probe is
+        # due after the previous one ran), except those that ran after ``now`` (appended meanwhile).
+        past_now = max(start + 1, bisect.bisect_right(ring, now, lo=start + 1, key=_ran))
+        total += _overdue_in(first, since, now)
+        if past_now > start + 1:
+            total += ring[past_now - 1][4] - first[4]
+        for k in range(past_now, size):
+            total += _overdue_in(ring[k], since, now)
+    if count == 0:
+        return 0.0
+    return max(total, CLIENT_HOPS * summed / count)
+
+
+def _ran(sample: tuple[float, ...]) -> float:
+    return sample[1]
 
 
 class _LoopProbe:
@@ -385,3 +430,100 @@ class ProcessSaturation:
 
     def ended(self) -> None:
         monitor().ended()
+
+
+# -- which callers may judge a provider ----------------------------------------------------------
+
+STARVED_SHARE = 0.5
+"""A context (one event loop, or the process's threads) whose recent attempts ended ``client_overload``
+at least this often is starved: its attempts end without a verdict, so its probe would judge nothing."""
+CONTEXT_OUTCOMES = 16
+"""Recent attempt outcomes kept per context."""
+MIN_OUTCOMES = 4
+"""A context with fewer recent outcomes than this is not judged starved (too little to go on)."""
+CONTEXT_RECENT_S = 10.0
+"""Outcomes older than this are forgotten: a context that ended nothing since cannot judge anything now."""
+
+THREADS = "threads"
+"""The context of every caller outside an event loop: the threads share the GIL, and starve together."""
+
+
+def current_context() -> object:
+    """The calling context: the running event loop, else :data:`THREADS`."""
+    loop = asyncio._get_running_loop()  # (None outside a loop, without raising: this runs on every attempt)
+    return THREADS if loop is None else loop
+
+
+class CallerContexts:
+    """Which callers can judge a half-open breaker's probe: each context is judged by its own outcomes.
+
+    A process-wide saturation signal cannot say who should probe: in the soak's shape (32 threads and
+    500 tasks on one loop) it called the threads saturated too (0.5-13 s of estimated delay per second)
+    while their attempts were answered in 0.4 s. What tells them apart is what their attempts ended
+    with: nearly every attempt of the starved loop ended ``client_overload`` (no verdict), the threads'
+    did not. So a caller whose context's recent attempts mostly ended ``client_overload`` does not
+    take a probe while another context, not starved, ended an attempt recently: that one will judge
+    the provider sooner. When every context is starved (or there is only one), callers probe as
+    before. A hook (``attempt_ended``) feeds it; the planner asks :meth:`may_probe`.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._threads: deque[tuple[float, bool]] = deque(maxlen=CONTEXT_OUTCOMES)
+        self._loops: weakref.WeakKeyDictionary[object, deque[tuple[float, bool]]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def _ring(self, context: object, create: bool) -> deque[tuple[float, bool]] | None:
+        if context is THREADS:
+            return self._threads
+        ring = self._loops.get(context)
+        if ring is None and create:
+            ring = self._loops[context] = deque(maxlen=CONTEXT_OUTCOMES)
+        return ring
+
+    def ended(self, context: object, overloaded: bool, now: float) -> None:
+        """An attempt of ``context`` ended: ``overloaded`` if it ended ``client_overload`` (no verdict)."""
+        with self._lock:
+            ring = self._ring(context, create=True)
+            assert ring is not None
+            ring.append((now, overloaded))
+
+    def starved(self, context: object, now: float) -> bool:
+        """Whether most of ``context``'s recent attempts ended without a verdict for want of client time."""
+        with self._lock:
+            return _starved(self._ring(context, create=False), now)
+
+    def may_probe(self, now: float, context: object | None = None) -> bool:
+        """May the caller (``context``, default: the calling one) take a half-open breaker's probe?"""
+        if context is None:
+            context = current_context()
+        with self._lock:
+            if not _starved(self._ring(context, create=False), now):
+                return True
+            others = [ring for key, ring in self._loops.items() if key is not context]
+            if context is not THREADS:
+                others.append(self._threads)
+            return not any(_can_judge(ring, now) for ring in others)
+
+    def attempt_ended(self, call: object, record: Any, response: object) -> None:
+        """The hook: every attempt that was sent and not cancelled is an outcome of the calling context."""
+        if record.outcome in ("skipped", "cancelled"):
+            return
+        self.ended(current_context(), record.outcome == CLIENT_OVERLOAD, self._clock())
+
+
+def _recent(ring: deque[tuple[float, bool]] | None, now: float) -> list[bool]:
+    if not ring:
+        return []
+    since = now - CONTEXT_RECENT_S
+    return [overloaded for at, overloaded in ring if at >= since]
+
+
+def _starved(ring: deque[tuple[float, bool]] | None, now: float) -> bool:
+    recent = _recent(ring, now)
+    return len(recent) >= MIN_OUTCOMES and sum(recent) >= STARVED_SHARE * len(recent)
+
+
+def _can_judge(ring: deque[tuple[float, bool]], now: float) -> bool:
+    recent = _recent(ring, now)
+    return bool(recent) and not _starved(ring, now)

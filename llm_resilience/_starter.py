@@ -126,6 +126,9 @@ routes:
       invalid_json: fall_back  # JSON was asked for (response_format) and the text does not parse
       content_filter: fall_back  # the provider filtered the answer
     # hedge: {{after: p95, max_extra: 1, budget_ratio: 0.1}}  # race the next model when one is slow
+    streaming:  # a stream that breaks (cut, stalled) after text reached the caller
+      on_interrupt: continue  # the next model finishes it, only the missing rest reaches the caller
+      # (on_interrupt: raise gives the caller StreamInterrupted instead)
 
 # prompt_classes: timing per kind of request. The caller passes prompt_class="...", or the
 # first class whose match rule holds is used, else "default".

@@ -55,17 +55,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import queue
+import re
 import socket
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _litellm_calls
+import httpx
+
+from . import _drivers, _litellm_calls
 from ._env import litellm
 from ._exceptions import StreamInterrupted
 from ._outcomes import classify_error
@@ -152,6 +157,249 @@ def _describe(error: BaseException) -> str:
     return f"{classify_error(error)} error ({type(inner).__name__})"
 
 
+# -- malformed events ----------------------------------------------------------------------------
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+SKIPPED_EVENT = "llm_resilience.stream.event_skipped"
+"""The span event recorded on an attempt for each malformed SSE event skipped in place."""
+
+
+class SSEFilter:
+    """Drops a malformed server-sent event in place when the event after it parses.
+
+    Fed the raw bytes of an event stream, it hands on whole events only. An event whose ``data``
+    is not JSON (nor ``[DONE]``) is held back; if the next event parses, the bad one is dropped
+    (counted in ``skipped``) and the stream goes on as if it had never been sent. Two in a row,
+    or a bad event at the end, cannot be judged safe to skip: they are handed on, and the SDK
+    fails the attempt on them as it would have. Pure bytes in, bytes out.
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self._buffer = b""
+        self._suspect: bytes | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        out: list[bytes] = []
+        while (found := _EVENT_END.search(self._buffer)) is not None:
+            event, self._buffer = self._buffer[: found.end()], self._buffer[found.end() :]
+            out.append(self._judge(event))
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """The body ended: whatever is held goes on (a bad last event is not known to be skippable)."""
+        rest, self._suspect, self._buffer = (self._suspect or b"") + self._buffer, None, b""
+        return rest
+
+    def _judge(self, event: bytes) -> bytes:
+        if _event_parses(event):
+            if self._suspect is not None:
+                self._suspect = None  # the stream went on normally after it: drop it
+                self.skipped += 1
+            return event
+        if self._suspect is not None:  # two bad events in a row: not a glitch; let the attempt fail
+            held, self._suspect = self._suspect, None
+            return held + event
+        self._suspect = event
+        return b""
+
+
+def _event_parses(event: bytes) -> bool:
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return True  # a comment, a keep-alive, an event name: nothing the SDK parses
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines)
+    if data.strip() == b"[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+_filters: contextvars.ContextVar[list[SSEFilter] | None] = contextvars.ContextVar("llm_resilience_sse", default=None)
+"""The filters of the attempt being read in this context (its reader sets it; the HTTP hook adds to it)."""
+
+
+def _is_event_stream(response: Any) -> bool:
+    return str(response.headers.get("content-type", "")).startswith("text/event-stream")
+
+
+def _new_filter() -> SSEFilter:
+    sse = SSEFilter()
+    sink = _filters.get()
+    if sink is not None:
+        sink.append(sse)
+    return sse
+
+
+class _FilteredStream(httpx.SyncByteStream):
+    """A sync httpx byte stream that passes through an :class:`SSEFilter`."""
+
+    def __init__(self, inner: Any, sse: SSEFilter) -> None:
+        self._inner, self._sse = inner, sse
+
+    def __iter__(self) -> Iterator[bytes]:
+        for data in self._inner:
+            if out := self._sse.feed(data):
+                yield out
+        if rest := self._sse.end():
+            yield rest
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncFilteredStream(httpx.AsyncByteStream):
+    """:class:`_FilteredStream` for httpx's async byte streams."""
+
+    def __init__(self, inner: Any, sse: SSEFilter) -> None:
+        self._inner, self._sse = inner, sse
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for data in self._inner:
+            if out := self._sse.feed(data):
+                yield out
+        if rest := self._sse.end():
+            yield rest
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _skip_malformed_events(response: Any) -> None:
+    """httpx response hook (sync clients): event streams go through an :class:`SSEFilter`."""
+    if _is_event_stream(response):
+        response.stream = _FilteredStream(response.stream, _new_filter())
+
+
+async def _askip_malformed_events(response: Any) -> None:
+    """httpx response hook (async clients)."""
+    if _is_event_stream(response):
+        response.stream = _AsyncFilteredStream(response.stream, _new_filter())
+
+
+def _with_event_filter(http: Any) -> None:
+    """Add the filtering hook to a leased sync httpx client (once; other responses are untouched)."""
+    hooks = http.event_hooks
+    if _skip_malformed_events not in hooks.get("response", []):
+        http.event_hooks = {**hooks, "response": [*hooks.get("response", []), _skip_malformed_events]}
+
+
+# -- joining a continuation -------------------------------------------------------------------
+
+MIN_OVERLAP_CHARS = 16
+"""A repeated tail this long is removed even when it does not fall on word boundaries."""
+
+_SPACE_AFTER = ".,;:!?"
+
+
+class Join:
+    """Joins a continuation onto the text the caller already has, so nothing is read twice.
+
+    ``feed`` takes the continuation's text as it streams and returns what may be handed out
+    (``None`` while the head is held back). An exact join (an assistant prefill: the model writes
+    on from the last character) passes everything through. Otherwise the head is held while it
+    could still be a repeat of the delivered text: a model that starts over from the beginning,
+    or repeats the last words, is only known once its head stops matching. Then the repeated
+    part is dropped: the whole delivered text (a restart, any length), else the longest
+    repeated tail of at least :data:`MIN_OVERLAP_CHARS` characters, or of two whole words.
+    Without a repeat, the joining whitespace is made right: a space the caller already has is
+    not sent again, and a space the model left out between two words or after a punctuation
+    mark is added. Pure text in, text out: no I/O.
+    """
+
+    def __init__(self, delivered: str, exact: bool) -> None:
+        self.delivered = delivered
+        self.exact = exact
+        self.decided = exact or not delivered
+        self.overlap_chars = 0
+        self.spacing: str | None = None  # "added" | "removed": what the join did to whitespace
+        self._head = ""
+
+    def feed(self, text: str) -> str | None:
+        if self.decided:
+            return text
+        self._head += text
+        if self._may_repeat():
+            return None
+        return self._decide()
+
+    def finish(self) -> str:
+        """The continuation ended: decide on whatever head is held."""
+        return "" if self.decided else self._decide()
+
+    def _may_repeat(self) -> bool:
+        head = self._head.lstrip()
+        delivered = self.delivered
+        if not head:
+            return True  # only whitespace so far: where it goes depends on what follows
+        # Held while the head occurs in the delivered text short of its end: it may still be a
+        # restart (an occurrence at 0) or become a repeated tail (one that reaches the end).
+        return len(head) < len(delivered) and head in delivered[:-1]
+
+    def _decide(self) -> str:
+        self.decided = True
+        head, delivered = self._head, self.delivered
+        self._head = ""
+        stripped = head.lstrip()
+        overlap = _overlap(delivered, stripped)
+        if overlap:
+            self.overlap_chars = overlap
+            return stripped[overlap:]
+        if not head:
+            return head
+        last = delivered[-1]
+        if last.isspace():
+            rest = head.lstrip(" \t")
+            if len(rest) != len(head):
+                self.spacing = "removed"
+            return rest
+        if not head[0].isspace() and head[0].isalnum() and (last.isalnum() or last in _SPACE_AFTER):
+            self.spacing = "added"
+            return " " + head
+        return head
+
+
+def _overlap(delivered: str, head: str) -> int:
+    """Characters at the start of ``head`` that repeat the end of ``delivered`` (0: none worth removing)."""
+    if head.startswith(delivered):
+        return len(delivered)  # started over from the beginning
+    for size in range(min(len(delivered), len(head)), 0, -1):
+        if not delivered.endswith(head[:size]):
+            continue
+        if size >= MIN_OVERLAP_CHARS:
+            return size
+        # Whole words: the repeat neither starts nor ends inside a word.
+        starts_word = size == len(delivered) or not (delivered[-size - 1].isalnum() and head[0].isalnum())
+        ends_word = size == len(head) or not (head[size - 1].isalnum() and head[size].isalnum())
+        if starts_word and ends_word and " " in head[:size].strip():
+            return size
+    return 0
+
+
+def _set_text(chunk: Any, text: str) -> None:
+    for choice in getattr(chunk, "choices", None) or ():
+        delta = getattr(choice, "delta", None)
+        if delta is not None and isinstance(getattr(delta, "content", None), str):
+            delta.content = text
+            text = ""
+
+
+def _has_tool_call(chunk: Any) -> bool:
+    for choice in getattr(chunk, "choices", None) or ():
+        delta = getattr(choice, "delta", None)
+        if delta is not None and (getattr(delta, "tool_calls", None) or getattr(delta, "function_call", None)):
+            return True
+    return False
+
+
+def _usage_of(chunk: Any) -> Any:
+    return getattr(chunk, "usage", None)
+
+
 # -- the decisions -----------------------------------------------------------------------------
 
 
@@ -164,20 +412,34 @@ class _StreamCore:
         event = read(core.read_timeout(now))  # one chunk, the end, an error, or a timeout
         chunks, over = core.feed(event, now)  # chunks to hand out; over: close this attempt's reader
 
+    An attempt is *alive* from its first content chunk (then the idle timeout applies) and
+    *committed* from the first chunk handed to the caller. Chunks are held back, and the
+    attempt can still be replaced invisibly, while they are only a role, a tool call whose
+    arguments are not complete yet (a tool-call stream is released at its end), or the head of
+    a continuation that may repeat what the caller has (:class:`Join`).
+
     ``feed`` raises :class:`StreamInterrupted` (already reported) when a committed stream
-    breaks; ``next_step`` raises the call's error when the chain is exhausted.
+    breaks and the planner does not continue it; ``next_step`` raises the call's error when
+    the chain is exhausted.
     """
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.attempt: Attempt | None = None
+        self.alive = False
         self.committed = False
         self.finished = False
         self.response: Any = None
         self._first_token_by = 0.0
-        self._pending: list[Any] = []  # the live attempt's chunks, before its first content
-        self._delivered: list[Any] = []  # the committed attempt's chunks, as handed out
+        self._pending: list[Any] = []  # the live attempt's chunks not handed out yet
+        self._holding_tools = False  # a tool call started: everything after it waits for the end
+        self._delivered: list[Any] = []  # every chunk handed out, across joined attempts
         self._text: list[str] = []
+        self._join: Join | None = None  # the live attempt continues a broken stream
+        self._joined = False  # some attempt continued another: the answer is joined
+        kwargs = call.request.kwargs
+        self._tools = bool(kwargs.get("tools") or kwargs.get("functions"))
+        self._prior_usage: tuple[int, int] = (0, 0)  # tokens of the broken attempts a join continues
         # Streams that ended before any content wait here: the call may still pick one of them
         # (on_all_invalid: return_best), and then its chunks are what the caller gets.
         self._completed: dict[int, tuple[Any, list[Any]]] = {}
@@ -187,6 +449,10 @@ class _StreamCore:
         if isinstance(action, Launch):
             attempt = self.attempt = action.attempt
             self._pending = []
+            self.alive = self.committed = self._holding_tools = False
+            form = attempt.record.extra.get("continuation")
+            self._join = Join("".join(self._text), exact=form == "prefill") if form is not None else None
+            self._joined = self._joined or self._join is not None
             self._first_token_by = now + (attempt.first_token_timeout_s or attempt.timeout_s)
             return attempt
         if isinstance(action, Wait):
@@ -207,7 +473,7 @@ class _StreamCore:
         """Seconds the next read may wait: until the first-token deadline, then the idle timeout."""
         attempt = self.attempt
         assert attempt is not None
-        if self.committed:
+        if self.alive:
             idle = attempt.idle_timeout_s or attempt.timeout_s
             caller_deadline = self.call.caller_deadline_at
             return idle if caller_deadline is None else max(0.0, min(idle, caller_deadline - now))
@@ -216,27 +482,15 @@ class _StreamCore:
     def feed(self, event: _Event, now: float) -> tuple[list[Any], bool]:
         attempt = self.attempt
         assert attempt is not None
-        record = attempt.record
         if event.kind == "chunk":
-            if self.committed:
-                self._deliver([event.chunk])
-                return [event.chunk], False
-            self._pending.append(event.chunk)
-            if not _has_content(event.chunk):
-                return [], False  # a role-only chunk: held back until we know this attempt wins
-            record.time_to_first_chunk_s = now - record.started_at
-            self.committed = True
-            self.call.commit(attempt)
-            out, self._pending = self._pending, []
-            self._deliver(out)
-            return out, False
+            return self._on_chunk(event.chunk, now), False
         if event.kind == "timeout":
             caller_deadline = self.call.caller_deadline_at
-            if self.committed and caller_deadline is not None and now >= caller_deadline:
+            if self.alive and caller_deadline is not None and now >= caller_deadline:
                 raise self._caller_timeout(now)
-            if self.committed:
+            if self.alive:
                 idle = attempt.idle_timeout_s or attempt.timeout_s
-                return self._interrupt(
+                return self._broke(
                     StreamIdleTimeout(f"no chunk for {idle:g} s"), f"no chunk for {idle:g} s (idle timeout)", now
                 )
             waited = attempt.first_token_timeout_s or attempt.timeout_s
@@ -245,33 +499,110 @@ class _StreamCore:
             return [], True
         if event.kind == "error":
             assert event.error is not None
-            if self.committed:
-                return self._interrupt(event.error, _describe(event.error), now)
-            self._pending = []
-            self.call.on_error(attempt, event.error, now)
-            return [], True
-        # The provider ended the stream.
+            return self._broke(event.error, _describe(event.error), now)
+        return self._ended(now)
+
+    def _on_chunk(self, chunk: Any, now: float) -> list[Any]:
+        attempt = self.attempt
+        assert attempt is not None
+        if not self.alive:
+            if not _has_content(chunk):
+                self._pending.append(chunk)
+                return []  # a role-only chunk: held back until we know this attempt wins
+            self.alive = True
+            attempt.record.time_to_first_chunk_s = now - attempt.record.started_at
+        if self._tools and (self._holding_tools or _has_tool_call(chunk)):
+            # A tool call is usable only whole: its deltas wait for the end of the stream, so a
+            # break before it is complete can still go to the next model unseen.
+            self._holding_tools = True
+            self._pending.append(chunk)
+            return []
+        join = self._join
+        if join is not None and not join.decided:
+            self._pending.append(chunk)
+            text = join.feed(_text(chunk))
+            if text is None:
+                return []
+            return self._release(text)
+        if not self.committed:
+            self._pending.append(chunk)
+            return self._release(None)
+        self._deliver([self._with_prior_usage(chunk)])
+        return [chunk]
+
+    def _release(self, joined_text: str | None) -> list[Any]:
+        """Hand out the held chunks (commits the attempt); ``joined_text``: their text after the join."""
+        out, self._pending = self._pending, []
+        if joined_text is not None:
+            # The text decided by the join replaces the held chunks' text: it goes into the last
+            # chunk that carried text, the others are dropped (they carried nothing else we hand out).
+            carriers = [c for c in out if _text(c)]
+            last = carriers[-1] if carriers else None
+            out = [c for c in out if c is last or not (_text(c) or _is_role_only(c))]
+            if last is not None:
+                _set_text(last, joined_text)
+                if not joined_text and not _has_finish_reason([last]) and _usage_of(last) is None:
+                    out.remove(last)
+            self._note_join()
+        out = [self._with_prior_usage(c) for c in out]
+        if not self.committed:
+            self.committed = True
+            assert self.attempt is not None
+            self.call.commit(self.attempt)
+        self._deliver(out)
+        return out
+
+    def _note_join(self) -> None:
+        join, attempt = self._join, self.attempt
+        assert join is not None and attempt is not None
+        if join.overlap_chars:
+            attempt.record.extra["join_overlap_chars"] = join.overlap_chars
+        if join.spacing is not None:
+            attempt.record.extra["join_spacing"] = join.spacing
+
+    def _ended(self, now: float) -> tuple[list[Any], bool]:
+        """The provider ended the stream."""
+        attempt = self.attempt
+        assert attempt is not None
+        record = attempt.record
+        out: list[Any] = []
+        if self.alive and (self.committed or self._join is not None) and _has_finish_reason(self._pending):
+            # A continuation (or a committed stream's held tool calls): what was held is released,
+            # and the joined answer is judged below as one.
+            join = self._join
+            out = self._release(join.finish() if join is not None and not join.decided else None)
         if self.committed:
-            if not _has_finish_reason(self._delivered):
+            if not _has_finish_reason(self._delivered):  # (a tool call held back is dropped: it is not whole)
                 error = IncompleteStream("the stream ended without a finish reason")
-                return self._interrupt(error, "the stream ended without a finish reason", now)
+                self._broke(error, "the stream ended without a finish reason", now)
+                return out, True
             self.response = self._assemble(self._delivered)
             self.finished = True
             self.call.on_response(attempt, self.response, now)
-            return [], True
+            return out, True
         chunks, self._pending = self._pending, []
         if not _has_finish_reason(chunks):
             self.call.on_error(attempt, IncompleteStream("the stream ended without a finish reason"), now)
             return [], True
-        # Ended before any content (an empty answer): still invisible to the caller, so the
-        # validators' verdict can fall back like for a non-stream call.
-        if chunks:
+        # Nothing reached the caller (an empty answer, a tool call held back): still invisible,
+        # so the validators' verdict can fall back like for a non-stream call.
+        if chunks and record.time_to_first_chunk_s is None:
             record.time_to_first_chunk_s = now - record.started_at
         record.chunks = len(chunks)
         response = self._assemble(chunks)
         self._completed[id(response)] = (response, chunks)
         self.call.on_response(attempt, response, now)
         return [], True
+
+    def note_skipped(self, skipped: int) -> None:
+        """The live attempt's reader has skipped this many malformed events so far (span events on the attempt)."""
+        attempt = self.attempt
+        if attempt is None or skipped <= attempt.record.extra.get("skipped_events", 0):
+            return
+        record = attempt.record
+        for _ in range(skipped - record.extra.get("skipped_events", 0)):
+            record.events.append((SKIPPED_EVENT, {"llm_resilience.stream.chunks": len(self._pending) + record.chunks}))
+        record.extra["skipped_events"] = skipped
 
     def cancel(self, now: float) -> None:
         """The caller stopped reading: the live attempt is cancelled and the call ends."""
@@ -285,12 +616,30 @@ class _StreamCore:
         self._delivered.extend(chunks)
         self._text.extend(_text(chunk) for chunk in chunks)
         assert self.attempt is not None
-        self.attempt.record.chunks = len(self._delivered)
+        self.attempt.record.chunks += len(chunks)
+
+    def _with_prior_usage(self, chunk: Any) -> Any:
+        """A usage report of a continuation counts the broken attempts' tokens too: the caller paid for them."""
+        usage = _usage_of(chunk)
+        prompt, completion = self._prior_usage
+        if usage is None or not (prompt or completion):
+            return chunk
+        with contextlib.suppress(Exception):  # a usage object we cannot add to: left as the provider sent it
+            usage.prompt_tokens = (usage.prompt_tokens or 0) + prompt
+            usage.completion_tokens = (usage.completion_tokens or 0) + completion
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return chunk
 
     def _assemble(self, chunks: list[Any]) -> Any:
         assert self.attempt is not None
-        messages = self.attempt.kwargs.get("messages")
-        return litellm.stream_chunk_builder(chunks, messages=list(messages) if messages is not None else None)
+        # A joined answer is the answer to the caller's messages, not to the last continuation request.
+        messages = self.call.request.messages if self._joined else self.attempt.kwargs.get("messages")
+        response = litellm.stream_chunk_builder(chunks, messages=list(messages) if messages is not None else None)
+        last_model = next((getattr(c, "model", None) for c in reversed(chunks) if getattr(c, "model", None)), None)
+        if response is not None and last_model:
+            with contextlib.suppress(Exception):
+                response.model = last_model  # the model that finished the answer (stream_chunk_builder takes the first)
+        return response
 
     def _caller_timeout(self, now: float) -> StreamInterrupted:
         """The caller's own ``timeout=`` ran out mid-stream: end it; the provider is not blamed."""
@@ -316,26 +665,52 @@ class _StreamCore:
         interrupted.__cause__ = error
         return interrupted
 
-    def _interrupt(self, error: Exception, reason: str, now: float) -> tuple[list[Any], bool]:
-        """A committed stream broke: raise :class:`StreamInterrupted`, unless the planner continues it.
+    def _broke(self, error: Exception, reason: str, now: float) -> tuple[list[Any], bool]:
+        """The live attempt failed mid-way (an error, an idle gap, an end without a finish reason).
 
-        With ``streaming.on_interrupt: continue`` the planner may go on with another model asked
-        to continue the text delivered so far; then this attempt is over (its reader is dropped)
-        and the next step launches the continuation, whose chunks are held back until its first
-        content, like any attempt's.
+        Before anything of it reached the caller it is an ordinary failure (the next model is
+        tried; a continuation's next model continues the same text). Once committed, the planner
+        may continue it with another model (``streaming.on_interrupt: continue``): then this
+        attempt is over and the next step launches the continuation, held back like any attempt
+        until its first content. Otherwise :class:`StreamInterrupted` is raised.
         """
         attempt = self.attempt
         assert attempt is not None
+        self._pending = []
+        if not self.committed:
+            self.call.on_error(attempt, error, now)
+            return [], True
         # classify_error follows the cause chain: an idle timeout counts as a timeout, a cut as a
         # connection error, on the breaker and in the span.
         interrupted = self._interrupted(error, reason)
-        self.call.on_interrupted(attempt, interrupted, "".join(self._text), now)
+        delivered = "".join(self._text)
+        self.call.on_interrupted(attempt, interrupted, delivered, now)
         if self.call.finished:
             self.finished = True
             raise interrupted
-        self.committed = False
-        self._pending = []
+        self._count_broken(attempt, delivered)
+        self.committed = self.alive = False
         return [], True
+
+    def _count_broken(self, attempt: Attempt, delivered: str) -> None:
+        """Estimate the tokens the broken attempt used (it never sent its usage): the join's usage adds them."""
+        sent = "".join(_text(c) for c in self._delivered_by(attempt))
+        try:
+            model = str(attempt.kwargs.get("model", ""))
+            prompt = litellm.token_counter(model=model, messages=list(attempt.kwargs.get("messages") or []))
+            completion = litellm.token_counter(model=model, text=sent) if sent else 0
+        except Exception:  # no tokenizer for this model: its share stays uncounted
+            log.debug("could not count the tokens of a broken stream", exc_info=True)
+            return
+        before_prompt, before_completion = self._prior_usage
+        self._prior_usage = (before_prompt + int(prompt), before_completion + int(completion))
+
+    def _delivered_by(self, attempt: Attempt) -> list[Any]:
+        return self._delivered[len(self._delivered) - attempt.record.chunks :] if attempt.record.chunks else []
+
+
+def _is_role_only(chunk: Any) -> bool:
+    return not _has_content(chunk) and not _has_finish_reason([chunk]) and _usage_of(chunk) is None
 
 
 class _StreamInfo:
@@ -373,6 +748,13 @@ class _ThreadReader:
     """
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
+        # An httpx client lent to this attempt alone (OpenAI-compatible providers): its sockets can
+        # be shut down from the caller's thread at any time, also while the request still waits
+        # for the response headers, so an abandoned attempt ends at once, not at litellm's timeout.
+        self._lease = _drivers.lease_client(kwargs)
+        if self._lease is not None:
+            _with_event_filter(self._lease.http)
+        self.filters: list[SSEFilter] = []
         self._demand: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -388,9 +770,11 @@ class _ThreadReader:
 
     def _run(self, kwargs: dict[str, Any]) -> None:
         stream: Any = None
+        _filters.set(self.filters)  # (this thread's own copy of the caller's context)
         try:
             try:
-                stream = _litellm_calls.completion(**kwargs)
+                lease = self._lease
+                stream = _litellm_calls.completion(**kwargs, **({"client": lease.client} if lease else {}))
             except Exception as error:
                 self._results.put(_Event("error", error=error))
                 return
@@ -421,6 +805,11 @@ class _ThreadReader:
             if stream is not None:
                 with contextlib.suppress(Exception):
                     stream.close()
+            if self._lease is not None:
+                _drivers.return_client(self._lease)
+
+    def skipped_events(self) -> int:
+        return sum(f.skipped for f in list(self.filters))
 
     def read(self, timeout: float) -> _Event:
         if not self._asked:
@@ -439,7 +828,9 @@ class _ThreadReader:
             if self._abandoned:
                 return
             self._abandoned = True
-            if self._reading and self._stream is not None:
+            if self._lease is not None:
+                self._lease.abort()  # wakes the helper wherever it waits: connecting, headers, a chunk
+            elif self._reading and self._stream is not None:
                 _interrupt_read(self._stream)
         self._demand.put(False)
 
@@ -482,6 +873,7 @@ class ResilientStream(_StreamInfo):
                         break
                     self._reader = _ThreadReader(_stream_kwargs(step))
                 event = self._reader.read(core.read_timeout(self._clock()))
+                core.note_skipped(self._reader.skipped_events())
                 chunks, over = core.feed(event, self._clock())
                 self._out.extend(chunks)
                 if over:
@@ -545,13 +937,20 @@ class _TaskReader:
     def __init__(self, kwargs: dict[str, Any]) -> None:
         self._kwargs = kwargs
         self._stream: Any = None
+        self.filters: list[SSEFilter] = []
+
+    def skipped_events(self) -> int:
+        return sum(f.skipped for f in self.filters)
 
     async def read(self, timeout: float) -> _Event:
         scope = asyncio.timeout(timeout)
+        _filters.set(self.filters)  # the HTTP hook runs in this task: it reports to this attempt
         try:
             async with scope:
                 if self._stream is None:
-                    self._stream = await _litellm_calls.acompletion(**self._kwargs)
+                    client = _async_client(self._kwargs)
+                    extra = {"client": client} if client is not None else {}
+                    self._stream = await _litellm_calls.acompletion(**self._kwargs, **extra)
                 chunk = await self._stream.__anext__()
         except StopAsyncIteration:
             return _END
@@ -573,6 +972,64 @@ class _TaskReader:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(_spawn, loop, self.aclose())
+
+
+_loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_loop_clients_lock = threading.Lock()
+
+
+def _async_client(kwargs: dict[str, Any]) -> Any:
+    """An ``openai.AsyncOpenAI`` on this event loop's own httpx client (which skips malformed events), or ``None``.
+
+    One client per loop and endpoint keeps connections alive between attempts. They are closed
+    when the loop shuts down its async generators (``asyncio.run`` does): a generator parked in
+    the loop holds the closing code, so a loop's connections never outlive it.
+    """
+    try:
+        credentials = _drivers.openai_credentials(kwargs)
+        if credentials is None or litellm.aclient_session is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        with _loop_clients_lock:
+            clients = _loop_clients.get(loop)
+            if clients is None:
+                clients = _loop_clients[loop] = {}
+                closer = _close_at_loop_end(clients)
+                clients["closer"] = closer  # a strong reference: the loop only tracks it weakly
+                _spawn(loop, anext(closer))  # runs to its first yield: the loop now finalizes it at shutdown
+            client = clients.get(credentials)
+            if client is None:
+                client = clients[credentials] = _new_async_client(*credentials)
+        return client
+    except Exception:  # never let the filtering fail a call: litellm's own client then
+        log.debug("could not make an async client for a stream; litellm's own is used", exc_info=True)
+        return None
+
+
+def _new_async_client(base_url: str, api_key: str, organization: str | None) -> Any:
+    import httpx
+    import openai
+    from litellm.llms.custom_httpx.http_handler import get_ssl_configuration, http2_enabled
+
+    http2 = http2_enabled()
+    http: Any = httpx.AsyncClient(  # (openai accepts an httpx client beside its own httpx2)
+        verify=get_ssl_configuration(http2=http2), http2=http2, follow_redirects=True,
+        event_hooks={"response": [_askip_malformed_events]},
+    )  # fmt: skip
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=base_url, organization=organization, http_client=http, max_retries=0
+    )
+
+
+async def _close_at_loop_end(clients: dict[Any, Any]) -> Any:
+    try:
+        yield
+    finally:
+        for key, client in list(clients.items()):
+            if key != "closer":
+                with contextlib.suppress(Exception):
+                    await client.close()
+        clients.clear()
 
 
 _closing: set[asyncio.Task[None]] = set()  # strong references: a pending task may otherwise be collected
@@ -614,6 +1071,7 @@ class AsyncResilientStream(_StreamInfo):
                         break
                     self._reader = _TaskReader(_stream_kwargs(step))
                 event = await self._reader.read(core.read_timeout(self._clock()))
+                core.note_skipped(self._reader.skipped_events())
                 chunks, over = core.feed(event, self._clock())
                 self._out.extend(chunks)
                 if over:

@@ -95,6 +95,22 @@ _TOOL_RESULT_ROLES = frozenset({"tool", "function"})
 
 
 @functools.lru_cache(maxsize=1024)
+def load_tokenizer(model: str) -> None:
+    """Load the tokenizer litellm uses for ``model`` now, once per model string per process.
+
+    litellm counts tokens to fill in a stream's usage (and the cost of answers without usage),
+    and loads the model's tokenizer the first time: 0.3 to 3 s of CPU for ``o200k_base``, spent
+    inside the first attempt on that model, where a first-token timeout would blame the provider
+    for it. The engine calls this for every model of its policy when a policy is put in force,
+    outside any attempt's time.
+    """
+    try:
+        litellm.token_counter(model=model, text="tokenizer")
+    except Exception:  # a model litellm cannot count for: it will not count for it inside a call either
+        log.debug("no tokenizer loaded for %s", model, exc_info=True)
+
+
+@functools.lru_cache(maxsize=1024)
 def litellm_context_window(model: str) -> int | None:
     """``max_input_tokens`` from litellm's model map, or ``None`` when litellm does not know the model.
 

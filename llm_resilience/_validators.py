@@ -14,7 +14,10 @@ Built-in validators (names used in the policy's ``validators:`` and in spans):
     or does not match the schema. Schemas are checked with ``jsonschema`` (a litellm
     dependency), pydantic classes with the class itself. The text must be the JSON itself,
     as the caller's ``json.loads(content)`` needs it: JSON inside a Markdown code fence
-    fails. An answer made of tool calls only is not checked: the model chose to call a tool.
+    fails. Tool calls are checked too, whatever the ``response_format``: each call's
+    ``arguments`` must parse as a JSON object, name a tool the request offered (when it
+    offered any), and match that tool's ``parameters`` JSON Schema. An answer whose tool
+    calls pass is not checked against ``response_format``: the model chose to call a tool.
 ``content_filter``
     ``finish_reason == "content_filter"``.
 
@@ -164,12 +167,13 @@ class ResponseValidator:
             response_format = kwargs.get("response_format")
             if response_format is None and sent is not None:
                 response_format = request.kwargs.get("response_format")
-            if response_format is not None:
-                for choice in choices:
+            for choice in choices:
+                problem = tool_call_problem(kwargs.get("tools") or request.kwargs.get("tools"), choice)
+                if problem is None and response_format is not None:
                     problem = json_problem(response_format, choice)
-                    if problem is not None:
-                        failed.append(Failed(k.INVALID_JSON, problem))
-                        break
+                if problem is not None:
+                    failed.append(Failed(k.INVALID_JSON, problem))
+                    break
         if actions.get(k.CONTENT_FILTER) != "off" and "content_filter" in finish_reasons:
             failed.append(Failed(k.CONTENT_FILTER, "finish_reason content_filter"))
         for name, action in actions.items():
@@ -231,6 +235,78 @@ def _has_tool_calls(choice: Any) -> bool:
 def _is_empty(choice: Any) -> bool:
     text = _text(choice)
     return (text is None or not text.strip()) and not _has_tool_calls(choice)
+
+
+def tool_call_problem(tools: Any, choice: Any) -> str | None:
+    """Why a tool call of ``choice`` is unusable (``None``: every call is fine, or there is none).
+
+    A call's ``arguments`` must parse as a JSON object; when the request offered ``tools``, the
+    call must name one of them and match its ``parameters`` schema. Like :func:`json_problem`,
+    the reason names the tool and a JSON path, never the arguments.
+    """
+    message = _message(choice)
+    calls = list(getattr(message, "tool_calls", None) or ())
+    legacy = getattr(message, "function_call", None)
+    if legacy is not None:
+        calls.append(_LegacyCall(legacy))
+    if not calls:
+        return None
+    offered = _offered_tools(tools)
+    for position, call in enumerate(calls):
+        function = getattr(call, "function", None)
+        if function is None and isinstance(call, Mapping):
+            function = call.get("function")
+        name = _field(function, "name")
+        arguments = _field(function, "arguments")
+        label = f"tool call {position}" + (f" ({name})" if isinstance(name, str) and name else "")
+        if isinstance(arguments, Mapping):
+            value: Any = dict(arguments)
+        else:
+            try:
+                value = json.loads(arguments or "")
+            except (TypeError, ValueError) as e:
+                msg = getattr(e, "msg", "not JSON")
+                return f"{label}: arguments not valid JSON: {msg}"
+        if not isinstance(value, dict):
+            return f"{label}: arguments are JSON {_json_type(value)}, expected an object"
+        if offered is None:
+            continue
+        if name not in offered:
+            return f"{label}: names a tool the request did not offer"
+        schema = offered[name]
+        if isinstance(schema, Mapping):
+            problem = _schema_problem(schema, value)
+            if problem is not None:
+                return f"{label}: {problem}"
+    return None
+
+
+class _LegacyCall:
+    """A ``function_call`` (the pre-tools form) seen as a tool call."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+
+def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _offered_tools(tools: Any) -> dict[str, Any] | None:
+    """Tool name -> its ``parameters`` schema (``None`` when none given), from the request's ``tools``."""
+    if not isinstance(tools, list | tuple) or not tools:
+        return None
+    offered: dict[str, Any] = {}
+    for tool in tools:
+        function = _field(tool, "function") if _field(tool, "type") in (None, "function") else None
+        name = _field(function, "name")
+        if isinstance(name, str):
+            offered[name] = _field(function, "parameters")
+        else:
+            return None  # a tool we cannot read (a provider's built-in tool, say): do not judge names
+    return offered
 
 
 def json_problem(response_format: Any, choice: Any) -> str | None:

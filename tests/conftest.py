@@ -125,7 +125,7 @@ def _warm_litellm(request: pytest.FixtureRequest) -> None:
 def _warm_up_litellm(provider: FakeProvider) -> None:
     """litellm's first call of each kind imports modules lazily (0.3 to 1 s), which would otherwise land
     inside some test's short timeout; and until an attempt has ended, timeouts are not blamed (cold start)."""
-    llm_resilience.warm_up()
+    llm_resilience.Resilience().warm_up()
 
 
 def _fresh(provider: FakeProvider) -> FakeProvider:

@@ -61,7 +61,7 @@ def test_incident_benchmark_reports_every_system_targets_and_a_plot(tmp_path: Pa
     assert rows["h"][back] == "never on primary"
     assert rows["h"][success] == "100.0 %"
 
-    targets = table_rows(report, "target (issue 4)")
+    targets = table_rows(report, "target")
     assert len(targets) == 5
     assert all(t[-1] in ("PASS", "**FAIL**") for t in targets)
     assert (tmp_path / "incident.png").read_bytes().startswith(b"\x89PNG")
@@ -74,11 +74,13 @@ def test_concurrent_incident_runs_providers_in_processes_and_dumps_the_attempts(
     )  # fmt: skip
     report = (tmp_path / "incident-40rps.md").read_text(encoding="utf-8")
     assert "its own OS process" in report
+    assert "](incident-40rps.png)" in report  # its own plot, not the 20 calls/s one
+    assert re.search(r"Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC on .+, \d+ CPUs", report)  # when, and on what
     rows = {re.match(r"\((\w)\)", r[0]).group(1): r for r in table_rows(report, "system")}  # type: ignore[union-attr]
     assert list(rows) == list("dgh")
     assert rows["h"][8] == "0" and rows["h"][1] == "100.0 %"  # counted by the provider processes
     assert int(rows["d"][8]) > 0  # the Router sends spike calls to the sick primary (its first failures)
-    targets = [t[0] for t in table_rows(report, "target (issue 4)")]
+    targets = [t[0] for t in table_rows(report, "target")]
     assert any("one soft timeout of the spike" in t for t in targets)
     lines = (tmp_path / "incident-40rps-attempts.jsonl").read_text(encoding="utf-8").splitlines()
     assert lines and all('"system": "g"' in line for line in lines)

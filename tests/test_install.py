@@ -130,6 +130,28 @@ def test_installed_default_engine_follows_set_default_engine(
     assert (big.request_count, small.request_count) == (0, 1)
 
 
+# -- start-up: a broken policy shows at start-up, not at the first LLM call ---------------------------
+
+
+@pytest.fixture
+def broken_policy_in_env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    path = tmp_path / "policy.yaml"
+    path.write_text("routes:\n  chat:\n    chain: [nowhere]\n")
+    monkeypatch.setenv("LLM_RESILIENCE_POLICY", str(path))
+    llm_resilience.set_default_engine(None)
+    yield str(path)
+    llm_resilience.set_default_engine(None)
+
+
+@pytest.mark.parametrize("start_up", ["install", "warm_up"])
+def test_a_broken_policy_fails_the_start_up_call_naming_file_and_line(broken_policy_in_env: str, start_up: str) -> None:
+    with pytest.raises(llm_resilience.PolicyError) as caught:
+        getattr(llm_resilience, start_up)()
+
+    assert f"{broken_policy_in_env}:3" in str(caught.value) and "nowhere" in str(caught.value)
+    assert litellm.completion is ORIGINAL_COMPLETION  # install() patched nothing
+
+
 # -- the policy owns a declared model's endpoint -----------------------------------------------------
 
 

@@ -7,9 +7,12 @@ test at a Jaeger you run yourself with ``JAEGER_QUERY_URL`` (e.g. ``http://local
 binary) the test skips and says so.
 
 What the engineer must see, asserted on what Jaeger returns (``/api/traces``, what its UI shows):
-one trace per call; the call span's summary (path, answered_by, fallbacks, error only when the call
-failed); attempt spans in order with the error on the failed one; a skipped model as a skip, not
-as a call; the breaker's transition with its cause; and no API key or prompt text anywhere.
+one trace per call, whose root span's name (the search list's row) says how the call ended; the call
+span's summary (path, answered_by, fallbacks, deadline, error only when the call failed, with a status
+description); attempt spans in order with the error on the failed one, named and tagged as the GenAI
+conventions say (model name without litellm's prefix, provider, request parameters); a skipped model as
+a skip, not as a call; the breaker's transition with its cause; no boolean tag but Jaeger's own ``error``;
+and no API key or prompt text anywhere.
 """
 
 from __future__ import annotations
@@ -195,7 +198,7 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     policy = policy_dict(["big", "small"], timeout_s=1.0, breakers={"big": {"fail_max": 1, "reset_timeout_s": reset_s}})
     engine = Resilience.from_dict(policy, tracer_provider=provider)
 
-    engine.completion("chat", MESSAGES)  # 1. big answers
+    engine.completion("chat", MESSAGES, temperature=0.3, max_tokens=50)  # 1. big answers
     big.set(Behavior.slow(3.0))
     engine.completion("chat", MESSAGES)  # 2. big times out, its breaker opens, small answers
     engine.completion("chat", MESSAGES)  # 3. big skipped (breaker open), small answers
@@ -219,29 +222,46 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert len(traces) == 5, [[s["operationName"] for s in t["spans"]] for t in found]  # one trace per call
     plain, timed_out, skipped, failed, probe = traces
 
+    # The search list: one row per call, named after the root span. A rescued call and a failed one
+    # no longer look alike there (both have an error span).
+    assert [t.root["operationName"] for t in traces] == [
+        f"{NS}.completion chat {outcome}" for outcome in ("answered", "rescued", "rescued", "failed", "answered")
+    ]
     for t in traces:
-        assert t.root["operationName"] == f"{NS}.completion chat"
         assert t.data["processes"][t.root["processID"]]["serviceName"] == service
         assert _tags(t.root)["span.kind"] == "internal"
         assert not [k for k in t.tags if k.startswith("gen_ai.")]  # the call span is not a model call
+        assert t.tags[f"{NS}.deadline_ms"] == 5000
+        # Jaeger shows booleans in red: the only one is its own error flag.
+        booleans = [
+            (s["operationName"], tag["key"]) for s in t.data["spans"] for tag in s["tags"] if tag["type"] == "bool"
+        ]
+        assert {key for _name, key in booleans} <= {"error"}, booleans
 
     # 1. A plain call: one attempt, no error anywhere.
-    assert plain.names == ["chat openai/gpt-4o"]
+    assert plain.names == ["chat gpt-4o"]  # GenAI: the model name sent, not litellm's "openai/gpt-4o"
+    genai = _tags(plain.attempts[0])
+    assert (genai["gen_ai.request.model"], genai["gen_ai.provider.name"]) == ("gpt-4o", "openai")
+    assert (genai["gen_ai.request.temperature"], genai["gen_ai.request.max_tokens"]) == (0.3, 50)
+    assert (genai["gen_ai.operation.name"], genai["server.address"]) == ("chat", "127.0.0.1")
     assert re.fullmatch(r"big: ok in \d+ ms", plain.tags[f"{NS}.path"])
     assert (plain.tags[f"{NS}.answered_by"], plain.tags[f"{NS}.fallbacks"]) == ("big", 0)
     assert "error" not in plain.tags
 
     # 2. A fallback: the failed attempt is red and says why and how long; the call is not red.
-    assert timed_out.names == ["chat openai/gpt-4o", "chat openai/gpt-4o-mini"]
+    assert timed_out.names == ["chat gpt-4o", "chat gpt-4o-mini"]
     assert re.fullmatch(
-        r"big: timeout after \d+ ms, breaker opened → small: ok in \d+ ms", timed_out.tags[f"{NS}.path"]
+        r"big: timeout after \d+ ms \(attempt bound 1000 ms\), breaker opened → small: ok in \d+ ms",
+        timed_out.tags[f"{NS}.path"],
     ), timed_out.tags[f"{NS}.path"]
     assert (timed_out.tags[f"{NS}.answered_by"], timed_out.tags[f"{NS}.fallbacks"]) == ("small", 1)
     assert "error" not in timed_out.tags
     first, second = (_tags(s) for s in timed_out.attempts)
     assert first["error"] is True
-    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.timeout_ms"]) == ("Timeout", "timeout", 1000)
-    assert first["span.kind"] == "client" and first["gen_ai.request.model"] == "openai/gpt-4o"
+    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.cut_by"]) == ("Timeout", "timeout", "attempt")
+    assert first[f"{NS}.bound.attempt_ms"] == 1000
+    assert first["otel.status_description"] == "timeout (Timeout): cut by the attempt bound of 1000 ms"
+    assert first["span.kind"] == "client" and first["gen_ai.request.model"] == "gpt-4o"
     assert timed_out.attempts[0]["duration"] >= 1_000_000  # µs: it waited its timeout
     assert "error" not in second and second["gen_ai.response.model"] == "gpt-4o-mini"
     transition = {f["key"]: f["value"] for f in timed_out.attempts[0]["logs"][0]["fields"]}
@@ -252,7 +272,7 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert f"{NS}.breaker.open_until" in transition
 
     # 3. After the breaker opened: big is a skip, not a call (no request, no server, no error).
-    assert skipped.names == ["skip big", "chat openai/gpt-4o-mini"]
+    assert skipped.names == ["skip big", "chat gpt-4o-mini"]
     skip = _tags(skipped.attempts[0])
     assert skip["span.kind"] == "internal"
     assert skip[f"{NS}.reason"] == "breaker_open" and skip[f"{NS}.breaker.state"] == "open"
@@ -260,8 +280,9 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert re.fullmatch(r"big: skipped, breaker_open until \S+Z → small: ok in \d+ ms", skipped.tags[f"{NS}.path"])
 
     # 4. A failed call: the call span is red and says what failed; so is the failed attempt.
-    assert failed.names == ["skip big", "chat openai/gpt-4o-mini"]
+    assert failed.names == ["skip big", "chat gpt-4o-mini"]
     assert failed.tags["error"] is True
+    assert failed.tags["otel.status_description"] == "AllAttemptsFailed: big breaker_open, small server_error"
     assert (failed.tags["error.type"], failed.tags[f"{NS}.call_outcome"]) == ("AllAttemptsFailed", "failed")
     assert f"{NS}.answered_by" not in failed.tags
     assert _tags(failed.attempts[1])["error"] is True
@@ -269,7 +290,8 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert "error" not in _tags(failed.attempts[0])
 
     # 5. The probe: the attempt carries both transitions, open -> half-open and half-open -> closed.
-    assert probe.names == ["chat openai/gpt-4o"]
+    assert probe.names == ["chat gpt-4o"]
+    assert _tags(probe.attempts[0])[f"{NS}.breaker.admission"] == "probe"
     assert re.fullmatch(r"big: ok in \d+ ms \(probe\), breaker closed", probe.tags[f"{NS}.path"])
     moves = [{f["key"]: f["value"] for f in log["fields"]} for log in probe.attempts[0]["logs"]]
     assert [(m[f"{NS}.breaker.to"], m[f"{NS}.breaker.cause"]) for m in moves] == [
@@ -283,7 +305,10 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
         "error.type=Timeout": _search(query_url, service, {"error.type": "Timeout"}),
         "reason=breaker_open": _search(query_url, service, {f"{NS}.reason": "breaker_open"}),
         "call_outcome=failed": _search(query_url, service, {f"{NS}.call_outcome": "failed"}),
-        "probe=true": _search(query_url, service, {f"{NS}.probe": "true"}),
+        "admission=probe": _search(query_url, service, {f"{NS}.breaker.admission": "probe"}),
+        "call_outcome=rescued": _search(query_url, service, {f"{NS}.call_outcome": "rescued"}),
+        "cut_by=attempt": _search(query_url, service, {f"{NS}.cut_by": "attempt"}),
+        "request.model=gpt-4o": _search(query_url, service, {"gen_ai.request.model": "gpt-4o"}),
         "cause=consecutive_failures": _search(query_url, service, {f"{NS}.breaker.cause": "consecutive_failures"}),
     }
     ids = {name: {t["traceID"] for t in hits} for name, hits in by_tag.items()}
@@ -291,7 +316,14 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert ids["error.type=Timeout"] == {timed_out.data["traceID"]}
     assert ids["reason=breaker_open"] == {skipped.data["traceID"], failed.data["traceID"]}
     assert ids["call_outcome=failed"] == {failed.data["traceID"]}
-    assert ids["probe=true"] == {probe.data["traceID"]}
+    assert ids["admission=probe"] == {probe.data["traceID"]}
+    assert ids["call_outcome=rescued"] == {timed_out.data["traceID"], skipped.data["traceID"]}
+    assert ids["cut_by=attempt"] == {timed_out.data["traceID"]}
+    assert ids["request.model=gpt-4o"] == {plain.data["traceID"], timed_out.data["traceID"], probe.data["traceID"]}
+    # The operation the search list shows is one of the search form's choices, and finds only those calls.
+    params = {"service": service, "operation": f"{NS}.completion chat failed", "limit": "50", "lookback": "1h"}
+    by_operation = _get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"]
+    assert {t["traceID"] for t in by_operation} == {failed.data["traceID"]}
     assert ids["cause=consecutive_failures"] == {timed_out.data["traceID"]}  # event attributes are searched too
 
     # Nothing secret went to Jaeger.

@@ -154,8 +154,9 @@ def test_init_refuses_to_overwrite_an_existing_file(tmp_path: Path, capsys: pyte
 def test_init_without_a_chain_writes_the_default_one(tmp_path: Path) -> None:
     target = tmp_path / "policy.yaml"
     assert main(["init", str(target)]) == 0
-    chain = Policy.from_file(target).route_for("chat", "default").chain
-    assert [spec.litellm_model for spec in chain] == ["openai/gpt-4o", "openai/gpt-4o-mini"]
+    route = Policy.from_file(target).route_for("chat", "default")
+    assert [spec.litellm_model for spec in route.chain] == ["openai/gpt-4o", "openai/gpt-4o-mini"]
+    assert route.on_interrupt == "continue" and "on_interrupt: continue" in target.read_text()
 
 
 # -- explain ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from llm_resilience._breakers import BreakerRegistry
 from llm_resilience._hooks import HookSet
 from llm_resilience._latency import LatencyStats
 from llm_resilience._planner import Attempt, Call, CallRequest, Done, Fail, Launch, Planner, Wait
-from llm_resilience._policy import Policy, ResolvedRoute
+from llm_resilience._policy import DEFAULT_CONTINUE_PROMPT, Policy, ResolvedRoute
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
 
@@ -75,6 +75,7 @@ def stream_planner(
     validator: Checks | None = None,
     hooks: Sequence[object] = (),
     idle_s: float | None = None,
+    continue_prompt: str | None = None,
 ) -> Planner:
     prefill = {"b": True, "c": False} if prefill is None else prefill
     klass: dict[str, Any] = {"timeout_s": 2.0, "deadline_s": 5.0}
@@ -89,10 +90,13 @@ def stream_planner(
         }
         if name in prefill:
             models[name]["assistant_prefill"] = prefill[name]
+    streaming: dict[str, Any] = {"on_interrupt": on_interrupt}
+    if continue_prompt is not None:
+        streaming["continue_prompt"] = continue_prompt
     pol = Policy.from_dict(
         {
             "models": models,
-            "routes": {"chat": {"chain": list(chain), "streaming": {"on_interrupt": on_interrupt}}},
+            "routes": {"chat": {"chain": list(chain), "streaming": streaming}},
             "prompt_classes": {"default": klass},
             "breakers": {"default": {"fail_max": 2, "reset_timeout_s": 30, **(breakers or {})}},
         }
@@ -166,7 +170,7 @@ def test_a_committed_stream_that_breaks_ends_the_call_when_on_interrupt_is_raise
     assert [r.model for r in call.records] == ["a"]  # no fallback: the caller already has text
     assert (first.record.outcome, first.record.reason) == ("failure", k.CONNECTION)
     assert p.breakers.get("a").fail_counter == 1  # still the provider's failure
-    assert "interrupted_after_chars" not in first.record.extra
+    assert first.record.extra["interrupted_after_chars"] == 5  # the span says where it broke
 
 
 def test_a_stream_that_fails_before_its_first_content_falls_back_invisibly() -> None:
@@ -330,14 +334,14 @@ def test_the_continuations_deadline_is_capped_by_the_callers_timeout() -> None:
     assert cont.timeout_s == pytest.approx(1.1)  # what the caller's bound leaves
 
 
-def test_models_that_cannot_prefill_are_skipped_and_the_caller_gets_the_interruption() -> None:
+def test_a_json_stream_is_continued_only_by_prefill_and_else_the_caller_gets_the_interruption() -> None:
     ended = Ended()
     p = stream_planner(prefill={"b": True, "c": False}, hooks=[ended])
-    call = start_stream(p)
+    call = start_stream(p, response_format={"type": "json_object"})
     first = launch(call, T0)
     first_content(call, first, T0 + 0.1)
-    error = interruption("Hello", connection_cut())
-    call.on_interrupted(first, error, "Hello", T0 + 0.5)
+    error = interruption('{"a": ', connection_cut())
+    call.on_interrupted(first, error, '{"a": ', T0 + 0.5)
     cont = launch(call, T0 + 0.5)
 
     call.on_error(cont, lx.BadRequestError("assistant prefill is not supported", "b", "openai"), T0 + 0.6)
@@ -347,10 +351,77 @@ def test_models_that_cannot_prefill_are_skipped_and_the_caller_gets_the_interrup
     reasons = [(r.model, r.outcome, r.reason) for r in call.records]
     assert reasons == [
         ("a", "failure", k.CONNECTION),
-        ("b", "failure", k.PREFILL_REJECTED),
+        ("b", "failure", k.PREFILL_REJECTED),  # no conversation retry: JSON needs an exact join
         ("c", "skipped", k.NO_PREFILL),
     ]
     assert p.breakers.get("b").fail_counter == 0  # a model that cannot prefill is not sick
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}],
+)
+def test_json_streams_want_an_exact_join(response_format: dict[str, Any]) -> None:
+    call = start_stream(stream_planner(prefill={"b": False, "c": True}), response_format=response_format)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("{", connection_cut()), "{", T0 + 0.5)
+
+    cont = launch(call, T0 + 0.5)
+
+    assert cont.spec.name == "c" and cont.record.extra["continuation"] == "prefill"
+    assert [(r.model, r.reason) for r in call.records[1:2]] == [("b", k.NO_PREFILL)]
+
+
+def test_a_model_without_prefill_continues_in_an_ordinary_conversation() -> None:
+    p = stream_planner(prefill={"b": False})
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hello, wor", connection_cut()), "Hello, wor", T0 + 0.5)
+
+    cont = launch(call, T0 + 0.5)
+
+    assert cont.spec.name == "b"
+    assert cont.kwargs["messages"] == [
+        *MESSAGES,
+        {"role": "assistant", "content": "Hello, wor"},  # a complete turn: no prefix flag
+        {"role": "user", "content": DEFAULT_CONTINUE_PROMPT},
+    ]
+    assert not any(m["role"] == "system" for m in cont.kwargs["messages"])
+    assert cont.record.extra["continuation"] == "conversation"
+    assert "prefill_chars" not in cont.record.extra
+
+
+def test_the_continue_prompt_is_the_routes_setting() -> None:
+    p = stream_planner(prefill={"b": False}, continue_prompt="Weiter, bitte.")
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hallo", connection_cut()), "Hallo", T0 + 0.5)
+
+    assert launch(call, T0 + 0.5).kwargs["messages"][-1] == {"role": "user", "content": "Weiter, bitte."}
+
+
+def test_a_rejected_prefill_is_asked_again_at_once_as_a_conversation_by_the_same_model() -> None:
+    p = stream_planner(prefill={"b": True, "c": True})
+    call = start_stream(p)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hello", connection_cut()), "Hello", T0 + 0.5)
+    cont = launch(call, T0 + 0.5)
+    assert cont.record.extra["continuation"] == "prefill"
+
+    call.on_error(cont, lx.BadRequestError("assistant prefill is not supported", "b", "openai"), T0 + 0.6)
+    again = launch(call, T0 + 0.6)  # no backoff
+
+    assert again.spec.name == "b" and again.record.retry_of == cont.record.index
+    assert again.record.extra["continuation"] == "conversation"
+    assert cont.record.extra["continue_as"] == "conversation"
+    assert again.kwargs["messages"][-2] == {"role": "assistant", "content": "Hello"}
+    first_content(call, again, T0 + 0.7)
+    assert call.summary()["joins"] == [{"from": 0, "at_chars": 5, "to": 2, "model": "b"}]
+    assert p.breakers.get("b").fail_counter == 0
 
 
 @pytest.mark.parametrize("says", ["assistant prefill is not supported", "Prefix completion is not available"])
@@ -386,12 +457,10 @@ def test_a_model_without_a_policy_word_on_prefill_follows_litellms_map() -> None
     call = start_stream(p)
     first = launch(call, T0)
     first_content(call, first, T0 + 0.1)
-    error = interruption("Hello", connection_cut())
 
-    call.on_interrupted(first, error, "Hello", T0 + 0.5)
+    call.on_interrupted(first, interruption("Hello", connection_cut()), "Hello", T0 + 0.5)
 
-    assert final_error(call, T0 + 0.5) is error
-    assert [r.reason for r in call.records[1:]] == [k.NO_PREFILL, k.NO_PREFILL]
+    assert launch(call, T0 + 0.5).record.extra["continuation"] == "conversation"
 
 
 def test_a_non_stream_call_never_asks_for_a_prefill() -> None:

@@ -46,7 +46,7 @@ OVERRIDDEN = {
             "on_all_invalid": "return_best",
             "hedge": {"after": 0.5},
             "retries": {"max_retries": 1},
-            "streaming": {"on_interrupt": "continue"},
+            "streaming": {"on_interrupt": "raise"},
         }
     },
 }
@@ -60,7 +60,7 @@ def test_a_class_override_replaces_what_it_sets_and_merges_validators() -> None:
     assert route.on_all_invalid == "return_best"
     assert route.hedge is not None and route.hedge.after == 0.5
     assert route.retries is not None and route.retries.max_retries == 1
-    assert route.on_interrupt == "continue"
+    assert route.on_interrupt == "raise"  # raise stays available per class
     assert route.truncation.strategy == "off"  # the route's: not overridable per class
 
 
@@ -70,7 +70,7 @@ def test_other_classes_get_the_route_as_written() -> None:
     assert route.name == "chat"
     assert [m.name for m in route.chain] == ["a", "b"]
     assert route.validators == {"empty": "flag", "invalid_json": "fall_back"}
-    assert (route.on_all_invalid, route.hedge, route.retries, route.on_interrupt) == ("raise", None, None, "raise")
+    assert (route.on_all_invalid, route.hedge, route.retries, route.on_interrupt) == ("raise", None, None, "continue")
 
 
 def test_an_override_that_sets_only_some_fields_keeps_the_routes_others() -> None:

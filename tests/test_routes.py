@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import litellm
@@ -11,6 +13,7 @@ from conftest import MESSAGES, EngineFactory, PolicyBuilder
 
 from llm_resilience import Policy
 from llm_resilience._routes import register_routes
+from llm_resilience.testing import FakeProvider
 
 
 def _with_models(policy: dict[str, Any], **fields: dict[str, Any]) -> dict[str, Any]:
@@ -114,3 +117,53 @@ def test_the_engine_built_last_describes_a_shared_route_name(
     make_engine(policy_dict(["big", "small"]))
 
     assert litellm.supports_function_calling("chat") is True
+
+
+def _stand_in_for_openai(monkeypatch: pytest.MonkeyPatch, provider: FakeProvider) -> None:
+    """litellm sends a bare OpenAI model name to ``OPENAI_BASE_URL`` with ``OPENAI_API_KEY``: point both here."""
+    monkeypatch.setenv("OPENAI_BASE_URL", provider.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-application-key")
+
+
+def _through_litellm(name: str) -> dict[str, Callable[[], Any]]:
+    kwargs: dict[str, Any] = {"messages": MESSAGES, "num_retries": 0, "max_retries": 0}
+    deployment = [{"model_name": "deployment", "litellm_params": {"model": name}}]
+    return {
+        "completion": lambda: litellm.completion(model=name, **kwargs),
+        "acompletion": lambda: asyncio.run(litellm.acompletion(model=name, **kwargs)),
+        "stream": lambda: list(litellm.completion(model=name, stream=True, **kwargs)),
+        "text_completion": lambda: litellm.text_completion(model=name, prompt="hi", max_retries=0),
+        "router": lambda: litellm.Router(model_list=deployment).completion(model="deployment", **kwargs),
+        "async router": lambda: asyncio.run(
+            litellm.Router(model_list=deployment).acompletion(model="deployment", **kwargs)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["chat", "big"])
+def test_a_route_name_called_through_litellm_itself_fails_loudly_and_sends_nothing(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    make_engine(policy_dict(["big", "small"]))
+    with FakeProvider() as stand_in:
+        _stand_in_for_openai(monkeypatch, stand_in)
+        for how, call in _through_litellm(name).items():
+            with pytest.raises(litellm.BadRequestError, match=r"llm_resilience\.completion") as caught:
+                call()
+            assert "sk-application-key" not in str(caught.value), how
+
+        assert stand_in.requests == [] and stand_in.other_requests == []
+    assert litellm.supports_function_calling(name) is True  # capability look-ups still answer
+
+
+def test_a_route_name_the_new_policy_dropped_is_litellm_own_again(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder
+) -> None:
+    old = policy_dict(["big"])
+    old["routes"]["extract"] = {"chain": ["big"]}
+    engine = make_engine(old)
+
+    register_routes(Policy.from_dict(policy_dict(["big"])), owner=engine)
+
+    assert "extract" not in litellm.model_alias_map
+    assert litellm.model_alias_map.get("chat") == "llm-resilience/chat"

@@ -1,5 +1,5 @@
-"""The README's span schema table is what the code emits: every span matches a row, carries the row's
-"always" attributes, and carries nothing the row does not list."""
+"""The span schema table of the on-call guide (docs/guides/on-call.md) is what the code emits: every
+span matches a row, carries the row's "always" attributes, and carries nothing the row does not list."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind
 from llm_resilience import AllAttemptsFailed
 from llm_resilience.testing import Behavior, FakeProvider
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ON_CALL_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guides" / "on-call.md"
 
 
 @dataclass
@@ -30,8 +30,8 @@ class Row:
 
 
 def schema_rows() -> dict[str, Row]:
-    text = README.read_text()
-    section = text.split("### Span schema", 1)[1].split("\n### ", 1)[0]
+    text = ON_CALL_GUIDE.read_text()
+    section = text.split("## Span schema", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -1,8 +1,9 @@
-"""Mid-stream continuation (opt-in): ``streaming: {on_interrupt: continue}``.
+"""Mid-stream continuation by assistant prefill (``streaming: {on_interrupt: continue}``, the default).
 
 A stream cut or stalled after content reached the caller goes on with the next model, asked to
-continue the text already sent (an assistant prefill); only the continuation reaches the caller.
-Models that cannot continue are skipped, and their 400 is never the final error.
+continue the text already sent (an assistant prefill where the model accepts one); only the
+continuation reaches the caller. The conversation form, for models without prefill, is in
+``test_stream_recovery.py``.
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ def continuing_engine(
     return make_engine(policy)
 
 
-def read_all(mode: str, engine: Resilience) -> tuple[str, Any]:
-    text, stream, error = read_until_error(mode, engine)
+def read_all(mode: str, engine: Resilience, **kwargs: Any) -> tuple[str, Any]:
+    text, stream, error = read_until_error(mode, engine, **kwargs)
     if error is not None:
         raise error
     return text, stream
 
 
-def read_until_error(mode: str, engine: Resilience) -> tuple[str, Any, BaseException | None]:
+def read_until_error(mode: str, engine: Resilience, **kwargs: Any) -> tuple[str, Any, BaseException | None]:
     """The text received, the stream (for its summary) and the error that ended it, if any."""
     parts: list[str] = []
     if mode == "sync":
-        stream = engine.completion("chat", MESSAGES, stream=True)
+        stream = engine.completion("chat", MESSAGES, stream=True, **kwargs)
         try:
             for chunk in stream:
                 parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
@@ -51,7 +52,7 @@ def read_until_error(mode: str, engine: Resilience) -> tuple[str, Any, BaseExcep
         return "".join(parts), stream, None
 
     async def run() -> tuple[str, Any, BaseException | None]:
-        stream = await engine.acompletion("chat", MESSAGES, stream=True)
+        stream = await engine.acompletion("chat", MESSAGES, stream=True, **kwargs)
         try:
             async for chunk in stream:
                 parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
@@ -102,11 +103,11 @@ def test_broken_stream_is_continued_by_the_next_model(
     }
     assert spans["big"]["llm_resilience.interrupted_after_chars"] == len(delivered_before)
     assert spans["small"]["llm_resilience.continues"] == 0
-    assert spans["small"]["llm_resilience.join"] is True
+    assert spans["small"]["llm_resilience.attempt.role"] == "continuation"
     assert spans["small"]["llm_resilience.prefill_chars"] == len(delivered_before)
 
 
-def test_models_that_cannot_prefill_are_skipped_and_their_400_is_never_the_final_error(
+def test_a_json_stream_is_never_continued_in_conversation_and_the_400_is_never_the_final_error(
     mode: str,
     make_engine: EngineFactory,
     policy_dict: PolicyBuilder,
@@ -114,15 +115,16 @@ def test_models_that_cannot_prefill_are_skipped_and_their_400_is_never_the_final
     small: FakeProvider,
     tiny: FakeProvider,
 ) -> None:
-    # small says it can (policy) but rejects the prefill with a 400; tiny is declared unable: never asked.
+    # small says it can prefill (policy) but rejects it with a 400; tiny cannot: a JSON answer
+    # is continued only where the join is exact, so the caller gets the interruption.
     engine = continuing_engine(make_engine, policy_dict, ["big", "small", "tiny"], {"small": True, "tiny": False})
-    big.set(Behavior(content="Hello, wor", chunks=2, cut_after_chunks=2))
-    small.set(Behavior(content="ld!", reject_prefill=True))
+    big.set(Behavior(content='{"a": 1}', chunks=2, cut_after_chunks=1))
+    small.set(Behavior(content='{"a": 1}', reject_prefill=True))
 
-    text, stream, error = read_until_error(mode, engine)
+    text, stream, error = read_until_error(mode, engine, response_format={"type": "json_object"})
 
     assert isinstance(error, StreamInterrupted)  # not small's 400
-    assert text == error.generated_content == "Hello, wor"
+    assert text == error.generated_content == '{"a"'
     assert small.request_count == 1 and tiny.request_count == 0
     attempts = [(a["model"], a["outcome"], a["reason"]) for a in stream.llm_resilience["attempts"]]
     assert attempts == [
@@ -133,10 +135,12 @@ def test_models_that_cannot_prefill_are_skipped_and_their_400_is_never_the_final
     assert engine.breakers.get("small").fail_counter == 0  # a model that cannot prefill is not sick
 
 
-def test_default_stays_raise(
+def test_raise_stays_available_per_route(
     mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
-    engine = make_engine(policy_dict(["big", "small"], prompt_classes=CLASSES))
+    policy = policy_dict(["big", "small"], prompt_classes=CLASSES)
+    policy["routes"]["chat"]["streaming"] = {"on_interrupt": "raise"}
+    engine = make_engine(policy)
     big.set(Behavior(content="Hello, wor", chunks=2, cut_after_chunks=2))
 
     with pytest.raises(StreamInterrupted):

@@ -263,6 +263,49 @@ def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make
     assert set(engine.breaker_states().values()) == {"closed"}, counted.records[:6]
 
 
+def _thread_burst(engine: Resilience, n: int) -> list[Any]:
+    """``n`` threads released together, one sync call each: the answering model's name, or the error."""
+    results: list[Any] = []
+    barrier = threading.Barrier(n)
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            results.append(hidden(engine.completion("chat", MESSAGES))["model"])
+        except Exception as error:  # collected: the assertion names them
+            results.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_thread_bursts_against_healthy_providers_open_no_breaker(make_engine: EngineFactory) -> None:
+    # The soft timeout is the learned p95 alone (~70 ms), no floor: 16 threads on 2 cores wait 40-100 ms
+    # for the GIL after their answer has arrived. Timed by the thread, that wait made a healthy big
+    # "slow" and opened its breaker in 4 of 12 bench rounds; timed by the kernel (when the answer's
+    # bytes came in), it is the client's.
+    rounds = 3
+    with provider_process(0.06) as big_url, provider_process(0.04) as small_url:
+        policy: dict[str, Any] = {
+            "models": {"big": model_entry("big", big_url), "small": model_entry("small", small_url)},
+            "routes": {"chat": {"chain": ["big", "small"]}},
+            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95}}},
+            "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
+        }
+        for _ in range(rounds):
+            counted = _CountedFailures()
+            engine = make_engine(policy, hooks=[counted])  # fresh breakers and latency windows
+            for _ in range(25):
+                engine.completion("chat", MESSAGES)
+            results = _thread_burst(engine, 16)
+            assert len(results) == 16 and all(isinstance(r, str) for r in results), results
+            assert set(engine.breaker_states().values()) == {"closed"}, counted.records[:6]
+
+
 # -- a call that fails without sending anything still yields to the event loop -------------------
 
 

@@ -42,6 +42,14 @@ class Person(BaseModel):
     age: int
 
 
+LOOKUP_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+    },
+}
+
 # name -> (big's answer, extra call kwargs, expected reason)
 SOFT_FAILURES: dict[str, tuple[Behavior, dict[str, Any], str]] = {
     "empty": (Behavior(body="empty"), {}, "empty"),
@@ -57,6 +65,22 @@ SOFT_FAILURES: dict[str, tuple[Behavior, dict[str, Any], str]] = {
     "schema_missing_field": (Behavior.json({"name": "Ada"}), {"response_format": PERSON_SCHEMA}, "invalid_json"),
     "pydantic_mismatch": (Behavior.json({"name": "Ada"}), {"response_format": Person}, "invalid_json"),
     "content_filter": (Behavior(finish_reason="content_filter"), {}, "content_filter"),
+    "tool_arguments_not_json": (
+        Behavior(tool_calls=[{"name": "lookup", "arguments": '{"q": "x'}]),
+        {"tools": [{"type": "function", "function": {"name": "lookup"}}]},
+        "invalid_json",
+    ),
+    "tool_arguments_not_an_object": (Behavior(tool_calls=[{"name": "lookup", "arguments": "[1]"}]), {}, "invalid_json"),
+    "tool_arguments_schema_mismatch": (
+        Behavior(tool_calls=[{"name": "lookup", "arguments": {"q": 3}}]),
+        {"tools": [LOOKUP_TOOL]},
+        "invalid_json",
+    ),
+    "tool_not_offered": (
+        Behavior(tool_calls=[{"name": "delete_everything", "arguments": {}}]),
+        {"tools": [LOOKUP_TOOL]},
+        "invalid_json",
+    ),
 }
 
 

@@ -45,7 +45,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import Any, Literal, cast, get_args
@@ -114,6 +114,21 @@ class Behavior:
     seconds apart (every read sees progress, so a per-read timeout never fires).
     ``reject_prefill``: a request whose last message is the assistant's (a prefill) gets a 400
     saying prefill is not supported; other requests are answered as scripted.
+
+    Mid-stream faults: ``stall_after_chunks=N`` sends N content chunks, then nothing until the
+    client goes away; ``malformed_after_chunks=N`` sends one event that is not JSON after the
+    N-th content chunk, then goes on normally.
+
+    Continuing a broken stream: with ``continuation`` set, a request that carries part of
+    ``content`` as an assistant message (a prefill, or an assistant turn followed by a user
+    turn asking to go on) is answered with ``"proper"``: the rest of ``content`` after that part
+    (its leading space dropped, as a model starting a new message does); ``"restart"``: the
+    whole ``content`` again; ``"tail"``: the last ``continuation_overlap_words`` words of that part,
+    then the rest. Other requests are answered as scripted.
+
+    Tool calls stream one delta per call unless ``chunks`` > 1: then each call's arguments are
+    split into ``chunks`` deltas (``cut_after_chunks`` counts them). ``text_before_tools`` is
+    text sent before the tool calls, in the same answer.
     """
 
     latency_s: float = 0.0
@@ -132,6 +147,11 @@ class Behavior:
     no_done: bool = False
     trickle_byte_s: float | None = None
     reject_prefill: bool = False
+    stall_after_chunks: int | None = None
+    malformed_after_chunks: int | None = None
+    continuation: Literal["proper", "restart", "tail"] | None = None
+    continuation_overlap_words: int = 3
+    text_before_tools: str | None = None
 
     def __post_init__(self) -> None:
         if self.latency_s < 0 or self.inter_chunk_s < 0:
@@ -146,6 +166,10 @@ class Behavior:
             raise ValueError("cut_after_chunks must be >= 0")
         if self.retry_after_s is not None and self.retry_after_s < 0:
             raise ValueError("retry_after_s must be >= 0")
+        for name in ("stall_after_chunks", "malformed_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
 
     @classmethod
     def ok(cls, content: str = DEFAULT_CONTENT, *, latency_s: float = 0.0) -> Behavior:
@@ -245,6 +269,7 @@ class FakeProvider:
         self._initial_behavior = behavior or Behavior()
         self._scripts = _Scripts(default=self._initial_behavior)
         self._requests: list[RecordedRequest] = []
+        self._other_paths: list[str] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -326,6 +351,7 @@ class FakeProvider:
         """
         with self._lock:
             self._requests.clear()
+            self._other_paths.clear()
             self._scripts.queue.clear()
             self._scripts.per_model_queue.clear()
             if behaviors:
@@ -337,6 +363,19 @@ class FakeProvider:
         """Snapshot of the chat-completions requests received so far (oldest first)."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def other_requests(self) -> list[str]:
+        """``"METHOD /path"`` of every request to a path it does not serve (answered 404), oldest first.
+
+        With :attr:`requests` it says whether anything at all reached this endpoint (e.g. one
+        standing in for ``OPENAI_BASE_URL``)."""
+        with self._lock:
+            return list(self._other_paths)
+
+    def _record_other(self, method: str, path: str) -> None:
+        with self._lock:
+            self._other_paths.append(f"{method} {path}")
 
     @property
     def request_count(self) -> int:
@@ -525,6 +564,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = [{"id": n, "object": "model", "created": created, "owned_by": "fake"} for n in names]
             self._send_json(200, {"object": "list", "data": data})
         else:
+            self._srv.provider._record_other("GET", path)
             self._send_error_json(404, f"Unknown path {path!r}.", code="not_found")
 
     def do_POST(self) -> None:
@@ -533,6 +573,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in _CHAT_PATHS:
+            self._srv.provider._record_other("POST", path)
             self._send_error_json(404, f"Unknown path {path!r}.", code="not_found")
             return
         try:
@@ -586,6 +627,8 @@ class _Handler(BaseHTTPRequestHandler):
         if behavior.reject_prefill and record.messages and record.messages[-1].get("role") == "assistant":
             self._send_error_json(400, PREFILL_REJECTED_MESSAGE)
             return True
+        if behavior.continuation is not None:
+            behavior = _continuing(behavior, record.messages)
         if behavior.status >= 400:
             err_type, message, code = _error_defaults(behavior.status)
             self._send_error_json(
@@ -649,8 +692,12 @@ class _Handler(BaseHTTPRequestHandler):
         deltas: list[dict[str, Any]]
         if behavior.tool_calls:
             calls = _tool_calls(behavior.tool_calls)
-            deltas = [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(calls)]
-            deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
+            deltas = [d for i, call in enumerate(calls) for d in _tool_call_deltas(i, call, behavior.chunks)]
+            if behavior.text_before_tools:
+                deltas = [{"content": part} for part in _split(behavior.text_before_tools, behavior.chunks)] + deltas
+                deltas[0] = {"role": "assistant", **deltas[0]}
+            else:
+                deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
         else:
             content = "" if behavior.body == "empty" else behavior.content
             deltas = [{"content": part} for part in _split(content, behavior.chunks)]
@@ -662,9 +709,13 @@ class _Handler(BaseHTTPRequestHandler):
             if behavior.cut_after_chunks is not None and index >= behavior.cut_after_chunks:
                 self.close_connection = True
                 return False
+            if behavior.stall_after_chunks is not None and index >= behavior.stall_after_chunks:
+                self._wait(None)  # until the client goes away (or the server stops)
             if index == 0 and behavior.body == "malformed":
                 self._write_chunk(b'data: {"id": "' + chunk_id.encode() + b'", "choices": [{"delta": {\n\n')
                 continue
+            if index > 0 and index == behavior.malformed_after_chunks:
+                self._write_chunk(b'data: {"id": "' + chunk_id.encode() + b'", "choices": [{"delta": {\n\n')
             self._write_event(event(delta))
 
         if behavior.cut_after_chunks is not None and behavior.cut_after_chunks >= len(deltas):
@@ -815,6 +866,49 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return normalised
+
+
+def _tool_call_deltas(index: int, call: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """One call's stream deltas: whole (``parts`` 1), or its arguments in ``parts`` pieces as OpenAI sends them."""
+    if parts <= 1:
+        return [{"tool_calls": [{"index": index, **call}]}]
+    function = call["function"]
+    head = {
+        "index": index,
+        "id": call["id"],
+        "type": call["type"],
+        "function": {"name": function["name"], "arguments": ""},
+    }
+    pieces = _split(function["arguments"], parts)
+    return [{"tool_calls": [head]}] + [
+        {"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces
+    ]
+
+
+def _continuing(behavior: Behavior, messages: list[dict[str, Any]]) -> Behavior:
+    """How a request asking to continue part of ``behavior.content`` is answered (see ``Behavior``)."""
+    full = behavior.content
+    delivered = next(
+        (
+            m["content"]
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
+        ),
+        None,
+    )
+    if not delivered or not full.startswith(delivered) or delivered == full:
+        return behavior
+    rest = full[len(delivered) :]
+    if behavior.continuation == "restart":
+        text = full
+    elif behavior.continuation == "tail":
+        words = delivered.split(" ")
+        text = " ".join(words[-behavior.continuation_overlap_words :]) + rest
+    elif messages[-1].get("role") == "assistant":
+        text = rest  # a prefill: the model writes on from the last character
+    else:
+        text = rest.lstrip(" ")
+    return replace(behavior, content=text, continuation=None)
 
 
 def _finish_reason(behavior: Behavior) -> str:

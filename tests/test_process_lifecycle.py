@@ -1,0 +1,118 @@
+"""A process's life around the library, each in a fresh interpreter: import, start-up, first call, exit.
+
+Import-time and first-call behaviour only shows in a process that has not done it yet, so every
+test here runs a short script in a new ``python`` (``sys.executable``) and reads what it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+
+def run_fresh(script: str, env: dict[str, str] | None = None, timeout: float = 180) -> dict[str, Any]:
+    """Run ``script`` in a new interpreter; returns the JSON object on its last stdout line."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env if env is not None else dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _environment_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+ENVIRONMENT_AROUND_IMPORT = """
+    import json, os
+    before = dict(os.environ)
+    import llm_resilience
+    after_import = dict(os.environ)
+    llm_resilience.Resilience.from_dict({"models": {"m": {"litellm_params": {"model": "openai/gpt-4o"}}}})
+    after_engine = dict(os.environ)
+    def added(now): return {k: v for k, v in now.items() if before.get(k) != v}
+    print(json.dumps({"import": added(after_import), "engine": added(after_engine),
+                      "removed": sorted(set(before) - set(after_engine))}))
+"""
+
+
+def test_importing_and_building_an_engine_sets_nothing_but_litellm_own_switch() -> None:
+    env = _environment_without("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "LITELLM_LOCAL_MODEL_COST_MAP")
+
+    changed = run_fresh(ENVIRONMENT_AROUND_IMPORT, env)
+
+    assert changed["import"] == {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    assert changed["engine"] == {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    assert changed["removed"] == []
+
+
+def test_an_application_choice_of_litellm_switch_is_kept() -> None:
+    env = _environment_without("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "true"  # the application's own spelling of it
+
+    changed = run_fresh(ENVIRONMENT_AROUND_IMPORT, env)
+
+    assert changed == {"import": {}, "engine": {}, "removed": []}
+
+
+FIRST_CALL = """
+    import asyncio, json, sys
+    import llm_resilience
+    from llm_resilience.testing import Behavior, FakeProvider
+
+    mode = sys.argv[1]
+    with FakeProvider() as big, FakeProvider() as small:
+        big.set(Behavior.slow(3.0) if mode == "hedged" else Behavior.error(503))
+        route = {"chain": ["big", "small"]}
+        if mode == "hedged":
+            route["hedge"] = {"after": 0.1, "budget_ratio": 1.0}
+        engine = llm_resilience.Resilience.from_dict({
+            "models": {
+                name: {"litellm_params": {"model": model, "api_base": p.base_url, "api_key": "sk-test"}}
+                for name, model, p in (("big", "openai/gpt-4o", big), ("small", "openai/gpt-4o-mini", small))
+            },
+            "routes": {"chat": route},
+            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 10}},
+        })
+        messages = [{"role": "user", "content": "hi"}]
+        try:
+            if mode == "stream":
+                chunks = list(engine.completion("chat", messages, stream=True))
+                answered_by = "small" if chunks else None  # big answers 503
+                attempts = []
+            else:
+                call = engine.acompletion("chat", messages) if mode == "async" else None
+                response = asyncio.run(call) if call else engine.completion("chat", messages)
+                summary = response._hidden_params["llm_resilience"]
+                answered_by = summary["model"]
+                attempts = [(a["model"], a["outcome"], a["reason"]) for a in summary["attempts"]]
+        except llm_resilience.AllAttemptsFailed as e:
+            answered_by = None
+            attempts = [(a.model, a.outcome, a.reason) for a in e.attempts]
+        failures = {name: engine.breakers.get(name).fail_counter for name in ("big", "small")}
+    print(json.dumps({"answered_by": answered_by, "attempts": attempts, "failures": failures}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "stream", "hedged"])
+def test_the_first_call_of_a_process_is_not_blamed_for_litellm_first_call_costs(mode: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FIRST_CALL), mode], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result["answered_by"] == "small", result
+    assert ["small", "failure", "timeout"] not in result["attempts"], result
+    assert result["failures"]["small"] == 0, result
