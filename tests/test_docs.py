@@ -241,3 +241,16 @@ def test_every_results_file_says_when_and_on_what_machine() -> None:
         head = path.read_text(encoding="utf-8")[:1500]
         assert re.search(r"Measured (by )?\d{4}-\d\d-\d\d \d\d:\d\d UTC", head), f"{path.name}: no date"
         assert re.search(r"\d+ CPUs", head), f"{path.name}: no machine"
+
+
+def test_every_public_name_is_on_the_api_page_with_a_docstring() -> None:
+    import llm_resilience
+    import llm_resilience.testing
+
+    api = _page("reference/api.md")
+    for name in (n for n in llm_resilience.__all__ if n != "__version__"):
+        assert f"::: llm_resilience.{name}\n" in api, f"docs/reference/api.md does not document llm_resilience.{name}"
+        assert (getattr(llm_resilience, name).__doc__ or "").strip(), f"llm_resilience.{name} has no docstring"
+    for name in ("FakeProvider", "Behavior", "provider_process"):
+        assert f"::: llm_resilience.testing.{name}\n" in api
+        assert (getattr(llm_resilience.testing, name).__doc__ or "").strip(), f"testing.{name} has no docstring"
