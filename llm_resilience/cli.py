@@ -169,6 +169,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a short run: 30 requests at scale 0.03 (~5 s)")
     demo.add_argument("--quiet", action="store_true", help="print only the summary")
+    demo.add_argument(
+        "--review-log",
+        metavar="FILE",
+        help="keep the policy's fallback review log in FILE (by default it is written to a temporary "
+        "directory removed when the demo ends)",
+    )
     demo.set_defaults(run=_demo)
 
     schema = _command(
@@ -307,7 +313,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     requests, scale = (30, 0.03) if args.quick else (args.requests, args.scale)
     try:
-        return run_demo(policy_path=args.policy, requests=requests, scale=scale, quiet=args.quiet)
+        return run_demo(
+            policy_path=args.policy, requests=requests, scale=scale, quiet=args.quiet, review_log=args.review_log
+        )
     except PolicyError as e:
         _print_problems(e.problems)
         return 2

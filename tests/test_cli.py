@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -149,6 +150,25 @@ def test_demo_replays_the_incident_falls_back_and_the_breaker_opens_and_closes()
     assert n["primary_spike_requests"] < n["spike_requests"]
     assert "Next: `llm-resilience init policy.yaml`" in proc.stdout
     assert not re.search(r"^ +\d+ +(healthy|spike|recovered) ", proc.stdout, re.M), "--quiet prints no request lines"
+
+
+def test_demo_leaves_no_temporary_directory_and_keeps_the_review_log_only_where_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp & co. put things
+    kept = tmp_path / "review.jsonl"
+
+    assert run_demo(requests=30, scale=0.03, quiet=True, out=io.StringIO()) == 0
+    assert list(scratch.iterdir()) == []
+    out = io.StringIO()
+    assert run_demo(requests=30, scale=0.03, quiet=True, out=out, review_log=kept) == 0
+
+    assert list(scratch.iterdir()) == []
+    lines = kept.read_text().splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines)
+    assert f"{len(lines)} lines (one per fallback) in {kept}" in out.getvalue()
 
 
 CUSTOM_POLICY = """\
