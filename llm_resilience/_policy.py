@@ -583,17 +583,19 @@ class Policy:
         built in, registered already (:func:`llm_resilience.register_validator`), or listed
         in ``validators`` (names the application registers before it builds the engine).
         """
-        p = Path(path)
+        return cls.from_bytes(read_policy_bytes(path), source=str(path), validators=validators)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", *, validators: Collection[str] = ()) -> Policy:
+        """Validate a policy file's content: UTF-8 YAML (the one reader of the engine, reloads and ``validate``)."""
         try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = e.object.count(b"\n", 0, e.start) + 1
+            line = data.count(b"\n", 0, e.start) + 1
             raise PolicyError(
-                [f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8"]
+                [f"{source}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"]
             ) from None
-        return cls.from_yaml(text, source=str(p), validators=validators)
+        return cls.from_yaml(text, source=source, validators=validators)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>", *, validators: Collection[str] = ()) -> Policy:
@@ -601,6 +603,10 @@ class Policy:
         data, lines, problems = _parse_yaml(text, source)
         if problems and not lines:  # not YAML at all (or too big to be a policy): nothing more to check
             raise PolicyError(_finish(source, problems))
+        if data is None and not problems:
+            # Empty, or comments only: what a half-written file or a failed template looks like. The
+            # built-in policy is Policy.defaults(); a file must say something (`{}` says "defaults").
+            raise PolicyError([f"{source}:1: the file is empty (no YAML document in it): not a policy"])
         return cls._build({} if data is None else data, source, lines, problems, validators)
 
     @classmethod
@@ -855,6 +861,15 @@ MAX_YAML_DEPTH = 32
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+def read_policy_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A policy file's bytes; :class:`PolicyError` naming the file when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
 
 
 class _TooBig(Exception):

@@ -169,9 +169,15 @@ def test_a_key_that_is_a_list_or_mapping_is_named_by_its_shape_and_line(key: str
 # -- what a valid file means -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["", "# nothing configured yet\n"])
-def test_an_empty_policy_file_is_the_built_in_policy(text: str) -> None:
-    policy = Policy.from_yaml(text)
+@pytest.mark.parametrize("text", ["", "# nothing configured yet\n", "\n\n"])
+def test_an_empty_policy_file_is_refused(text: str) -> None:
+    # What an in-place rewrite looks like between its truncate and its write: never a policy to serve.
+    with pytest.raises(PolicyError, match=r"^policy\.yaml:1: the file is empty"):
+        Policy.from_yaml(text, source="policy.yaml")
+
+
+def test_an_explicit_empty_mapping_is_the_built_in_policy() -> None:
+    policy = Policy.from_yaml("{}\n")
 
     assert policy.models == {}
     assert policy.classes == Policy.defaults().classes
