@@ -312,3 +312,19 @@ def test_a_model_missing_from_one_version_keeps_its_open_breaker_when_it_comes_b
     requests = big.request_count
     assert outcomes(engine.completion("chat", MESSAGES))[0] == ("big", "skipped", "breaker_open")
     assert big.request_count == requests
+
+
+def test_the_engine_reads_a_policy_file_as_validate_does(policy_file: Path, policy_dict: PolicyBuilder) -> None:
+    text = yaml.safe_dump(policy_dict(), sort_keys=False)
+    policy_file.write_bytes(b"# caf\xe9 policy (Latin-1)\n" + text.encode())  # not UTF-8
+
+    with pytest.raises(llm_resilience.PolicyError) as by_validate:
+        llm_resilience.Policy.from_file(policy_file)  # what `llm-resilience validate` runs
+    with pytest.raises(llm_resilience.PolicyError) as by_engine:
+        Resilience.from_file(policy_file)
+
+    assert (
+        by_engine.value.problems
+        == by_validate.value.problems
+        == [f"{policy_file}:1: not UTF-8 text (byte 0xe9); save it as UTF-8"]
+    )
