@@ -16,8 +16,13 @@ command imports what it needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._policy import Policy
 
 EPILOG = """\
 examples:
@@ -254,7 +259,28 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         doc = policy.document
         print(f"ok: {file} ({len(doc.models)} models, {len(doc.routes)} routes, {len(policy.classes)} prompt classes)")
+        for warning in _unset_variables(file, policy):
+            print(warning)
     return status
+
+
+def _unset_variables(file: str, policy: Policy) -> list[str]:
+    """A warning per ``os.environ/NAME`` of a model's ``litellm_params`` that is not set where this runs.
+
+    Warnings, not errors: CI often validates without the production secrets. Where it matters
+    (the deploy itself), an unset one means every call to that model is skipped as ``missing_api_key``.
+    """
+    from ._policy import ENV_PREFIX
+
+    out = []
+    for name, spec in policy.models.items():
+        for key, value in spec.litellm_params.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX) and value[len(ENV_PREFIX) :] not in os.environ:
+                out.append(
+                    f"warning: {file}: models.{name}.litellm_params.{key}: {value} is not set in this environment; "
+                    f"calls skip '{name}' (missing_api_key) until {value[len(ENV_PREFIX) :]} is set"
+                )
+    return out
 
 
 def _init(args: argparse.Namespace) -> int:
