@@ -374,6 +374,11 @@ def lease_client(kwargs: Mapping[str, Any]) -> _Lease | None:
     return _leases.lease(kwargs)
 
 
+def openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """(base_url, api_key, organization) when the attempt may go through our own OpenAI client, else ``None``."""
+    return _openai_credentials(kwargs)
+
+
 def return_client(lease: _Lease) -> None:
     """Hand a :func:`lease_client` client back (an aborted one is closed, not reused)."""
     _leases.give_back(lease)

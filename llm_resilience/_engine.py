@@ -22,12 +22,12 @@ from ._latency import LatencyStats
 from ._metrics import MetricsHook
 from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
-from ._policy import ENV_PREFIX, Policy, StateConfig, read_policy_bytes
+from ._policy import DEFAULT_NAMESPACE, ENV_PREFIX, Policy, StateConfig, read_policy_bytes
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
 from ._saturation import CallerContexts, ProcessSaturation, monitor
-from ._shared_state import SharedBreakerState
+from ._shared_state import SharedBreakerState, fleet_key
 from ._tracing import TracingHook
 from ._truncation import TokenFitter, load_tokenizer
 from ._validators import ResponseValidator
@@ -81,7 +81,7 @@ class Resilience:
         self._user_hooks = list(hooks)
         ResponseValidator(policy)  # first: a policy naming an unknown validator fails here, before threads start
         # Live state: outlives policy reloads (see _install for what a reload resets).
-        self.breakers = BreakerRegistry(self._breaker_settings)
+        self.breakers = BreakerRegistry(self._breaker_settings, fleet_key_for=self._fleet_key)
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
         self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
@@ -134,29 +134,45 @@ class Resilience:
                 elif previous.breaker_settings(model) != policy.breaker_settings(model):
                     self.breakers.get(model).reconfigure(policy.breaker_settings(model))
         self._known_params.update((name, spec.litellm_params) for name, spec in policy.models.items())
-        if previous is None or previous.document.state != policy.document.state:
-            self._share_state(policy)
         self.hooks = hooks
         self._planner = planner
+        if previous is None or previous.document.state != policy.document.state:
+            # After the hooks: the first sync may already mirror an open fleet breaker (a transition).
+            self._share_state(policy, first=previous is None)
         # The one place that follows a policy change: anything registered per policy is
         # (re-)registered here, on build and on every reload.
         register_routes(policy, owner=self)  # litellm.get_model_info("<route>") & co.
 
-    def _share_state(self, policy: Policy) -> None:
+    def _share_state(self, policy: Policy, *, first: bool) -> None:
         old, self._shared = self._shared, _shared_state_for(policy.document.state)
         self.breakers.share(self._shared)
         if self._shared is not None:  # watched before the first sync: a replica's first request already knows
             for model in policy.models:
                 self.breakers.get(model)
             self._shared.start()
+            if first:
+                # A process that starts during an incident must not send the open models requests
+                # before it has read the fleet view. Bounded: a dead Redis answers at once (refused),
+                # a hung one costs FIRST_VIEW_WAIT_S once, and a reload (on a call's path) never waits.
+                self._shared.wait_for_first_view()
         if old is not None:
-            old.close()
+            old.close(wait=False)  # it flushes and ends by itself, off the call path
+
+    def _fleet_key(self, model: str) -> str:
+        """What the fleet calls ``model``'s breaker: the litellm model string and endpoint it calls."""
+        spec = self._policy.models.get(model)
+        if spec is None:
+            return fleet_key(model, None)
+        params, _missing = spec.resolved_params()
+        endpoint = params.get("api_base") or params.get("base_url")
+        return fleet_key(spec.litellm_model, str(endpoint) if endpoint else None)
 
     def _breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition) -> None:
         self.hooks.breaker_transition(model, old, new, info)
         shared = self._shared
         if shared is not None:
-            shared.on_transition(model, old, new, self.breakers.get(model).open_period_s)
+            breaker = self.breakers.get(model)
+            shared.on_transition(breaker.fleet_key, old, new, breaker.open_period_s)
 
     # -- construction --------------------------------------------------------------
 
@@ -288,7 +304,11 @@ class Resilience:
 
 
 def _shared_state_for(cfg: StateConfig) -> SharedBreakerState | None:
-    """The shared state the policy asks for; ``None`` for in-process (or when it cannot be had)."""
+    """The shared state the policy asks for; ``None`` for in-process (or when it cannot be had).
+
+    Never raises: a Redis URL that is unset or malformed (it may come from the environment)
+    means breakers per process, with a warning, never calls that fail.
+    """
     if cfg.backend != "redis" or cfg.url is None:
         return None
     url = cfg.url
@@ -298,6 +318,14 @@ def _shared_state_for(cfg: StateConfig) -> SharedBreakerState | None:
             log.warning("state.url %s is not set; breakers are per process", cfg.url)
             return None
     from ._shared_state import from_url
+
+    if cfg.namespace == DEFAULT_NAMESPACE:
+        log.warning(
+            "state.namespace is %r: every application on this Redis that keeps the default shares breakers "
+            "with this one for the models they both call (same litellm model and endpoint); set a namespace "
+            "per application",
+            DEFAULT_NAMESPACE,
+        )
 
     return from_url(
         url, cfg.namespace, failure_window_s=cfg.failure_window_s, sync_interval_s=cfg.sync_interval_s, start=False

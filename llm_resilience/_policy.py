@@ -423,6 +423,9 @@ class TelemetryConfig(_Strict):
     record_content: bool = Field(False, description="Opt in to prompt and answer text in spans (off: never recorded).")
 
 
+DEFAULT_NAMESPACE = "default"
+
+
 class StateConfig(_Strict):
     """Where breaker state lives: in this process, or shared by every replica through Redis."""
 
@@ -433,7 +436,10 @@ class StateConfig(_Strict):
         None, description="Redis URL, e.g. os.environ/REDIS_URL or redis://host:6379/0. Required for redis."
     )
     namespace: str = Field(
-        "default", min_length=1, description="Processes with the same namespace (and Redis) share breakers."
+        DEFAULT_NAMESPACE,
+        min_length=1,
+        max_length=200,
+        description="Processes with the same namespace (and Redis) share breakers; one per application.",
     )
     failure_window_s: PositiveFloat = Field(
         60.0, description="Fleet failures older than this no longer count toward fail_max, seconds."
@@ -446,6 +452,12 @@ class StateConfig(_Strict):
     def _redis_needs_url(self) -> StateConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("state.backend redis needs 'url' (e.g. os.environ/REDIS_URL)")
+        if self.url and not self.url.startswith(ENV_PREFIX):  # (from the environment: checked when read)
+            from ._shared_state import check_redis_url, redacted_url
+
+            problem = check_redis_url(self.url)
+            if problem is not None:
+                raise ValueError(f"state.url {redacted_url(self.url)} is not a usable Redis URL: {problem}")
         return self
 
 

@@ -55,15 +55,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import queue
+import re
 import socket
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import httpx
 
 from . import _drivers, _litellm_calls
 from ._env import litellm
@@ -150,6 +155,137 @@ def _describe(error: BaseException) -> str:
     inner = getattr(error, "original_exception", None) or error  # litellm's MidStreamFallbackError wraps the cause
     # The kind and type only: provider messages may echo request details.
     return f"{classify_error(error)} error ({type(inner).__name__})"
+
+
+# -- malformed events ----------------------------------------------------------------------------
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+SKIPPED_EVENT = "llm_resilience.stream.event_skipped"
+"""The span event recorded on an attempt for each malformed SSE event skipped in place."""
+
+
+class SSEFilter:
+    """Drops a malformed server-sent event in place when the event after it parses.
+
+    Fed the raw bytes of an event stream, it hands on whole events only. An event whose ``data``
+    is not JSON (nor ``[DONE]``) is held back; if the next event parses, the bad one is dropped
+    (counted in ``skipped``) and the stream goes on as if it had never been sent. Two in a row,
+    or a bad event at the end, cannot be judged safe to skip: they are handed on, and the SDK
+    fails the attempt on them as it would have. Pure bytes in, bytes out.
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self._buffer = b""
+        self._suspect: bytes | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        out: list[bytes] = []
+        while (found := _EVENT_END.search(self._buffer)) is not None:
+            event, self._buffer = self._buffer[: found.end()], self._buffer[found.end() :]
+            out.append(self._judge(event))
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """The body ended: whatever is held goes on (a bad last event is not known to be skippable)."""
+        rest, self._suspect, self._buffer = (self._suspect or b"") + self._buffer, None, b""
+        return rest
+
+    def _judge(self, event: bytes) -> bytes:
+        if _event_parses(event):
+            if self._suspect is not None:
+                self._suspect = None  # the stream went on normally after it: drop it
+                self.skipped += 1
+            return event
+        if self._suspect is not None:  # two bad events in a row: not a glitch; let the attempt fail
+            held, self._suspect = self._suspect, None
+            return held + event
+        self._suspect = event
+        return b""
+
+
+def _event_parses(event: bytes) -> bool:
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return True  # a comment, a keep-alive, an event name: nothing the SDK parses
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines)
+    if data.strip() == b"[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+_filters: contextvars.ContextVar[list[SSEFilter] | None] = contextvars.ContextVar("llm_resilience_sse", default=None)
+"""The filters of the attempt being read in this context (its reader sets it; the HTTP hook adds to it)."""
+
+
+def _is_event_stream(response: Any) -> bool:
+    return str(response.headers.get("content-type", "")).startswith("text/event-stream")
+
+
+def _new_filter() -> SSEFilter:
+    sse = SSEFilter()
+    sink = _filters.get()
+    if sink is not None:
+        sink.append(sse)
+    return sse
+
+
+class _FilteredStream(httpx.SyncByteStream):
+    """A sync httpx byte stream that passes through an :class:`SSEFilter`."""
+
+    def __init__(self, inner: Any, sse: SSEFilter) -> None:
+        self._inner, self._sse = inner, sse
+
+    def __iter__(self) -> Iterator[bytes]:
+        for data in self._inner:
+            if out := self._sse.feed(data):
+                yield out
+        if rest := self._sse.end():
+            yield rest
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncFilteredStream(httpx.AsyncByteStream):
+    """:class:`_FilteredStream` for httpx's async byte streams."""
+
+    def __init__(self, inner: Any, sse: SSEFilter) -> None:
+        self._inner, self._sse = inner, sse
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for data in self._inner:
+            if out := self._sse.feed(data):
+                yield out
+        if rest := self._sse.end():
+            yield rest
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _skip_malformed_events(response: Any) -> None:
+    """httpx response hook (sync clients): event streams go through an :class:`SSEFilter`."""
+    if _is_event_stream(response):
+        response.stream = _FilteredStream(response.stream, _new_filter())
+
+
+async def _askip_malformed_events(response: Any) -> None:
+    """httpx response hook (async clients)."""
+    if _is_event_stream(response):
+        response.stream = _AsyncFilteredStream(response.stream, _new_filter())
+
+
+def _with_event_filter(http: Any) -> None:
+    """Add the filtering hook to a leased sync httpx client (once; other responses are untouched)."""
+    hooks = http.event_hooks
+    if _skip_malformed_events not in hooks.get("response", []):
+        http.event_hooks = {**hooks, "response": [*hooks.get("response", []), _skip_malformed_events]}
 
 
 # -- joining a continuation -------------------------------------------------------------------
@@ -458,6 +594,16 @@ class _StreamCore:
         self.call.on_response(attempt, response, now)
         return [], True
 
+    def note_skipped(self, skipped: int) -> None:
+        """The live attempt's reader has skipped this many malformed events so far (span events on the attempt)."""
+        attempt = self.attempt
+        if attempt is None or skipped <= attempt.record.extra.get("skipped_events", 0):
+            return
+        record = attempt.record
+        for _ in range(skipped - record.extra.get("skipped_events", 0)):
+            record.events.append((SKIPPED_EVENT, {"llm_resilience.stream.chunks": len(self._pending) + record.chunks}))
+        record.extra["skipped_events"] = skipped
+
     def cancel(self, now: float) -> None:
         """The caller stopped reading: the live attempt is cancelled and the call ends."""
         self.finished = True
@@ -606,6 +752,9 @@ class _ThreadReader:
         # be shut down from the caller's thread at any time, also while the request still waits
         # for the response headers, so an abandoned attempt ends at once, not at litellm's timeout.
         self._lease = _drivers.lease_client(kwargs)
+        if self._lease is not None:
+            _with_event_filter(self._lease.http)
+        self.filters: list[SSEFilter] = []
         self._demand: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -621,6 +770,7 @@ class _ThreadReader:
 
     def _run(self, kwargs: dict[str, Any]) -> None:
         stream: Any = None
+        _filters.set(self.filters)  # (this thread's own copy of the caller's context)
         try:
             try:
                 lease = self._lease
@@ -657,6 +807,9 @@ class _ThreadReader:
                     stream.close()
             if self._lease is not None:
                 _drivers.return_client(self._lease)
+
+    def skipped_events(self) -> int:
+        return sum(f.skipped for f in list(self.filters))
 
     def read(self, timeout: float) -> _Event:
         if not self._asked:
@@ -720,6 +873,7 @@ class ResilientStream(_StreamInfo):
                         break
                     self._reader = _ThreadReader(_stream_kwargs(step))
                 event = self._reader.read(core.read_timeout(self._clock()))
+                core.note_skipped(self._reader.skipped_events())
                 chunks, over = core.feed(event, self._clock())
                 self._out.extend(chunks)
                 if over:
@@ -783,13 +937,20 @@ class _TaskReader:
     def __init__(self, kwargs: dict[str, Any]) -> None:
         self._kwargs = kwargs
         self._stream: Any = None
+        self.filters: list[SSEFilter] = []
+
+    def skipped_events(self) -> int:
+        return sum(f.skipped for f in self.filters)
 
     async def read(self, timeout: float) -> _Event:
         scope = asyncio.timeout(timeout)
+        _filters.set(self.filters)  # the HTTP hook runs in this task: it reports to this attempt
         try:
             async with scope:
                 if self._stream is None:
-                    self._stream = await _litellm_calls.acompletion(**self._kwargs)
+                    client = _async_client(self._kwargs)
+                    extra = {"client": client} if client is not None else {}
+                    self._stream = await _litellm_calls.acompletion(**self._kwargs, **extra)
                 chunk = await self._stream.__anext__()
         except StopAsyncIteration:
             return _END
@@ -811,6 +972,64 @@ class _TaskReader:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(_spawn, loop, self.aclose())
+
+
+_loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_loop_clients_lock = threading.Lock()
+
+
+def _async_client(kwargs: dict[str, Any]) -> Any:
+    """An ``openai.AsyncOpenAI`` on this event loop's own httpx client (which skips malformed events), or ``None``.
+
+    One client per loop and endpoint keeps connections alive between attempts. They are closed
+    when the loop shuts down its async generators (``asyncio.run`` does): a generator parked in
+    the loop holds the closing code, so a loop's connections never outlive it.
+    """
+    try:
+        credentials = _drivers.openai_credentials(kwargs)
+        if credentials is None or litellm.aclient_session is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        with _loop_clients_lock:
+            clients = _loop_clients.get(loop)
+            if clients is None:
+                clients = _loop_clients[loop] = {}
+                closer = _close_at_loop_end(clients)
+                clients["closer"] = closer  # a strong reference: the loop only tracks it weakly
+                _spawn(loop, anext(closer))  # runs to its first yield: the loop now finalizes it at shutdown
+            client = clients.get(credentials)
+            if client is None:
+                client = clients[credentials] = _new_async_client(*credentials)
+        return client
+    except Exception:  # never let the filtering fail a call: litellm's own client then
+        log.debug("could not make an async client for a stream; litellm's own is used", exc_info=True)
+        return None
+
+
+def _new_async_client(base_url: str, api_key: str, organization: str | None) -> Any:
+    import httpx
+    import openai
+    from litellm.llms.custom_httpx.http_handler import get_ssl_configuration, http2_enabled
+
+    http2 = http2_enabled()
+    http: Any = httpx.AsyncClient(  # (openai accepts an httpx client beside its own httpx2)
+        verify=get_ssl_configuration(http2=http2), http2=http2, follow_redirects=True,
+        event_hooks={"response": [_askip_malformed_events]},
+    )  # fmt: skip
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=base_url, organization=organization, http_client=http, max_retries=0
+    )
+
+
+async def _close_at_loop_end(clients: dict[Any, Any]) -> Any:
+    try:
+        yield
+    finally:
+        for key, client in list(clients.items()):
+            if key != "closer":
+                with contextlib.suppress(Exception):
+                    await client.close()
+        clients.clear()
 
 
 _closing: set[asyncio.Task[None]] = set()  # strong references: a pending task may otherwise be collected
@@ -852,6 +1071,7 @@ class AsyncResilientStream(_StreamInfo):
                         break
                     self._reader = _TaskReader(_stream_kwargs(step))
                 event = await self._reader.read(core.read_timeout(self._clock()))
+                core.note_skipped(self._reader.skipped_events())
                 chunks, over = core.feed(event, self._clock())
                 self._out.extend(chunks)
                 if over:

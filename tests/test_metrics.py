@@ -74,7 +74,7 @@ def test_fallback_call_records_duration_tokens_attempts_and_fallbacks(
     assert big_attrs["error.type"] == "ServiceUnavailableError"
     assert big_attrs["gen_ai.operation.name"] == "chat"
     assert big_attrs["gen_ai.provider.name"] == "openai"
-    assert big_attrs["gen_ai.request.model"] == "openai/gpt-4o"
+    assert big_attrs["gen_ai.request.model"] == "gpt-4o"
     assert big_attrs["llm_resilience.route"] == "chat"
     assert big_attrs["llm_resilience.prompt_class"] == "default"
     answered = only(duration, llm_resilience__model="small", llm_resilience__outcome="success")

@@ -332,7 +332,8 @@ def test_a_json_stream_is_continued_only_where_the_join_is_exact(
 def test_a_silent_first_model_abandoned_at_its_first_token_timeout_is_disconnected_at_once(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
 ) -> None:
-    classes = {"default": {"timeout_s": 10.0, "deadline_s": 30.0, "first_token_timeout_s": 0.5}}
+    # (2 s: above a first stream's lazy imports on a loaded machine; far below the 10 s attempt timeout)
+    classes = {"default": {"timeout_s": 10.0, "deadline_s": 30.0, "first_token_timeout_s": 2.0}}
     engine = make_engine(policy_dict(["big", "small"], prompt_classes=classes))
     big.set(Behavior(body="hang"))  # no response headers, ever
 
@@ -366,3 +367,27 @@ def test_a_keyboard_interrupt_while_waiting_closes_the_silent_request_at_once(
         signal.signal(signal.SIGALRM, previous)
 
     assert big.wait_idle(2.0) and big.requests[0].disconnected
+
+
+# -- a malformed event mid-stream ---------------------------------------------------------------------
+
+
+def test_one_malformed_event_mid_stream_is_skipped_in_place_and_the_stream_goes_on(
+    mode: str,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    engine = engine_for(make_engine, policy_dict)
+    big.set(primary(malformed_after_chunks=20))
+
+    chunks, stream, error = read(mode, engine)
+
+    assert error is None and text(chunks) == ANSWER
+    assert small.request_count == 0 and big.request_count == 1  # the same stream went on
+    assert attempts(stream) == [("big", "success", None)]
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.startswith("chat ")]
+    assert [e.name for e in span.events] == ["llm_resilience.stream.event_skipped"]
+    assert span.attributes is not None and span.attributes["llm_resilience.skipped_events"] == 1

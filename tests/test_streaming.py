@@ -237,9 +237,8 @@ def small_stream_chunks(small: FakeProvider) -> list[Any]:
         (Behavior.error(503), "server_error"),
         (Behavior(body="reset"), "connection"),
         (Behavior(cut_after_chunks=0), "connection"),  # headers, then the connection drops
-        (Behavior(body="malformed"), "server_error"),
     ],
-    ids=["503", "reset", "cut-before-content", "malformed-first-event"],
+    ids=["503", "reset", "cut-before-content"],  # (a malformed first event is skipped: test_stream_recovery.py)
 )
 def test_stream_failing_before_content_falls_back(
     collect: Collect, engine: Resilience, big: FakeProvider, failure: Behavior, reason: str
@@ -485,7 +484,7 @@ def test_stream_attempt_span_stays_open_until_the_stream_ends_and_records_first_
     assert duration_s >= 2 * 0.05  # it covers the whole stream, not just its opening
     (parent,) = call_spans(exporter)
     assert attrs(parent)["llm_resilience.answered_by"] == "big"
-    assert attrs(parent)["llm_resilience.stream"] is True
+    assert attrs(parent)["llm_resilience.delivery"] == "stream"
 
 
 def test_abandoned_stream_attempt_span_records_the_first_token_timeout(
