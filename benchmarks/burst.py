@@ -392,7 +392,7 @@ def _quiet() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet()
-    llm_resilience.warm_up()  # litellm's lazy imports, before any contestant is timed
+    llm_resilience.Resilience().warm_up()  # litellm's lazy imports, before any contestant is timed
     rows: list[Row] = []
     with provider_process(LATENCY_S["big"]) as big_url, provider_process(LATENCY_S["small"]) as small_url:
         urls = {"big": big_url, "small": small_url}

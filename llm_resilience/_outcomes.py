@@ -47,6 +47,10 @@ SUSPECT: Final = "suspect"
 # Outcome of an attempt that timed out because the client (not the provider) was saturated.
 CLIENT_OVERLOAD: Final = "client_overload"
 
+CALLER_ERROR: Final = "caller_error"
+"""The request failed before it reached the provider (a prompt that cannot be encoded, say): the caller's
+error, raised to it at once, counted on no breaker and never a reason to fall back."""
+
 ERROR_KINDS: Final = (
     TIMEOUT,
     CONNECTION,
@@ -79,6 +83,8 @@ def classify_error(exc: BaseException) -> str:
     of ``BadRequestError``, and its ``Timeout`` is an ``APIConnectionError`` in openai's
     tree, so the specific checks come first.
     """
+    if never_sent(exc):
+        return CALLER_ERROR
     lx = _litellm_exceptions()
     if isinstance(exc, lx.Timeout | TimeoutError):
         return TIMEOUT
@@ -114,6 +120,25 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, lx.APIError | lx.ServiceUnavailableError | lx.InternalServerError):
         return SERVER_ERROR
     return UNKNOWN
+
+
+def never_sent(exc: BaseException) -> bool:
+    """The request could not be built, so nothing reached the provider: the body did not encode.
+
+    litellm wraps what the HTTP client raised while encoding a body (a lone surrogate such as
+    ``"\\ud800"`` in a prompt, a value JSON cannot hold) in its own exceptions, as ``server_error``
+    or ``connection``; only the cause chain tells that the provider never saw the request.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, UnicodeEncodeError):
+            return True
+        if isinstance(cause, TypeError) and "JSON serializable" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _transport_failure(exc: BaseException) -> str | None:

@@ -301,7 +301,13 @@ class Planner:
     """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
-        """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
+        """Decide route and prompt class, and open the call.
+
+        Raises ``UnknownPromptClass``, and litellm's ``BadRequestError`` for a model string longer
+        than :data:`MAX_MODEL_CHARS` (no model is called that; refused before it costs anything).
+        """
+        if len(request.model) > MAX_MODEL_CHARS:
+            raise model_too_long(request.model)
         return Call(self, request, time.monotonic() if now is None else now)
 
     def classify(self, request: CallRequest) -> str:
@@ -581,7 +587,9 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket(lambda: self.planner.contexts.may_probe(now))
+            admission, ticket = breaker.admit_with_ticket(
+                lambda: self.planner.contexts.may_probe(now), probe_for_s=left
+            )
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -1036,6 +1044,11 @@ class Call:
         counted = "slow" in attempt.record.extra  # _flag_slow already counted it as one slow call
         record = self._settle(attempt, now)
         kind = classify_error(error)
+        if kind == k.CALLER_ERROR or (
+            attempt.io_measured and attempt.sent_at is None and not attempt.expired and kind != k.TIMEOUT
+        ):
+            self._caller_error(attempt, record, error, now)
+            return
         continuing = self._continue_text is not None and attempt is not self._committed
         if continuing and kind == k.BAD_REQUEST and _names_prefill(error):
             kind = k.PREFILL_REJECTED  # this model cannot continue text this way, never the final error
@@ -1090,6 +1103,22 @@ class Call:
         if self._final is None:
             self._abandon_in_flight(now)
             self._final = Fail(error)  # e.g. an ordinary 400: the request itself is wrong
+            self.planner.hooks.call_ended(self, None, error)
+
+    def _caller_error(self, attempt: Attempt, record: AttemptRecord, error: BaseException, now: float) -> None:
+        """The request never reached the provider (it could not be built): the caller's error, at once.
+
+        No breaker counts it, no latency window learns from it, no other model is tried (the same
+        request would fail the same way there), and a probe's slot is freed without a verdict.
+        """
+        self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+        record.outcome = "failure"
+        record.reason = k.CALLER_ERROR
+        record.error = self._last_error = error
+        self.planner.hooks.attempt_ended(self, record, None)
+        if self._final is None:
+            self._abandon_in_flight(now)
+            self._final = Fail(error)
             self.planner.hooks.call_ended(self, None, error)
 
     def on_cancelled(self, attempt: Attempt, now: float) -> None:
@@ -1316,6 +1345,21 @@ def _accepts_prefill(spec: ModelSpec) -> bool:
 def _names_prefill(error: BaseException) -> bool:
     text = str(error).lower()
     return "prefill" in text or "prefix" in text
+
+
+MAX_MODEL_CHARS = 1024
+"""The longest ``model=`` accepted (litellm model strings, ARNs included, are far shorter)."""
+
+
+def model_too_long(model: str) -> Exception:
+    """The caller's error for an absurd model string: litellm's ``BadRequestError``, raised before any work."""
+    from ._env import litellm  # here, not at import: the simulator and `validate` run without litellm
+
+    return litellm.exceptions.BadRequestError(
+        message=f"model= is {len(model)} characters long (at most {MAX_MODEL_CHARS}): not a model name",
+        model=model[:64],
+        llm_provider="",
+    )
 
 
 def attempt_timeout(attempt: Attempt) -> Exception:

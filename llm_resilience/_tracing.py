@@ -392,6 +392,10 @@ _NO_ATTRIBUTES: dict[str, Any] = {}
 _ERROR_OUTCOMES = frozenset(("failure", "soft_failure", "client_overload"))
 """Outcomes that put an error status on an attempt span: no answer came back, or none that could be used.
 (A skip or a cancelled hedge is not an error; a client_overload timeout is, and says it was the client's.)"""
+_HTTP_REASONS = frozenset(
+    ("rate_limit", "server_error", "auth", "not_found", "bad_request", "context_window", "content_policy", "unknown")
+)
+"""Error kinds a provider's HTTP status explains (a timeout's or a broken connection's status is litellm's own)."""
 _PATH_FLAGS = (("probe", "probe"), ("panic", "panic"), ("hedged", "hedge"), ("join", "join"))
 """``record.extra`` flags the path shows in brackets, and how."""
 _TIME_EXTRAS = frozenset(("open_until",))
@@ -440,17 +444,17 @@ def attempt_problem(record: AttemptRecord) -> str:
     error = record.error
     detail = type(error).__name__ if error is not None else ""
     status = getattr(error, "status_code", None)
-    if isinstance(status, int) and reason not in ("timeout", "soft_timeout"):
-        detail += f", HTTP {status}"
+    chars = record.extra.get("interrupted_after_chars")
+    if isinstance(status, int) and reason in _HTTP_REASONS and chars is None:
+        detail += f", HTTP {status}"  # the provider's answer (litellm also puts a status on its own errors)
     text = f"{reason} ({detail})" if detail else reason
     if record.cut_by is not None:
         bound = record.bounds.get(record.cut_by)
         text += f": cut by the {record.cut_by} bound" + (f" of {_ms(bound)} ms" if bound is not None else "")
-    chars = record.extra.get("interrupted_after_chars")
     if chars is not None:
         text += f"; the stream broke after {chars} chars had been delivered"
     checks = record.extra.get("failed_checks")
-    if checks:
+    if checks and list(checks) != [reason]:
         text += f"; failed checks: {', '.join(str(c) for c in checks)}"
     if record.outcome == "client_overload":
         why = record.extra.get("client_overload", "client_saturated")

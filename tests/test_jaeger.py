@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEYS, MESSAGES, PROMPT, PolicyBuilder, free_port
+from _jaeger_server import JaegerFailed, JaegerUnavailable, get_json, running_jaeger
+from conftest import API_KEYS, MESSAGES, PROMPT, PolicyBuilder
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -43,106 +44,17 @@ from llm_resilience.testing import Behavior, FakeProvider
 NS = "llm_resilience"
 ROOT = Path(__file__).resolve().parent.parent
 
-CONFIG = """
-service:
-  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-extensions:
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 10000
-  jaeger_query:
-    storage:
-      traces: memstore
-    http:
-      endpoint: 127.0.0.1:{query}
-    grpc:
-      endpoint: 127.0.0.1:{query_grpc}
-  healthcheckv2:
-    use_v2: true
-    http:
-      endpoint: 127.0.0.1:{health}
-receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:{otlp}
-processors:
-  batch:
-    timeout: 100ms
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"""
-"""All-in-one minus what the test does not use, every port free (another run may hold 4318/16686)."""
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
-def _jaeger_binary() -> str:
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "jaeger.sh")], capture_output=True, text=True, timeout=1200, check=False
-    )
-    if done.returncode != 0:
-        pytest.fail(f"scripts/jaeger.sh failed to provide Jaeger:\n{done.stderr[-3000:]}")
-    path = done.stdout.strip()
-    if not path:
-        pytest.skip(f"no Jaeger binary and none can be built here: {done.stderr.strip()}")
-    return path
-
 
 @pytest.fixture(scope="module")
 def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(query API base URL, OTLP/HTTP endpoint) of a running Jaeger."""
-    query_url = os.environ.get("JAEGER_QUERY_URL")
-    if query_url:
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if not endpoint:
-            pytest.fail("JAEGER_QUERY_URL is set: set OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/HTTP, e.g. :4318) too")
-        yield query_url.rstrip("/"), endpoint.rstrip("/")
-        return
-    binary = _jaeger_binary()
-    ports = {name: free_port() for name in ("query", "query_grpc", "health", "otlp")}
-    workdir = tmp_path_factory.mktemp("jaeger")
-    config = workdir / "config.yaml"
-    config.write_text(CONFIG.format(**ports))
-    log_path = workdir / "jaeger.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        health = f"http://127.0.0.1:{ports['health']}/status"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _get_json(health).get("healthy"):
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Jaeger did not become healthy; its log:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)  # polling a server's readiness: no event to wait on
-        yield f"http://127.0.0.1:{ports['query']}", f"http://127.0.0.1:{ports['otlp']}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)  # measured: ~11 s to stop gracefully
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with running_jaeger(tmp_path_factory.mktemp("jaeger")) as endpoints:
+            yield endpoints
+    except JaegerUnavailable as why:
+        pytest.skip(str(why))
+    except JaegerFailed as why:
+        pytest.fail(str(why))
 
 
 def _tags(span: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +89,7 @@ def _search(query_url: str, service: str, tags: dict[str, str] | None = None) ->
     params = {"service": service, "limit": "50", "lookback": "1h"}
     if tags:
         params["tags"] = json.dumps(tags)
-    return list(_get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"] or [])
+    return list(get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"] or [])
 
 
 def test_traces_in_a_real_jaeger_read_at_first_glance(
@@ -322,7 +234,7 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert ids["request.model=gpt-4o"] == {plain.data["traceID"], timed_out.data["traceID"], probe.data["traceID"]}
     # The operation the search list shows is one of the search form's choices, and finds only those calls.
     params = {"service": service, "operation": f"{NS}.completion chat failed", "limit": "50", "lookback": "1h"}
-    by_operation = _get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"]
+    by_operation = get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"]
     assert {t["traceID"] for t in by_operation} == {failed.data["traceID"]}
     assert ids["cause=consecutive_failures"] == {timed_out.data["traceID"]}  # event attributes are searched too
 
@@ -330,3 +242,14 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     everything = json.dumps(found)
     for secret in (PROMPT, "otter", *API_KEYS.values()):
         assert secret not in everything
+
+
+def test_the_trace_examples_page_still_reads_as_it_says(jaeger: tuple[str, str]) -> None:
+    """``scripts/trace_examples.py --check``: every fault kind's search-list row is still the one the page shows."""
+    query_url, otlp_endpoint = jaeger
+    env = {**os.environ, "JAEGER_QUERY_URL": query_url, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "trace_examples.py"), "--check"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
