@@ -266,20 +266,34 @@ def test_stream_probe_is_judged_at_its_first_content_not_when_the_reader_finishe
     assert probe["breaker_transitions"] == [["half-open", "closed"]]
 
 
+@pytest.mark.parametrize("on_interrupt", ["raise", "continue"])
 def test_stream_probe_cut_after_its_first_content_counts_once_as_an_ordinary_failure(
-    generations: Resilience, big: FakeProvider, small: FakeProvider
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider, on_interrupt: str
 ) -> None:
+    """Whether the caller gets StreamInterrupted or the stream finished by the next model, the cut
+    probe is one ordinary failure of the model that was cut."""
     import llm_resilience
 
+    route = {"chain": ["big", "small"], "streaming": {"on_interrupt": on_interrupt}}
+    generations = make_engine(
+        policy_dict(
+            ["big", "small"], fail_max=2, reset_timeout_s=RESET_S, timeout_s=4.0, deadline_s=8, routes={"chat": route}
+        )
+    )
     big.set(Behavior.error(500))
     for _ in range(2):
         generations.completion("chat", MESSAGES)
     time.sleep(RESET_S + 0.05)
     big.set(Behavior(content="abcdefghij", chunks=5, cut_after_chunks=2))
 
-    with pytest.raises(llm_resilience.StreamInterrupted):
-        for _ in generations.completion("chat", MESSAGES, stream=True):
-            pass
+    def read_all() -> str:
+        return "".join(c.choices[0].delta.content or "" for c in generations.completion("chat", MESSAGES, stream=True))
+
+    if on_interrupt == "raise":
+        with pytest.raises(llm_resilience.StreamInterrupted):
+            read_all()
+    else:
+        assert read_all().startswith("abcd")  # what big sent reached the caller, then small finished it
 
     assert generations.breaker_states()["big"] == "closed"  # fail_max 2: one cut does not re-open it
     assert generations.breakers.get("big").fail_counter == 1

@@ -66,7 +66,9 @@ def test_async_client_falls_back(big: FakeProvider, small: FakeProvider) -> None
 
 def test_create_partial_streams_the_fallbacks_answer(big: FakeProvider, small: FakeProvider) -> None:
     big.set(Behavior.error(503))
-    small.set(ANSWER)
+    # create_partial offers the tool as "PartialUser": a model answers with the tool it was offered (an
+    # answer naming a tool the request did not offer is an invalid tool call, and falls back).
+    small.set(Behavior(tool_calls=[{"name": "PartialUser", "arguments": {"name": "Ada", "age": 36}}]))
     client = instructor.from_litellm(llm_resilience.completion)
 
     partials = list(client.chat.completions.create_partial(model="chat", messages=MESSAGES, response_model=User))
