@@ -35,9 +35,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
-from typing import Any, cast
+from typing import Any
 
 import pybreaker
 
@@ -60,7 +60,8 @@ class BreakerTransition:
 
     ``cause`` is ``consecutive_failures`` (closed -> open), ``probe_failed`` (half-open -> open),
     ``reset_timeout_elapsed`` (open -> half-open: the next request is the probe),
-    ``probe_succeeded`` (half-open -> closed) or ``reset`` (closed by an operator or a test).
+    ``probe_succeeded`` (half-open -> closed), ``reset`` (closed by an operator or a test) or
+    ``fleet`` (shared state: another process opened it, or the fleet's probe closed it).
     """
 
     model: str
@@ -77,6 +78,9 @@ class BreakerTransition:
 
 WallClock = Callable[[], datetime]
 """Now, as an aware datetime (pybreaker's ``opened_at`` is one). Injected by ``llm-resilience simulate``."""
+
+FLEET = "fleet"
+"""The cause of a transition mirrored from the fleet (shared state): another process made it."""
 
 
 class Admission(Enum):
@@ -144,7 +148,15 @@ class ModelBreaker:
         self.last_kind: str | None = None  # the outcome being recorded, for the transition's cause
         self.last_transition: BreakerTransition | None = None
         self._open_until: float | None = None
-        self._now: WallClock = clock if clock is not None else _utc_now
+        # Cooldowns are measured on a monotonic clock: a wall clock stepped back (NTP, a VM resumed)
+        # must not keep a breaker open for ever, nor one stepped forward close it early. A simulation's
+        # clock is its own time line, so it serves as both.
+        self._wall_clock = clock
+        self._elapsed_clock: Callable[[], float] = (lambda: clock().timestamp()) if clock is not None else _monotonic
+        self._opened_mono: float = 0.0  # on _elapsed_clock, when it last opened
+        self._mirroring = False  # a fleet transition is being mirrored (the cause is the fleet)
+        self.fleet_key: str = model
+        """What the fleet calls this breaker (shared state is keyed by what is called, not by a policy name)."""
         self._on_transition_listeners = on_transition
         self._generation = 0
         self._failed_probes = 0  # consecutive half-open -> open transitions (reset backoff)
@@ -172,8 +184,17 @@ class ModelBreaker:
 
     @property
     def evictable(self) -> bool:
-        """Closed with no probe in flight: forgetting it loses nothing but recent failure counts."""
-        return self._probe is None and self._cb.current_state == CLOSED
+        """Closed with no probe in flight, or open past its cooldown with no probe in flight.
+
+        Forgetting either loses little: a closed one its recent failure count; an open one whose
+        cooldown passed without traffic only its claim to the next request being a lone probe.
+        """
+        if self._probe is not None:
+            return False
+        state = self._cb.current_state
+        if state == CLOSED:
+            return True
+        return state == OPEN and self._elapsed_clock() - self._opened_mono >= self.open_period_s
 
     @property
     def generation(self) -> int:
@@ -197,17 +218,19 @@ class ModelBreaker:
                 self._failed_probes += 1
             elif new == CLOSED:
                 self._failed_probes = 0
+            if new == OPEN:
+                self._opened_mono = self._elapsed_clock()
         failures = int(self._cb.fail_counter)
         open_until = None
         if new == OPEN:
             cause = "probe_failed" if old == HALF_OPEN else "consecutive_failures"
-            opened_at: datetime | None = self._cb._state_storage.opened_at
-            if opened_at is not None:
-                open_until = opened_at.timestamp() + self.open_period_s
+            open_until = self._epoch(self._opened_mono + self.open_period_s)
         elif new == HALF_OPEN:
             cause = "reset_timeout_elapsed"
         else:
             cause = "probe_succeeded" if old == HALF_OPEN and self.last_kind != _RESET else "reset"
+        if self._mirroring:
+            cause = FLEET
         info = BreakerTransition(
             self.model, old, new, cause, failures, self.last_kind if new == OPEN else None, open_until
         )
@@ -216,29 +239,37 @@ class ModelBreaker:
         for fn in list(self._on_transition_listeners):
             fn(self.model, old, new, info)
 
+    def _epoch(self, elapsed_clock_time: float) -> float:
+        """A time on the elapsed clock as epoch seconds (for spans and logs)."""
+        if self._wall_clock is not None:
+            return elapsed_clock_time  # a simulation's clock already is epoch seconds
+        return time.time() + (elapsed_clock_time - _monotonic())
+
     def _reset_timeout_elapsed(self) -> bool:
-        # pybreaker keeps opened_at in its storage; its open() stamps it before the state turns open.
-        opened_at = cast(datetime, self._cb._state_storage.opened_at)
         period = self.open_period_s
-        self._open_until = opened_at.timestamp() + period  # for open_until()
-        return (self._now() - opened_at).total_seconds() >= period
+        self._open_until = self._epoch(self._opened_mono + period)  # for open_until()
+        return self._elapsed_clock() - self._opened_mono >= period
 
     def admit(self) -> Admission:
         """May a request go to this model now? Never blocks; never sends anything."""
         return self.admit_with_ticket()[0]
 
-    def admit_with_ticket(self, may_probe: Callable[[], bool] | None = None) -> tuple[Admission, ProbeTicket]:
+    def admit_with_ticket(
+        self, may_probe: Callable[[], bool] | None = None, probe_for_s: float | None = None
+    ) -> tuple[Admission, ProbeTicket]:
         """:meth:`admit`, plus the ticket to report the outcome with (its generation read atomically).
 
         ``may_probe``: asked only when this request would take the probe slot; ``False`` leaves the
         slot (and an open breaker past its period: open) for another caller (``PROBE_DEFERRED``).
+        ``probe_for_s``: how long the request may take if it becomes the probe (the fleet's probe
+        key is kept at least that long, so no other process sends a second probe meanwhile).
         """
         generation = self._generation  # read before the state: a transition in between only makes it stale
         fleet = self.fleet
         if fleet is not None:  # the fleet's view, when Redis is reachable, decides first
-            shared = fleet.admission(self.model)
+            shared = fleet.admission(self.fleet_key)
             if shared is not FleetAdmission.DEFER:
-                return self._admit_fleet(fleet, shared)
+                return self._admit_fleet(fleet, shared, may_probe, probe_for_s)
         if self._cb.current_state != CLOSED:
             with self._gate:
                 # Decided entirely under the gate: a probe that fails re-opens the breaker before it
@@ -261,38 +292,58 @@ class ModelBreaker:
         self._probe = ProbeTicket(probe=True, generation=self._generation)
         return Admission.PROBE, self._probe
 
-    def _admit_fleet(self, fleet: SharedBreakerState, shared: FleetAdmission) -> tuple[Admission, ProbeTicket]:
+    def _admit_fleet(
+        self,
+        fleet: SharedBreakerState,
+        shared: FleetAdmission,
+        may_probe: Callable[[], bool] | None,
+        probe_for_s: float | None,
+    ) -> tuple[Admission, ProbeTicket]:
         with self._gate:
             if shared is FleetAdmission.OPEN:
-                self._open_until = fleet.open_until_epoch(self.model)
+                self._open_until = fleet.open_until_epoch(self.fleet_key)
                 return Admission.OPEN, _SKIPPED
             if shared is FleetAdmission.PROBE:
                 # This process holds the fleet's probe: one request, through the local gate.
-                return self._take_probe_slot(self._cb.current_state != HALF_OPEN)
+                if self._probe is None and may_probe is not None and not may_probe():
+                    return Admission.PROBE_DEFERRED, _SKIPPED  # (unused, the key is given up after a second)
+                admission, ticket = self._take_probe_slot(self._cb.current_state != HALF_OPEN)
+                if admission is Admission.PROBE:
+                    fleet.hold_probe(self.fleet_key, probe_for_s if probe_for_s is not None else 0.0)
+                return admission, ticket
             return Admission.PROBE_BUSY, _SKIPPED
 
     def share(self, fleet: SharedBreakerState | None) -> None:
         """Share this breaker with other processes through ``fleet`` (``None``: stop sharing)."""
-        self.fleet = fleet
+        old, self.fleet = self.fleet, fleet
+        if old is not None and old is not fleet:
+            old.unwatch(self.fleet_key, self)
         if fleet is not None:
-            fleet.watch(self.model, self._mirror, self._open_for_s)
+            fleet.watch(self.fleet_key, self._mirror, self._open_for_s, self._probing, owner=self)
 
     def _open_for_s(self) -> float | None:
         """Seconds this breaker stays open by its own clock (``None``: not open); told to Redis on reconnect."""
-        opened_at: datetime | None = self._cb._state_storage.opened_at
-        if self._cb.current_state != OPEN or opened_at is None:
+        if self._cb.current_state != OPEN:
             return None
-        left = self.open_period_s - (self._now() - opened_at).total_seconds()
+        left = self.open_period_s - (self._elapsed_clock() - self._opened_mono)
         return left if left > 0 else None
+
+    def _probing(self) -> bool:
+        """A probe of this process is in flight (the fleet's probe key is kept while it is)."""
+        return self._probe is not None
 
     def _mirror(self, model: str, fleet_state: str) -> None:
         # Called on the fleet's sync thread when another process opened or closed the breaker:
         # the local breaker follows, so this process's logs and metrics show the transition.
         with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
-            if fleet_state == "open" and self._cb.current_state == CLOSED:
-                self._cb.open()
-            elif fleet_state == "closed" and self._cb.current_state != CLOSED:
-                self._cb.close()
+            self._mirroring = True
+            try:
+                if fleet_state == "open" and self._cb.current_state == CLOSED:
+                    self._cb.open()
+                elif fleet_state == "closed" and self._cb.current_state != CLOSED:
+                    self._cb.close()
+            finally:
+                self._mirroring = False
 
     def reconfigure(self, settings: BreakerSettings) -> None:
         """New settings from a policy reload; the state (open, counts) is kept."""
@@ -320,10 +371,10 @@ class ModelBreaker:
                         # call path costs ~12 Python calls on every answered request)
                         self._cb.call(_succeed)
                     if fleet is not None:
-                        fleet.record_success(self.model)
+                        fleet.record_success(self.fleet_key)
                 elif failure_kind in self.settings.count:
                     if fleet is not None:
-                        fleet.record_failure(self.model, self.settings.fail_max, self.open_period_s)
+                        fleet.record_failure(self.fleet_key, self.settings.fail_max, self.open_period_s)
                     self._cb.call(_fail)
         except _CountedFailure:
             pass
@@ -355,6 +406,12 @@ class ModelBreaker:
             with self._gate:
                 if self._probe is ticket:  # (a reset may have freed the slot and a new probe taken it)
                     self._probe = None
+                    freed = True
+                else:
+                    freed = False
+            fleet = self.fleet
+            if freed and fleet is not None:  # no verdict: another process may probe at once
+                fleet.release_probe(self.fleet_key)
 
     def open_until(self) -> float | None:
         """When (epoch seconds) the open breaker admits a probe, as the last :meth:`admit` saw it.
@@ -409,8 +466,7 @@ def _fail() -> None:
     raise _CountedFailure
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+_monotonic = time.monotonic
 
 
 class BreakerRegistry:
@@ -419,11 +475,16 @@ class BreakerRegistry:
     Callers may pass any litellm model string (an ad-hoc route per string), so the registry
     is bounded: when it grows past ``max_breakers`` the least recently used breakers are
     evicted, down to 7/8 of the bound (eviction is amortised: one sort per many inserts).
-    Only a breaker that is closed with no probe in flight may go. An open or half-open one
-    is what keeps traffic off a sick model: forgetting it would send that model full traffic
-    again, so it stays (the bound may then be exceeded by the number of sick models in use).
-    A closed breaker that is evicted loses its count of recent failures, as if it had not
-    been used for a while, which is what least-recently-used means.
+    Idle breakers go first: closed ones, and open ones whose cooldown passed without traffic
+    (a closed breaker that is evicted loses its count of recent failures, as if it had not
+    been used for a while, which is what least-recently-used means). If that is not enough,
+    the least recently used of the others go too, so the bound holds whatever the states:
+    a caller sending thousands of model strings to a dead endpoint must not grow the
+    process without limit. Only a breaker with a probe in flight always stays (there are
+    at most as many as requests in flight).
+
+    ``fleet_key_for`` names a model's breaker in the shared state (the litellm model string and
+    endpoint it calls); by default its name.
     """
 
     def __init__(
@@ -433,8 +494,10 @@ class BreakerRegistry:
         max_breakers: int = 1024,
         *,
         fleet: SharedBreakerState | None = None,
+        fleet_key_for: Callable[[str], str] | None = None,
     ) -> None:
         self._settings_for = settings_for
+        self.fleet_key_for: Callable[[str], str] = fleet_key_for or str
         self._clock = clock  # None: the wall clock (simulations pass their own)
         self.fleet = fleet
         self._breakers: dict[str, ModelBreaker] = {}
@@ -450,21 +513,22 @@ class BreakerRegistry:
                 if b is None:
                     if len(self._breakers) >= self.max_breakers:
                         self._evict()
-                    b = ModelBreaker(
-                        model, self._settings_for(model), self.listeners, clock=self._clock, fleet=self.fleet
-                    )
+                    b = ModelBreaker(model, self._settings_for(model), self.listeners, clock=self._clock)
+                    b.fleet_key = self.fleet_key_for(model)
+                    if self.fleet is not None:
+                        b.share(self.fleet)
                     self._breakers[model] = b
         b.last_used = time.monotonic()  # lock-free: an approximate recency is all eviction needs
         return b
 
     def _evict(self) -> None:
         keep = self.max_breakers * 7 // 8
-        idle = [b for b in self._breakers.values() if b.evictable]
-        idle.sort(key=lambda b: b.last_used)
-        for b in idle[: len(self._breakers) - keep]:  # (positive: called at max_breakers or more)
+        candidates = [b for b in self._breakers.values() if b._probe is None]
+        candidates.sort(key=lambda b: (not b.evictable, b.last_used))  # idle ones first, then by recency
+        for b in candidates[: len(self._breakers) - keep]:  # (positive: called at max_breakers or more)
             del self._breakers[b.model]
-            if self.fleet is not None:
-                self.fleet.unwatch(b.model)
+            if b.fleet is not None:
+                b.share(None)
 
     def __len__(self) -> int:
         return len(self._breakers)
@@ -480,7 +544,9 @@ class BreakerRegistry:
     def drop(self, model: str) -> None:
         """Forget ``model``'s breaker (a policy reload changed what the model is): a fresh one on next use."""
         with self._lock:
-            self._breakers.pop(model, None)
+            b = self._breakers.pop(model, None)
+        if b is not None and b.fleet is not None:
+            b.share(None)
 
     def share(self, fleet: SharedBreakerState | None) -> None:
         """Share every breaker, present and future, through ``fleet`` (``None``: per process)."""

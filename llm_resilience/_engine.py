@@ -17,18 +17,17 @@ from . import _litellm_calls
 from ._breakers import BreakerRegistry, BreakerTransition
 from ._budget import Budgets
 from ._drivers import run_async, run_sync
-from ._exceptions import PolicyError
 from ._hooks import Hook, HookSet
 from ._latency import LatencyStats
 from ._metrics import MetricsHook
 from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
-from ._policy import ENV_PREFIX, Policy, StateConfig
+from ._policy import DEFAULT_NAMESPACE, ENV_PREFIX, Policy, StateConfig, read_policy_bytes
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
 from ._saturation import CallerContexts, ProcessSaturation, monitor
-from ._shared_state import SharedBreakerState
+from ._shared_state import SharedBreakerState, fleet_key
 from ._tracing import TracingHook
 from ._truncation import TokenFitter, load_tokenizer
 from ._validators import ResponseValidator
@@ -82,7 +81,7 @@ class Resilience:
         self._user_hooks = list(hooks)
         ResponseValidator(policy)  # first: a policy naming an unknown validator fails here, before threads start
         # Live state: outlives policy reloads (see _install for what a reload resets).
-        self.breakers = BreakerRegistry(self._breaker_settings)
+        self.breakers = BreakerRegistry(self._breaker_settings, fleet_key_for=self._fleet_key)
         self.latency = LatencyStats()  # per (model, class): what the soft timeouts and hedges learn from
         self.budgets = Budgets()
         self._saturation = ProcessSaturation()  # client-side delay: never blamed on a provider
@@ -93,6 +92,8 @@ class Resilience:
         self._shared: SharedBreakerState | None = None
         self._watcher: PolicyFileWatcher | None = None
         self._reload_lock = threading.Lock()
+        self._routes_used: set[str] = set()  # route names calls have used (engines built from a file)
+        self._known_params: dict[str, Mapping[str, Any]] = {}  # model name -> its last litellm_params
         self._policy = policy
         self._install(policy, previous=None)
         # litellm's first call of each kind (sync, async, stream; answer and error) imports modules
@@ -123,35 +124,55 @@ class Resilience:
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:
             for model in self.breakers.models():
-                old_spec, new_spec = previous.models.get(model), policy.models.get(model)
-                if (old_spec and old_spec.litellm_params) != (new_spec and new_spec.litellm_params):
+                new_spec = policy.models.get(model)
+                if new_spec is None:
+                    continue  # gone from this version: its state waits, should the model come back
+                known = self._known_params.get(model)
+                if known is not None and known != new_spec.litellm_params:
                     self.breakers.drop(model)
                     self.latency.forget(model)
                 elif previous.breaker_settings(model) != policy.breaker_settings(model):
                     self.breakers.get(model).reconfigure(policy.breaker_settings(model))
-        if previous is None or previous.document.state != policy.document.state:
-            self._share_state(policy)
+        self._known_params.update((name, spec.litellm_params) for name, spec in policy.models.items())
         self.hooks = hooks
         self._planner = planner
+        if previous is None or previous.document.state != policy.document.state:
+            # After the hooks: the first sync may already mirror an open fleet breaker (a transition).
+            self._share_state(policy, first=previous is None)
         # The one place that follows a policy change: anything registered per policy is
         # (re-)registered here, on build and on every reload.
         register_routes(policy, owner=self)  # litellm.get_model_info("<route>") & co.
 
-    def _share_state(self, policy: Policy) -> None:
+    def _share_state(self, policy: Policy, *, first: bool) -> None:
         old, self._shared = self._shared, _shared_state_for(policy.document.state)
         self.breakers.share(self._shared)
         if self._shared is not None:  # watched before the first sync: a replica's first request already knows
             for model in policy.models:
                 self.breakers.get(model)
             self._shared.start()
+            if first:
+                # A process that starts during an incident must not send the open models requests
+                # before it has read the fleet view. Bounded: a dead Redis answers at once (refused),
+                # a hung one costs FIRST_VIEW_WAIT_S once, and a reload (on a call's path) never waits.
+                self._shared.wait_for_first_view()
         if old is not None:
-            old.close()
+            old.close(wait=False)  # it flushes and ends by itself, off the call path
+
+    def _fleet_key(self, model: str) -> str:
+        """What the fleet calls ``model``'s breaker: the litellm model string and endpoint it calls."""
+        spec = self._policy.models.get(model)
+        if spec is None:
+            return fleet_key(model, None)
+        params, _missing = spec.resolved_params()
+        endpoint = params.get("api_base") or params.get("base_url")
+        return fleet_key(spec.litellm_model, str(endpoint) if endpoint else None)
 
     def _breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition) -> None:
         self.hooks.breaker_transition(model, old, new, info)
         shared = self._shared
         if shared is not None:
-            shared.on_transition(model, old, new, self.breakers.get(model).open_period_s)
+            breaker = self.breakers.get(model)
+            shared.on_transition(breaker.fleet_key, old, new, breaker.open_period_s)
 
     # -- construction --------------------------------------------------------------
 
@@ -166,11 +187,8 @@ class Resilience:
         version is put in force without a restart (see :meth:`reload`).
         """
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
-        policy = Policy.from_yaml(data.decode("utf-8", errors="replace"), source=str(p))
+        data = read_policy_bytes(p)
+        policy = Policy.from_bytes(data, source=str(p))  # the reader `llm-resilience validate` uses
         engine = cls(policy, **options)
         engine._watcher = PolicyFileWatcher(p, reload_interval_s, policy, data)
         return engine
@@ -209,10 +227,17 @@ class Resilience:
             policy = watcher.poll(force=force)
             if policy is None:
                 return False
+            dropped = sorted(self._routes_used.difference(policy.document.routes))
+            if dropped:  # a half-written file, or a mistake: calls would fail; a restart removes routes
+                watcher.refused(
+                    f"{watcher.path}: routes: drops route(s) {', '.join(map(repr, dropped))}, which calls of this "
+                    "process use; restore them (a route is removed by restarting with the new policy)"
+                )
+                return False
             try:
                 self._install(policy, previous=self._policy)
             except Exception as e:  # e.g. an unknown validator name: same rule as a bad file
-                log.error("policy reload rejected, still serving the last good policy from %s: %s", watcher.path, e)
+                watcher.refused(str(e))
                 return False
             watcher.accepted(policy)
             return True
@@ -234,8 +259,11 @@ class Resilience:
         stream = bool(kwargs.pop("stream", False))
         request = CallRequest(model=model, messages=messages, kwargs=kwargs, prompt_class=prompt_class, stream=stream)
         watcher = self._watcher
-        if watcher is not None and time.monotonic() >= watcher.next_check:
-            self._check_policy_file()
+        if watcher is not None:
+            if model not in self._routes_used and model in self._policy.document.routes:
+                self._routes_used.add(model)  # a reload must not drop it (see _check_policy_file)
+            if time.monotonic() >= watcher.next_check:
+                self._check_policy_file()
         return self._planner.start(request, self._clock())
 
     def completion(self, model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:
@@ -276,7 +304,11 @@ class Resilience:
 
 
 def _shared_state_for(cfg: StateConfig) -> SharedBreakerState | None:
-    """The shared state the policy asks for; ``None`` for in-process (or when it cannot be had)."""
+    """The shared state the policy asks for; ``None`` for in-process (or when it cannot be had).
+
+    Never raises: a Redis URL that is unset or malformed (it may come from the environment)
+    means breakers per process, with a warning, never calls that fail.
+    """
     if cfg.backend != "redis" or cfg.url is None:
         return None
     url = cfg.url
@@ -286,6 +318,14 @@ def _shared_state_for(cfg: StateConfig) -> SharedBreakerState | None:
             log.warning("state.url %s is not set; breakers are per process", cfg.url)
             return None
     from ._shared_state import from_url
+
+    if cfg.namespace == DEFAULT_NAMESPACE:
+        log.warning(
+            "state.namespace is %r: every application on this Redis that keeps the default shares breakers "
+            "with this one for the models they both call (same litellm model and endpoint); set a namespace "
+            "per application",
+            DEFAULT_NAMESPACE,
+        )
 
     return from_url(
         url, cfg.namespace, failure_window_s=cfg.failure_window_s, sync_interval_s=cfg.sync_interval_s, start=False

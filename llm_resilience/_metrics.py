@@ -19,7 +19,7 @@ instrument                                              kind         attributes 
 ======================================================  ===========  ==========================================
 
 Common attributes: ``gen_ai.operation.name``, ``gen_ai.provider.name``,
-``gen_ai.request.model`` (the litellm model string), ``llm_resilience.model`` (the
+``gen_ai.request.model`` (the model name sent, without litellm's provider prefix), ``llm_resilience.model`` (the
 policy's name), ``llm_resilience.route``, ``llm_resilience.prompt_class``. Skipped
 models produce no duration (nothing was sent). A *fallback* is an attempt that did not
 answer and after which the call went on to another model (so the last failure of an
@@ -44,7 +44,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._hooks import Hook
 from ._outcomes import AttemptRecord
-from ._tracing import exporter_choice, otlp_exporter, otlp_resource, provider_name
+from ._tracing import exporter_choice, model_and_provider, otlp_exporter, otlp_resource
 
 if TYPE_CHECKING:
     from ._breakers import BreakerRegistry, BreakerTransition
@@ -81,7 +81,9 @@ def _otlp_provider(exporter: str = "otlp") -> metrics.MeterProvider:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
-        chosen = ConsoleMetricExporter() if exporter == "console" else otlp_exporter("metrics")
+        from ._metrics_export import QuietWhileFailing
+
+        chosen = ConsoleMetricExporter() if exporter == "console" else QuietWhileFailing(otlp_exporter("metrics"))
         _otlp = MeterProvider(metric_readers=[PeriodicExportingMetricReader(chosen)], resource=otlp_resource())
     return _otlp
 
@@ -196,7 +198,8 @@ class MetricsHook(Hook):
         return attrs
 
     def breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition | None = None) -> None:
-        self._seen_states[model] = new
+        if self._breakers is None:  # (with the registry the gauge reads it: bounded, no copy to keep)
+            self._seen_states[model] = new
         attrs = {f"{NS}.model": model, f"{NS}.breaker.from": old, f"{NS}.breaker.to": new}
         if info is not None:
             attrs[f"{NS}.breaker.cause"] = info.cause
@@ -211,10 +214,12 @@ class MetricsHook(Hook):
 
 def _common(call: Call, record: AttemptRecord) -> dict[str, Any]:
     spec = next((s for s in call.route.chain if s.name == record.model), None)
+    custom = spec.litellm_params.get("custom_llm_provider") if spec else None
+    model, provider = model_and_provider(record.litellm_model, str(custom) if custom else None)
     return {
         "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": provider_name(record.litellm_model, spec.litellm_params if spec else None),
-        "gen_ai.request.model": record.litellm_model,
+        "gen_ai.provider.name": provider,
+        "gen_ai.request.model": model,
         f"{NS}.model": record.model,
         f"{NS}.route": call.route.name,
         f"{NS}.prompt_class": call.prompt_class,

@@ -47,6 +47,10 @@ SUSPECT: Final = "suspect"
 # Outcome of an attempt that timed out because the client (not the provider) was saturated.
 CLIENT_OVERLOAD: Final = "client_overload"
 
+CALLER_ERROR: Final = "caller_error"
+"""The request failed before it reached the provider (a prompt that cannot be encoded, say): the caller's
+error, raised to it at once, counted on no breaker and never a reason to fall back."""
+
 ERROR_KINDS: Final = (
     TIMEOUT,
     CONNECTION,
@@ -79,6 +83,8 @@ def classify_error(exc: BaseException) -> str:
     of ``BadRequestError``, and its ``Timeout`` is an ``APIConnectionError`` in openai's
     tree, so the specific checks come first.
     """
+    if never_sent(exc):
+        return CALLER_ERROR
     lx = _litellm_exceptions()
     if isinstance(exc, lx.Timeout | TimeoutError):
         return TIMEOUT
@@ -114,6 +120,25 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, lx.APIError | lx.ServiceUnavailableError | lx.InternalServerError):
         return SERVER_ERROR
     return UNKNOWN
+
+
+def never_sent(exc: BaseException) -> bool:
+    """The request could not be built, so nothing reached the provider: the body did not encode.
+
+    litellm wraps what the HTTP client raised while encoding a body (a lone surrogate such as
+    ``"\\ud800"`` in a prompt, a value JSON cannot hold) in its own exceptions, as ``server_error``
+    or ``connection``; only the cause chain tells that the provider never saw the request.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, UnicodeEncodeError):
+            return True
+        if isinstance(cause, TypeError) and "JSON serializable" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _transport_failure(exc: BaseException) -> str | None:
@@ -170,6 +195,14 @@ class AttemptRecord:
     """Every transition this attempt saw, with its cause (``BreakerTransition``): those its outcome
     caused, and open -> half-open when the attempt was admitted as the probe."""
     started_at: float = 0.0
+    bounds: dict[str, float] = field(default_factory=dict)
+    """Every time limit that applied to the attempt, in seconds: ``attempt`` (the class's ``timeout_s``;
+    not for streams), ``first_token`` and ``idle`` (streams), ``soft`` (a soft timeout is configured),
+    ``deadline`` (what was left of the call's deadline when the attempt started)."""
+    cut_by: str | None = None
+    """The key of :attr:`bounds` that cut the attempt off, if one did."""
+    prepare_s: float = 0.0
+    """Time spent preparing the request before it was handed to litellm (token counting, truncation)."""
     extra: dict[str, Any] = field(default_factory=dict)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list, repr=False)
     """Things that happened during the attempt, as (name, attributes): span events (a skipped SSE event)."""
@@ -197,6 +230,8 @@ class AttemptRecord:
         if self.time_to_first_chunk_s is not None:
             d["time_to_first_chunk_s"] = round(self.time_to_first_chunk_s, 6)
             d["chunks"] = self.chunks
+        if self.cut_by is not None:
+            d["cut_by"] = self.cut_by
         if self.breaker_transitions:
             d["breaker_transitions"] = [list(t) for t in self.breaker_transitions]
         if self.extra:

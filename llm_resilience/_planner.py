@@ -301,7 +301,13 @@ class Planner:
     """Whether the calling context may take a half-open probe (``_saturation.CallerContexts``; tests script it)."""
 
     def start(self, request: CallRequest, now: float | None = None) -> Call:
-        """Decide route and prompt class, and open the call. Raises ``UnknownPromptClass``."""
+        """Decide route and prompt class, and open the call.
+
+        Raises ``UnknownPromptClass``, and litellm's ``BadRequestError`` for a model string longer
+        than :data:`MAX_MODEL_CHARS` (no model is called that; refused before it costs anything).
+        """
+        if len(request.model) > MAX_MODEL_CHARS:
+            raise model_too_long(request.model)
         return Call(self, request, time.monotonic() if now is None else now)
 
     def classify(self, request: CallRequest) -> str:
@@ -487,6 +493,7 @@ class Call:
             self.planner.latency.observe_censored(attempt.spec.name, self.prompt_class, record.latency_s)
             record.outcome = "failure"
             record.reason = k.SOFT_TIMEOUT
+            record.cut_by = "soft"
             record.error = self._last_error = TimeoutError(
                 f"no answer within the soft timeout ({attempt.soft_timeout_s or 0:.3g} s) and no hedge started"
             )
@@ -580,7 +587,9 @@ class Call:
         if panic:  # bypasses the breaker: not a probe, and its outcome is not counted (_count)
             admission, ticket = Admission.ADMIT, ProbeTicket(probe=False)
         else:
-            admission, ticket = breaker.admit_with_ticket(lambda: self.planner.contexts.may_probe(now))
+            admission, ticket = breaker.admit_with_ticket(
+                lambda: self.planner.contexts.may_probe(now), probe_for_s=left
+            )
         record.breaker_state = breaker.state
         if admission is Admission.PROBE and breaker.last_transition is not seen and breaker.last_transition:
             record.breaker_events.append(breaker.last_transition)  # open -> half-open: this is the probe
@@ -624,9 +633,11 @@ class Call:
             record.extra["missing_env"] = missing
             self._skip(record, k.MISSING_API_KEY)
             return None
+        preparing = time.perf_counter()  # a measurement for the span, not an input to any decision
         fit = self.planner.fitter.fit(
             spec, self.request.messages, self.route, self.klass, self._base_kwargs, self._shrink
         )
+        record.prepare_s = time.perf_counter() - preparing
         record.tokens_before, record.tokens_after, record.truncated = (
             fit.tokens_before, fit.tokens_after, fit.truncated
         )  # fmt: skip
@@ -659,6 +670,17 @@ class Call:
             first_token = min(first_token, soft)  # streams: the soft timeout bounds the first chunk
         if soft is not None:
             record.extra["soft_timeout_s"] = round(soft, 6)
+        klass = self.klass
+        if self.request.stream:
+            record.bounds = {
+                "first_token": klass.first_token_timeout_s or klass.timeout_s,
+                "idle": klass.idle_timeout_s or klass.timeout_s,
+                "deadline": left,
+            }
+        else:
+            record.bounds = {"attempt": klass.timeout_s, "deadline": left}
+        if soft is not None:
+            record.bounds["soft"] = soft
         if spec.adhoc:  # the caller's own model string: its endpoint arguments are the caller's to give
             kwargs = dict(self._base_kwargs)
         else:
@@ -726,8 +748,8 @@ class Call:
         else:
             # An attempt timed at the wire has its client time measured, not estimated: while its
             # request is at the provider, the provider is working whatever the lag probes say. The
-            # thread probe's estimate (CLIENT_HOPS x its lateness) would otherwise postpone a hedge by
-            # 300 ms after a few late ticks (the sequential incident's third spike call).
+            # thread probe's estimate (CLIENT_HOPS x its lateness) postponed a spike call's hedge by up
+            # to 179 ms where the wire said 40 ms (sequential incident, measured).
             delay = _client_time(attempt, now) if attempt.io_measured else signal.delay_s(record.started_at, now)
             attempt.client_delay_s = max(attempt.client_delay_s, delay)
             wall = now - record.started_at
@@ -737,7 +759,9 @@ class Call:
             if attempt.client_delay_s < NOTICEABLE_SHARE * wall or (provider_s >= bound_s - 1e-9 and not saturated):
                 return None
             reason = "client_saturated"
-            record.extra["client_delay_s"] = round(attempt.client_delay_s, 6)
+            # What the record says is a share of the attempt's elapsed time (the estimate that moves
+            # its bounds may model more hops than have happened yet).
+            record.extra["client_delay_s"] = round(min(attempt.client_delay_s, wall), 6)
         record.extra[k.CLIENT_OVERLOAD] = reason
         return reason
 
@@ -761,6 +785,25 @@ class Call:
         attempt.expired = excuse is None  # cut; blamed on the provider only if the client was not the slow one
         return None
 
+    def _cut_by(self, attempt: Attempt) -> str:
+        """Which of the attempt's bounds (``record.bounds``) cut it off when it timed out: the tightest
+        of those that applied at that point (a stream waits for its first token, then chunk by chunk)."""
+        record = attempt.record
+        bounds = record.bounds
+        if self.request.stream:
+            if record.time_to_first_chunk_s is not None:
+                return "idle"  # content had come: only the wait for the next chunk was bounded
+            named = "first_token"
+        else:
+            named = "attempt"
+        limit = bounds.get(named, attempt.timeout_s)
+        soft = bounds.get("soft")
+        if attempt.soft_cut and soft is not None and soft <= limit:
+            return "soft"
+        if bounds.get("deadline", limit) < limit:
+            return "deadline"
+        return named
+
     def _expire(self, now: float) -> None:
         """Attempts in flight past their bound: judged by :meth:`at_bound`; the driver stops those cut."""
         for attempt in list(self._in_flight):
@@ -769,6 +812,7 @@ class Call:
             blamed = attempt.expired
             record = self._settle(attempt, now)
             kind = k.SOFT_TIMEOUT if attempt.soft_cut else k.TIMEOUT
+            record.cut_by = self._cut_by(attempt)
             record.outcome = "failure" if blamed else k.CLIENT_OVERLOAD
             record.reason = kind
             record.error = self._last_error = attempt_timeout(attempt)
@@ -971,6 +1015,8 @@ class Call:
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
         If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
         """
+        if attempt in self._in_flight:  # however the call goes on, the span says where the stream broke
+            attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         kind = classify_error(error)
         fall_back = kind in self.planner.policy.fall_back_on
         if (
@@ -985,7 +1031,6 @@ class Call:
         self._continue_text = delivered_text
         self._interrupted = error
         self._joins.append({"from": attempt.record.index, "at_chars": len(delivered_text), "to": None})
-        attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
         deadline = now + self.klass.deadline_s
         if self.caller_deadline_at is not None:
             deadline = min(deadline, self.caller_deadline_at)
@@ -999,6 +1044,11 @@ class Call:
         counted = "slow" in attempt.record.extra  # _flag_slow already counted it as one slow call
         record = self._settle(attempt, now)
         kind = classify_error(error)
+        if kind == k.CALLER_ERROR or (
+            attempt.io_measured and attempt.sent_at is None and not attempt.expired and kind != k.TIMEOUT
+        ):
+            self._caller_error(attempt, record, error, now)
+            return
         continuing = self._continue_text is not None and attempt is not self._committed
         if continuing and kind == k.BAD_REQUEST and _names_prefill(error):
             kind = k.PREFILL_REJECTED  # this model cannot continue text this way, never the final error
@@ -1012,6 +1062,8 @@ class Call:
                 record.extra["continue_as"] = CONVERSATION
         if kind == k.TIMEOUT and attempt.soft_cut and record.time_to_first_chunk_s is None:
             kind = k.SOFT_TIMEOUT  # our learned bound fired, not the class's hard timeout
+        if kind in (k.TIMEOUT, k.SOFT_TIMEOUT):
+            record.cut_by = self._cut_by(attempt)
         if (
             kind in (k.TIMEOUT, k.SOFT_TIMEOUT)
             and not attempt.expired
@@ -1051,6 +1103,22 @@ class Call:
         if self._final is None:
             self._abandon_in_flight(now)
             self._final = Fail(error)  # e.g. an ordinary 400: the request itself is wrong
+            self.planner.hooks.call_ended(self, None, error)
+
+    def _caller_error(self, attempt: Attempt, record: AttemptRecord, error: BaseException, now: float) -> None:
+        """The request never reached the provider (it could not be built): the caller's error, at once.
+
+        No breaker counts it, no latency window learns from it, no other model is tried (the same
+        request would fail the same way there), and a probe's slot is freed without a verdict.
+        """
+        self.planner.breakers.get(attempt.spec.name).release(attempt.ticket)
+        record.outcome = "failure"
+        record.reason = k.CALLER_ERROR
+        record.error = self._last_error = error
+        self.planner.hooks.attempt_ended(self, record, None)
+        if self._final is None:
+            self._abandon_in_flight(now)
+            self._final = Fail(error)
             self.planner.hooks.call_ended(self, None, error)
 
     def on_cancelled(self, attempt: Attempt, now: float) -> None:
@@ -1153,8 +1221,12 @@ class Call:
         """
         if self._final is not None:
             return
+        delivered = getattr(error, "generated_content", None)
         for attempt in self._in_flight:
             attempt.record.reason = k.DEADLINE
+            attempt.record.cut_by = "deadline"
+            if isinstance(delivered, str) and attempt is self._committed:
+                attempt.record.extra["interrupted_after_chars"] = len(delivered)
         self._abandon_in_flight(now)
         if self._committed is not None:
             self.answered_by = self._committed.record
@@ -1207,6 +1279,17 @@ class Call:
         return self._final is not None
 
     @property
+    def fallbacks(self) -> int:
+        """How many models of the chain the call passed over (failed, flagged or skipped) on its way to the
+        furthest model whose request counted (not a hedge that lost). A retry of the same model, a hedge
+        that lost, and a panic attempt going back to a model passed over add none."""
+        records = self.records
+        order = {spec.name: position for position, spec in enumerate(self.route.chain)}
+        counted = [r for r in records if r.outcome not in ("skipped", "cancelled")] or records
+        reached = max((order.get(r.model, 0) for r in counted), default=0)
+        return len({r.model for r in records if r.outcome != "cancelled" and order.get(r.model, reached) < reached})
+
+    @property
     def in_flight(self) -> list[Attempt]:
         return list(self._in_flight)
 
@@ -1219,7 +1302,7 @@ class Call:
             "prompt_class": self.prompt_class,
             "model": answered.model if answered else None,
             "litellm_model": answered.litellm_model if answered else None,
-            "fallbacks": sum(1 for r in self.records if r is not answered and r.outcome != "cancelled"),
+            "fallbacks": self.fallbacks,
             # return_best hands back an answer that failed validation: flagged as well
             "flagged": (answered.outcome == "flagged" or "returned_as_best" in answered.extra) if answered else False,
             "attempts": [r.as_dict() for r in self.records],
@@ -1266,6 +1349,21 @@ def _accepts_prefill(spec: ModelSpec) -> bool:
 def _names_prefill(error: BaseException) -> bool:
     text = str(error).lower()
     return "prefill" in text or "prefix" in text
+
+
+MAX_MODEL_CHARS = 1024
+"""The longest ``model=`` accepted (litellm model strings, ARNs included, are far shorter)."""
+
+
+def model_too_long(model: str) -> Exception:
+    """The caller's error for an absurd model string: litellm's ``BadRequestError``, raised before any work."""
+    from ._env import litellm  # here, not at import: the simulator and `validate` run without litellm
+
+    return litellm.exceptions.BadRequestError(
+        message=f"model= is {len(model)} characters long (at most {MAX_MODEL_CHARS}): not a model name",
+        model=model[:64],
+        llm_provider="",
+    )
 
 
 def attempt_timeout(attempt: Attempt) -> Exception:

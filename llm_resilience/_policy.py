@@ -9,7 +9,10 @@ generated from the same declaration (``llm-resilience schema``).
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import importlib.util
 import math
 import os
 import re
@@ -84,11 +87,17 @@ BUILTIN_DEFAULT_CLASS: dict[str, Any] = {"timeout_s": 60.0, "deadline_s": 180.0}
 
 
 class _UnknownKey(ValueError):
-    def __init__(self, key: str, allowed: Sequence[str]) -> None:
-        self.key = key
-        close = difflib.get_close_matches(key, allowed, n=1)
+    """Every unknown key of one section (each reported at its own line, so one run shows them all)."""
+
+    def __init__(self, keys: Sequence[str], allowed: Sequence[str]) -> None:
+        self.keys = list(keys)
+        self.allowed = list(allowed)
+        super().__init__("; ".join(self.message(key) for key in self.keys))
+
+    def message(self, key: str) -> str:
+        close = difflib.get_close_matches(key, self.allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        super().__init__(f"unknown key '{key}' (expected one of: {', '.join(allowed)}){hint}")
+        return f"unknown key '{key}' (expected one of: {', '.join(self.allowed)}){hint}"
 
 
 class _Strict(BaseModel):
@@ -101,9 +110,9 @@ class _Strict(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
             allowed = [f.alias or name for name, f in cls.model_fields.items()]
-            for key in data:
-                if key not in allowed:
-                    raise _UnknownKey(str(key), allowed)
+            unknown = [str(key) for key in data if key not in allowed]
+            if unknown:
+                raise _UnknownKey(unknown, allowed)
         return data
 
 
@@ -429,6 +438,9 @@ class TelemetryConfig(_Strict):
     record_content: bool = Field(False, description="Opt in to prompt and answer text in spans (off: never recorded).")
 
 
+DEFAULT_NAMESPACE = "default"
+
+
 class StateConfig(_Strict):
     """Where breaker state lives: in this process, or shared by every replica through Redis."""
 
@@ -439,7 +451,10 @@ class StateConfig(_Strict):
         None, description="Redis URL, e.g. os.environ/REDIS_URL or redis://host:6379/0. Required for redis."
     )
     namespace: str = Field(
-        "default", min_length=1, description="Processes with the same namespace (and Redis) share breakers."
+        DEFAULT_NAMESPACE,
+        min_length=1,
+        max_length=200,
+        description="Processes with the same namespace (and Redis) share breakers; one per application.",
     )
     failure_window_s: PositiveFloat = Field(
         60.0, description="Fleet failures older than this no longer count toward fail_max, seconds."
@@ -452,6 +467,12 @@ class StateConfig(_Strict):
     def _redis_needs_url(self) -> StateConfig:
         if self.backend == "redis" and not self.url:
             raise ValueError("state.backend redis needs 'url' (e.g. os.environ/REDIS_URL)")
+        if self.url and not self.url.startswith(ENV_PREFIX):  # (from the environment: checked when read)
+            from ._shared_state import check_redis_url, redacted_url
+
+            problem = check_redis_url(self.url)
+            if problem is not None:
+                raise ValueError(f"state.url {redacted_url(self.url)} is not a usable Redis URL: {problem}")
         return self
 
 
@@ -600,17 +621,19 @@ class Policy:
         built in, registered already (:func:`llm_resilience.register_validator`), or listed
         in ``validators`` (names the application registers before it builds the engine).
         """
-        p = Path(path)
+        return cls.from_bytes(read_policy_bytes(path), source=str(path), validators=validators)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", *, validators: Collection[str] = ()) -> Policy:
+        """Validate a policy file's content: UTF-8 YAML (the one reader of the engine, reloads and ``validate``)."""
         try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = e.object.count(b"\n", 0, e.start) + 1
+            line = data.count(b"\n", 0, e.start) + 1
             raise PolicyError(
-                [f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8"]
+                [f"{source}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"]
             ) from None
-        return cls.from_yaml(text, source=str(p), validators=validators)
+        return cls.from_yaml(text, source=source, validators=validators)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>", *, validators: Collection[str] = ()) -> Policy:
@@ -618,6 +641,10 @@ class Policy:
         data, lines, problems = _parse_yaml(text, source)
         if problems and not lines:  # not YAML at all (or too big to be a policy): nothing more to check
             raise PolicyError(_finish(source, problems))
+        if data is None and not problems:
+            # Empty, or comments only: what a half-written file or a failed template looks like. The
+            # built-in policy is Policy.defaults(); a file must say something (`{}` says "defaults").
+            raise PolicyError([f"{source}:1: the file is empty (no YAML document in it): not a policy"])
         return cls._build({} if data is None else data, source, lines, problems, validators)
 
     @classmethod
@@ -646,10 +673,11 @@ class Policy:
         try:
             doc = PolicyDocument.model_validate(data)
         except ValidationError as e:
-            problems.extend(_format_pydantic_error(err, where) for err in e.errors())
+            problems.extend(problem for err in e.errors() for problem in _format_pydantic_errors(err, where))
         known = _known_validators(validators)
         refs = tuple((f"{where(path)}: {_dotted(path)}", name, counted) for path, name, counted in _name_refs(data))
         problems.extend(f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in _cross_check(data))
+        problems.extend(f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in _misspelt_litellm_params(data))
         problems.extend(_unknown_names(refs, known))
         if problems or doc is None:
             raise PolicyError(_finish(source, problems))
@@ -805,6 +833,66 @@ def _cross_check(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str]]:
     return problems
 
 
+@functools.lru_cache(maxsize=1)
+def litellm_completion_arguments() -> frozenset[str]:
+    """The arguments ``litellm.completion`` reads: its parameters and the ``kwargs`` keys it looks up.
+
+    Read from litellm's source (``litellm/main.py``) without importing litellm (~2 s), so that
+    ``validate`` stays fast; empty when litellm or its source cannot be found.
+    """
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "main.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "completion"), None)
+    if function is None:
+        return frozenset()
+    names = {a.arg for a in (*function.args.args, *function.args.kwonlyargs)}
+    for node in ast.walk(function):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "pop")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "kwargs"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return frozenset(names)
+
+
+def _misspelt_litellm_params(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """``litellm_params`` keys that are near misses of an argument litellm.completion reads (``api_bse``).
+
+    litellm passes keys it does not know to the provider or drops them silently, so a typo sends
+    requests to the provider's default endpoint. A key close to no known argument is left alone
+    (provider-specific options such as ``vertex_project`` are legitimate).
+    """
+    known = litellm_completion_arguments()
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    if not known:
+        return problems
+    for name, model in _items(data.get("models")):
+        params = model.get("litellm_params") if isinstance(model, Mapping) else None
+        for key in params if isinstance(params, Mapping) else ():
+            if not isinstance(key, str) or key in known:
+                continue
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                problems.append(
+                    (
+                        ("models", name, "litellm_params", key),
+                        f"not an argument litellm.completion takes; did you mean '{close[0]}'?",
+                    )
+                )
+    return problems
+
+
 def _items(section: Any) -> list[tuple[Any, Any]]:
     return list(section.items()) if isinstance(section, Mapping) else []
 
@@ -874,6 +962,15 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
+def read_policy_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A policy file's bytes; :class:`PolicyError` naming the file when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+
+
 class _TooBig(Exception):
     def __init__(self, node: yaml.Node, message: str) -> None:
         super().__init__(message)
@@ -924,7 +1021,14 @@ def _line(mark: Any) -> int:  # a PyYAML Mark (pure Python or libyaml) or None
 
 
 def _not_yaml(source: str, e: yaml.MarkedYAMLError) -> str:
-    return f"{source}:{_line(e.problem_mark)}: not valid YAML: {e.problem or type(e).__name__}"
+    mark = e.problem_mark
+    if "'\\t'" in (e.problem or "") and mark is not None:
+        # PyYAML's "found character '\t' that cannot start any token" does not say what to do.
+        return (
+            f"{source}:{_line(mark)}: not valid YAML: a tab character (column {int(mark.column) + 1}); "
+            "YAML indents with spaces only: replace the tab with spaces"
+        )
+    return f"{source}:{_line(mark)}: not valid YAML: {e.problem or type(e).__name__}"
 
 
 def _reader_problem(e: yaml.reader.ReaderError) -> str:
@@ -1089,13 +1193,23 @@ _PYDANTIC_TAG = re.compile(
 )
 
 
-def _format_pydantic_error(err: Any, where: Any) -> str:
-    # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _PYDANTIC_TAG.match(p)))
+def _format_pydantic_errors(err: Any, where: Any) -> list[str]:
+    """One problem per line of the policy: an unknown-keys error names each key where it is written."""
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _UnknownKey):
-        path = (*loc, ctx_err.key)
-        return f"{where(path)}: {_dotted(path)}: {ctx_err}"
+        loc = _data_loc(err)
+        return [f"{where((*loc, key))}: {_dotted((*loc, key))}: {ctx_err.message(key)}" for key in ctx_err.keys]
+    return [_format_pydantic_error(err, where)]
+
+
+def _data_loc(err: Any) -> tuple[Any, ...]:
+    # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and _PYDANTIC_TAG.match(p)))
+
+
+def _format_pydantic_error(err: Any, where: Any) -> str:
+    loc = _data_loc(err)
+    ctx_err = (err.get("ctx") or {}).get("error")
     kind = err["type"]
     value = err.get("input")
     if kind == "missing":

@@ -126,12 +126,78 @@ def _otlp_provider(exporter: str = "otlp") -> trace.TracerProvider:
     return _otlp
 
 
+# litellm's provider names -> the GenAI conventions' well-known ``gen_ai.provider.name`` values
+# (any other provider keeps litellm's name: the conventions allow names they do not list).
+_SEMCONV_PROVIDERS = {
+    "anthropic": "anthropic",
+    "azure": "azure.ai.openai",
+    "azure_ai": "azure.ai.inference",
+    "bedrock": "aws.bedrock",
+    "cohere": "cohere",
+    "cohere_chat": "cohere",
+    "deepseek": "deepseek",
+    "gemini": "gcp.gemini",
+    "groq": "groq",
+    "mistral": "mistral_ai",
+    "openai": "openai",
+    "perplexity": "perplexity",
+    "vertex_ai": "gcp.vertex_ai",
+    "watsonx": "ibm.watsonx.ai",
+    "xai": "x_ai",
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def model_and_provider(litellm_model: str, custom_provider: str | None = None) -> tuple[str, str]:
+    """(``gen_ai.request.model``, ``gen_ai.provider.name``) for a litellm model string.
+
+    The model is the name sent to the provider, without litellm's provider prefix
+    (``openai/gpt-4o`` -> ``gpt-4o``, ``openrouter/meta/llama-3`` -> ``meta/llama-3``); the
+    provider is litellm's, spelled as the conventions spell it (``bedrock`` -> ``aws.bedrock``).
+    """
+    model, provider = litellm_model, custom_provider
+    try:
+        from ._env import litellm
+
+        model, provider, _key, _base = litellm.get_llm_provider(
+            model=litellm_model, custom_llm_provider=custom_provider
+        )
+    except Exception:  # a string litellm cannot place: its prefix, if any, is the provider
+        head, sep, rest = litellm_model.partition("/")
+        if sep and not custom_provider:
+            model, provider = rest, head
+    provider = str(provider or "openai")
+    return str(model), _SEMCONV_PROVIDERS.get(provider, provider)
+
+
 def provider_name(litellm_model: str, params: Any = None) -> str:
-    """``gen_ai.provider.name``: litellm's provider prefix (``openai/gpt-4o`` -> ``openai``)."""
-    if params and params.get("custom_llm_provider"):
-        return str(params["custom_llm_provider"])
-    head, sep, _ = litellm_model.partition("/")
-    return head if sep else "openai"
+    """``gen_ai.provider.name`` for a model (see :func:`model_and_provider`)."""
+    custom = params.get("custom_llm_provider") if params else None
+    return model_and_provider(litellm_model, str(custom) if custom else None)[1]
+
+
+# Call outcomes, as the call span's name and ``llm_resilience.call_outcome`` give them.
+ANSWERED = "answered"  # the call's first request answered
+RESCUED = "rescued"  # answered, but not by the first request: a fallback, hedge, retry, panic or continuation
+FLAGGED = "flagged"  # answered with an answer a validator flagged
+RETURNED_AS_BEST = "returned_as_best"  # every answer failed validation; the first one is returned
+FAILED = "failed"  # the call raised
+CANCELLED = "cancelled"  # the caller stopped waiting (cancelled its task, closed its stream)
+CALL_OUTCOMES = (ANSWERED, RESCUED, FLAGGED, RETURNED_AS_BEST, FAILED, CANCELLED)
+
+
+def call_outcome(call: Call, response: Any, error: BaseException | None) -> str:
+    """The call's outcome in one word (one of the constants above)."""
+    if error is not None:
+        return FAILED
+    answered = call.answered_by
+    if answered is None or response is None:
+        return CANCELLED
+    if answered.outcome == "flagged":
+        return FLAGGED
+    if answered.outcome == "soft_failure":
+        return RETURNED_AS_BEST
+    return ANSWERED if call.records and answered is call.records[0] else RESCUED
 
 
 class TracingHook(Hook):
@@ -144,6 +210,7 @@ class TracingHook(Hook):
         self.record_content = record_content
         self._call_attrs: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
         self._attempt_base: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
+        self._names: dict[tuple[str, str], str] = {}
 
     def call_started(self, call: Call) -> None:
         request = call.request
@@ -152,10 +219,11 @@ class TracingHook(Hook):
         cached = self._call_attrs.get(key)
         if cached is None:
             attrs: dict[str, Any] = {f"{NS}.route": call.route.name, f"{NS}.prompt_class": call.prompt_class}
-            if request.model != call.route.name:  # a model name or litellm string used as a one-model route
+            if request.model not in call.planner.policy.document.routes:
+                # a policy model name or a litellm string used as a one-model route: what the caller asked for
                 attrs[f"{NS}.requested_model"] = request.model
             if request.stream:
-                attrs[f"{NS}.stream"] = True
+                attrs[f"{NS}.delivery"] = "stream"
             # never mutated afterwards: the span copies it
             cached = _bounded_put(self._call_attrs, key, (f"{NS}.completion {call.route.name}", attrs))
         name, attrs = cached
@@ -163,11 +231,12 @@ class TracingHook(Hook):
         if not span.is_recording():
             # Nobody listens (no provider set, or the sampler dropped the call): no attempt spans,
             # no attributes. Kept so that call_span() still hands out the (non-recording) span.
-            call.hook_data[self] = (span, None, None)
+            call.hook_data[self] = (span, None, None, None)
             return
         if self.record_content:
             span.set_attribute(f"{NS}.prompt", _messages_text(request.messages))
-        call.hook_data[self] = (span, trace.set_span_in_context(span), {})
+        params = _request_attributes(request.kwargs) if request.kwargs else _NO_ATTRIBUTES
+        call.hook_data[self] = (span, trace.set_span_in_context(span), {}, params)
 
     def call_span(self, call: Call) -> trace.Span | None:
         """The span of ``call`` while it is open (the review log reads its trace id)."""
@@ -179,8 +248,9 @@ class TracingHook(Hook):
         if data is None or data[2] is None or record.outcome == "skipped":
             return  # a skip gets its span in attempt_ended: it has started and ended by then
         # The span itself is created when the attempt ends, with every attribute in one pass (the
-        # SDK validates attributes on each call) and this start time: the same span, built once.
-        data[2][record.index] = time.time_ns()
+        # SDK validates attributes on each call) and this start time, moved back by the time spent
+        # preparing the request (counting, truncating): the attempt's span covers all of its time.
+        data[2][record.index] = time.time_ns() - int(record.prepare_s * 1e9)
 
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
         data = call.hook_data.get(self)
@@ -192,44 +262,36 @@ class TracingHook(Hook):
         started_ns = data[2].pop(record.index, None)
         if started_ns is None:
             return
-        # The requested model and the class determine the route, hence the model's spec and the
-        # attributes fixed for it: looked up once per combination, not on every attempt.
-        key = (call.request.model, call.prompt_class, record.model)
-        cached = self._attempt_base.get(key)
-        if cached is None:
-            spec = next((s for s in call.route.chain if s.name == record.model), None)
-            params = spec.litellm_params if spec is not None else {}
-            base: dict[str, Any] = {
-                **_model_attributes(record.litellm_model, params.get("api_base"), params.get("custom_llm_provider")),
-                f"{NS}.model": record.model,
-            }
-            cached = _bounded_put(self._attempt_base, key, (spec, base))
-        spec, base = cached
+        spec, base = self._base(call, record)
         outcome = record.outcome or "unknown"
-        attrs: dict[str, Any] = {**base, f"{NS}.attempt.index": record.index, f"{NS}.outcome": outcome}
-        if record.timeout_s is not None:
-            attrs[f"{NS}.timeout_ms"] = _ms(record.timeout_s)
-            if record.latency_s > record.timeout_s:
-                # The timeout bounds the wait for the provider; litellm's own work before the request
-                # is written and after the timer fires (and a busy CPU) comes on top of it.
-                attrs[f"{NS}.overrun_ms"] = _ms(record.latency_s - record.timeout_s)
+        attrs: dict[str, Any] = {**data[3], **base, f"{NS}.attempt.index": record.index, f"{NS}.outcome": outcome}
         if record.reason:
             attrs[f"{NS}.reason"] = record.reason
-        if record.breaker_state != "closed":
-            attrs[f"{NS}.breaker.state"] = record.breaker_state
-        if record.hedged:
-            attrs[f"{NS}.hedged"] = True
+        attrs[f"{NS}.attempt.role"] = _role(record)
+        _record_attributes(attrs, record)
+        for key, seconds in record.bounds.items():
+            attrs[f"{NS}.bound.{key}_ms"] = _ms(seconds)
+        cut_by = record.cut_by
+        if cut_by is not None:
+            attrs[f"{NS}.cut_by"] = cut_by
+            bound = record.bounds.get(cut_by)
+            if bound is not None and cut_by != "idle" and record.latency_s > bound:
+                # The bound limits the wait for the provider; litellm's own work before the request
+                # is written and after the timer fires (and a busy CPU) comes on top of it.
+                attrs[f"{NS}.overrun_ms"] = _ms(record.latency_s - bound)
         if record.retry_of is not None:
             attrs[f"{NS}.retry_of"] = record.retry_of
-        if record.extra:
-            _extra_attributes(attrs, record.extra)
-        if record.truncated:
-            attrs[f"{NS}.truncated"] = True
+        if record.tokens_before is not None:
+            attrs[f"{NS}.truncation"] = "truncated" if record.truncated else "none"
             attrs[f"{NS}.tokens.before"] = record.tokens_before
             attrs[f"{NS}.tokens.after"] = record.tokens_after
+            attrs[f"{NS}.prepare_ms"] = _ms(record.prepare_s)
         if record.time_to_first_chunk_s is not None:
             attrs["gen_ai.response.time_to_first_chunk"] = round(record.time_to_first_chunk_s, 3)
             attrs[f"{NS}.stream.chunks"] = record.chunks
+        delay = record.extra.get("client_delay_s")
+        if isinstance(delay, int | float):  # a share of the attempt's time, never more than all of it
+            attrs[f"{NS}.client_delay_ms"] = _ms(min(float(delay), record.latency_s))
         if response is not None:
             _response_attributes(attrs, response, spec, self.record_content)
         failed = outcome in _ERROR_OUTCOMES
@@ -238,7 +300,7 @@ class TracingHook(Hook):
                 type(record.error).__name__ if record.error is not None else (record.reason or "error")
             )
         span = self.tracer.start_span(
-            f"chat {record.litellm_model}", context=data[1], kind=SpanKind.CLIENT, attributes=attrs,
+            f"chat {base['gen_ai.request.model']}", context=data[1], kind=SpanKind.CLIENT, attributes=attrs,
             start_time=started_ns,
         )  # fmt: skip
         for info in record.breaker_events:  # open -> half-open (the probe), then what the outcome did
@@ -246,8 +308,30 @@ class TracingHook(Hook):
         for name, event_attrs in record.events:
             span.add_event(name, event_attrs)
         if failed:
-            span.set_status(_ERROR)  # the reason and error.type say the rest
+            span.set_status(Status(StatusCode.ERROR, attempt_problem(record)))
         span.end()
+
+    def _base(self, call: Call, record: AttemptRecord) -> tuple[Any, dict[str, Any]]:
+        """The attributes fixed for a model on this route (and, for an ad-hoc model, its caller's endpoint)."""
+        # The requested model and the class determine the route, hence the model's spec and the
+        # attributes fixed for it: looked up once per combination, not on every attempt.
+        kwargs = call.request.kwargs
+        adhoc_base = kwargs.get("api_base") or kwargs.get("base_url") if kwargs else None
+        key = (call.request.model, call.prompt_class, record.model, adhoc_base)
+        cached = self._attempt_base.get(key)
+        if cached is None:
+            spec = next((s for s in call.route.chain if s.name == record.model), None)
+            params = spec.litellm_params if spec is not None else {}
+            api_base = params.get("api_base")
+            if api_base is None and spec is not None and spec.adhoc:
+                api_base = adhoc_base  # the caller's own model string goes where the caller said
+            base: dict[str, Any] = {
+                **_request_attributes(params),  # the policy's own settings for this model win
+                **_model_attributes(record.litellm_model, api_base, params.get("custom_llm_provider")),
+                f"{NS}.model": record.model,
+            }
+            cached = _bounded_put(self._attempt_base, key, (spec, base))
+        return cached
 
     def _skip_span(self, context: Any, record: AttemptRecord) -> None:
         """A model passed over without a request: INTERNAL ``skip MODEL``, no ``gen_ai.*``/``server.*``."""
@@ -257,11 +341,14 @@ class TracingHook(Hook):
             f"{NS}.outcome": "skipped",
             f"{NS}.reason": record.reason or "unknown",
         }
-        if record.breaker_state != "closed":
-            attrs[f"{NS}.breaker.state"] = record.breaker_state
-        if record.extra:
-            _extra_attributes(attrs, record.extra)
-        span = self.tracer.start_span(f"skip {record.model}", context=context, kind=SpanKind.INTERNAL, attributes=attrs)
+        _record_attributes(attrs, record)
+        if record.tokens_before is not None:  # skipped after counting (context_too_small): that took time
+            attrs[f"{NS}.tokens.before"] = record.tokens_before
+            attrs[f"{NS}.prepare_ms"] = _ms(record.prepare_s)
+        start = time.time_ns() - int(record.prepare_s * 1e9) if record.prepare_s else None
+        span = self.tracer.start_span(
+            f"skip {record.model}", context=context, kind=SpanKind.INTERNAL, attributes=attrs, start_time=start
+        )
         for info in record.breaker_events:
             span.add_event(_BREAKER_EVENT, _transition_attributes(info))
         span.end()
@@ -270,69 +357,157 @@ class TracingHook(Hook):
         data = call.hook_data.pop(self, None)
         if data is None:
             return
-        span, _context, spans = data
-        if spans is None:
+        span = data[0]
+        if data[2] is None:
             span.end()
             return
         records = call.records
         answered = call.answered_by
+        outcome = call_outcome(call, response, error)
         attrs: dict[str, Any] = {
             f"{NS}.path": call_path(records),
-            # moves to another model: attempts that did not answer and had a successor
-            f"{NS}.fallbacks": sum(1 for r in records[:-1] if r is not answered and r.outcome != "cancelled"),
+            f"{NS}.fallbacks": call.fallbacks,
+            f"{NS}.call_outcome": outcome,
+            f"{NS}.deadline_ms": _ms(call.deadline_at - call.started_at),
         }
         if answered is not None:
             attrs[f"{NS}.answered_by"] = answered.model
-            if answered.outcome == "flagged":
-                attrs[f"{NS}.call_outcome"] = "flagged"
-            elif answered.outcome == "soft_failure":
-                attrs[f"{NS}.call_outcome"] = "returned_as_best"
-            else:
-                attrs[f"{NS}.call_outcome"] = "answered"
-        elif error is not None:
-            attrs[f"{NS}.call_outcome"] = "failed"
-            attrs["error.type"] = type(error).__name__
-        else:
-            attrs[f"{NS}.call_outcome"] = "cancelled"
-        span.set_attributes(attrs)
         if error is not None:
-            span.set_status(_ERROR)
+            attrs["error.type"] = type(error).__name__
+        span.set_attributes(attrs)
+        # The outcome in the name: Jaeger's search list shows only the root span's name (and a count
+        # of error spans, which a call rescued from a failed attempt has too). Six outcomes per route.
+        name_key = (call.route.name, outcome)
+        name = self._names.get(name_key)
+        if name is None:
+            name = _bounded_put(self._names, name_key, f"{NS}.completion {call.route.name} {outcome}")
+        span.update_name(name)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, call_problem(call, error)))
         span.end()
 
 
 _BREAKER_EVENT = f"{NS}.breaker.transition"
-_ERROR = Status(StatusCode.ERROR)
-_ERROR_OUTCOMES = frozenset(("failure", "soft_failure"))
-"""Outcomes that put an error status on an attempt span (a skip or a cancelled hedge is not an error)."""
+_NO_ATTRIBUTES: dict[str, Any] = {}
+_ERROR_OUTCOMES = frozenset(("failure", "soft_failure", "client_overload"))
+"""Outcomes that put an error status on an attempt span: no answer came back, or none that could be used.
+(A skip or a cancelled hedge is not an error; a client_overload timeout is, and says it was the client's.)"""
+_HTTP_REASONS = frozenset(
+    ("rate_limit", "server_error", "auth", "not_found", "bad_request", "context_window", "content_policy", "unknown")
+)
+"""Error kinds a provider's HTTP status explains (a timeout's or a broken connection's status is litellm's own)."""
 _PATH_FLAGS = (("probe", "probe"), ("panic", "panic"), ("hedged", "hedge"), ("join", "join"))
 """``record.extra`` flags the path shows in brackets, and how."""
 _TIME_EXTRAS = frozenset(("open_until",))
 """``record.extra`` values that are epoch seconds: shown as UTC times."""
+_ADMISSIONS = ("suspect_overflow", "panic", "probe", "suspect")
+"""How the breaker let a request through, most specific first (``llm_resilience.breaker.admission``)."""
+_OWN_EXTRAS = frozenset((*_ADMISSIONS, "join", "slow", "returned_as_best", "soft_timeout_s", "client_delay_s"))
+"""``record.extra`` entries given their own attribute (a string, not a boolean) or a bound."""
+
+
+def _role(record: AttemptRecord) -> str:
+    """Why the request was sent: ``first``, ``fallback``, ``hedge``, ``retry`` or ``continuation``."""
+    if record.hedged:
+        return "hedge"
+    if record.retry_of is not None:
+        return "retry"
+    if "continuation" in record.extra:  # asked to continue a stream that broke
+        return "continuation"
+    return "first" if record.index == 0 else "fallback"
+
+
+def _record_attributes(attrs: dict[str, Any], record: AttemptRecord) -> None:
+    """What attempt and skip spans share: the breaker's state and admission, and ``record.extra``."""
+    if record.breaker_state != "closed":
+        attrs[f"{NS}.breaker.state"] = record.breaker_state
+    extra = record.extra
+    if not extra:
+        return
+    # Jaeger paints every boolean red, like an error: what a flag says is given as a word.
+    for admission in _ADMISSIONS:
+        if extra.get(admission):
+            attrs[f"{NS}.breaker.admission"] = admission
+            break
+    if extra.get("slow"):
+        attrs[f"{NS}.latency"] = "slow"  # past its soft timeout: counted as slow for the breaker
+    _extra_attributes(attrs, extra)
+
+
+def attempt_problem(record: AttemptRecord) -> str:
+    """The status description of a failed attempt: what went wrong, in words an on-call reader can act on.
+
+    Never the provider's message (it may echo the request); the kind, the exception class, the
+    HTTP status, the bound that cut it, the failed checks.
+    """
+    reason = record.reason or record.outcome or "error"
+    error = record.error
+    detail = type(error).__name__ if error is not None else ""
+    status = getattr(error, "status_code", None)
+    chars = record.extra.get("interrupted_after_chars")
+    if isinstance(status, int) and reason in _HTTP_REASONS and chars is None:
+        detail += f", HTTP {status}"  # the provider's answer (litellm also puts a status on its own errors)
+    text = f"{reason} ({detail})" if detail else reason
+    if record.cut_by is not None:
+        bound = record.bounds.get(record.cut_by)
+        text += f": cut by the {record.cut_by} bound" + (f" of {_ms(bound)} ms" if bound is not None else "")
+    if chars is not None:
+        text += f"; the stream broke after {chars} chars had been delivered"
+    checks = record.extra.get("failed_checks")
+    if checks and list(checks) != [reason]:
+        text += f"; failed checks: {', '.join(str(c) for c in checks)}"
+    if record.outcome == "client_overload":
+        why = record.extra.get("client_overload", "client_saturated")
+        text += f"; not the provider's fault ({why}), not counted against its breaker"
+    return text
+
+
+def call_problem(call: Call, error: BaseException) -> str:
+    """The status description of a failed call: the error class and what each model did."""
+    steps = ", ".join(
+        f"{r.model} {r.reason or r.outcome}" for r in call.records if r.outcome != "cancelled" or r.reason
+    )
+    return f"{type(error).__name__}: {steps}" if steps else type(error).__name__
 
 
 def call_path(records: list[AttemptRecord]) -> str:
-    """One line for the whole call: ``big: timeout after 327 ms → small: ok in 41 ms``."""
+    """One line for the whole call: ``big: timeout after 327 ms (attempt bound 300 ms) → small: ok in 41 ms``."""
     return " → ".join(_step(r) for r in records)
 
 
 def _step(record: AttemptRecord) -> str:
     outcome = record.outcome
+    took = f"{_ms(record.latency_s)} ms"
+    cut = ""
+    if record.cut_by is not None:
+        bound = record.bounds.get(record.cut_by)
+        cut = f" ({record.cut_by} bound {_ms(bound)} ms)" if bound is not None else f" ({record.cut_by} bound)"
+    chars = record.extra.get("interrupted_after_chars")
     if outcome == "skipped":
         text = f"{record.model}: skipped, {record.reason}"
         until = record.extra.get("open_until")
         if isinstance(until, int | float):
             text += f" until {_utc(until)}"
     elif outcome == "success":
-        text = f"{record.model}: ok in {_ms(record.latency_s)} ms"
+        text = f"{record.model}: ok in {took}"
+    elif chars is not None:  # a stream that had delivered text, then broke: not a failed connect
+        text = f"{record.model}: stream broke after {chars} chars in {took}, {record.reason or outcome}{cut}"
+    elif outcome == "client_overload":
+        why = record.extra.get("client_overload", "client_saturated")
+        delay = record.extra.get("client_delay_s")
+        own = f" {_ms(min(float(delay), record.latency_s))} ms" if isinstance(delay, int | float) else ""
+        text = f"{record.model}: {record.reason or 'timeout'} after {took}{cut}, {why}{own}"
     elif outcome in _ERROR_OUTCOMES:
-        text = f"{record.model}: {record.reason or outcome} after {_ms(record.latency_s)} ms"
+        text = f"{record.model}: {record.reason or outcome} after {took}{cut}"
     else:  # flagged, cancelled, and any kind added later
         reason = f" {record.reason}" if record.reason else ""
-        text = f"{record.model}: {outcome}{reason} after {_ms(record.latency_s)} ms"
+        text = f"{record.model}: {outcome}{reason} after {took}{cut}"
     extra = record.extra
     flags = [label for key, label in _PATH_FLAGS if extra.get(key) or (key == "hedged" and record.hedged)]
     if record.retry_of is not None:
         flags.append("retry")
+    if record.truncated:
+        flags.append(f"truncated {record.tokens_before}→{record.tokens_after} tokens in {_ms(record.prepare_s)} ms")
     if flags:
         text += f" ({', '.join(flags)})"
     for info in record.breaker_events:
@@ -347,7 +522,10 @@ def _extra_attributes(attrs: dict[str, Any], extra: dict[str, Any]) -> None:
     Generic on purpose: a new kind of outcome detail shows up in spans without a change here.
     """
     for key, value in extra.items():
-        if value is None:
+        if value is None or value is False or key in _OWN_EXTRAS:
+            continue
+        if value is True:
+            attrs[f"{NS}.{key}"] = "true"  # a word: Jaeger shows booleans in red, as it does errors
             continue
         if key in _TIME_EXTRAS and isinstance(value, int | float):
             attrs[f"{NS}.{key}"] = _utc(value)
@@ -401,10 +579,11 @@ def _bounded_put(cache: dict[Any, _V], key: Any, value: _V) -> _V:
 @functools.lru_cache(maxsize=1024)
 def _model_attributes(litellm_model: str, api_base: Any, custom_provider: Any) -> dict[str, Any]:
     """Attributes fixed per model; cached because urlsplit and friends cost more than the lookup."""
+    model, provider = model_and_provider(litellm_model, str(custom_provider) if custom_provider else None)
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": provider_name(litellm_model, {"custom_llm_provider": custom_provider}),
-        "gen_ai.request.model": litellm_model,
+        "gen_ai.provider.name": provider,
+        "gen_ai.request.model": model,
     }
     if isinstance(api_base, str) and not api_base.startswith("os.environ/"):
         parts = urlsplit(api_base)
@@ -413,6 +592,53 @@ def _model_attributes(litellm_model: str, api_base: Any, custom_provider: Any) -
             if parts.port:
                 attrs["server.port"] = parts.port
     return attrs
+
+
+_REQUEST_NUMBERS = (
+    ("temperature", "gen_ai.request.temperature", float),
+    ("top_p", "gen_ai.request.top_p", float),
+    ("top_k", "gen_ai.request.top_k", float),
+    ("frequency_penalty", "gen_ai.request.frequency_penalty", float),
+    ("presence_penalty", "gen_ai.request.presence_penalty", float),
+    ("max_tokens", "gen_ai.request.max_tokens", int),
+    ("max_completion_tokens", "gen_ai.request.max_tokens", int),
+    ("seed", "gen_ai.request.seed", int),
+)
+
+
+def _request_attributes(params: Any) -> dict[str, Any]:
+    """The GenAI request attributes for the litellm arguments ``params`` (those that are set)."""
+    attrs: dict[str, Any] = {}
+    for name, key, kind in _REQUEST_NUMBERS:
+        value = params.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            attrs[key] = kind(value)
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        attrs["gen_ai.request.stop_sequences"] = [stop]
+    elif isinstance(stop, list | tuple) and stop:
+        attrs["gen_ai.request.stop_sequences"] = [str(s) for s in stop]
+    choices = params.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices != 1:
+        attrs["gen_ai.request.choice.count"] = choices
+    output = _output_type(params.get("response_format"))
+    if output is not None:
+        attrs["gen_ai.output.type"] = output
+    return attrs
+
+
+def _output_type(response_format: Any) -> str | None:
+    """``gen_ai.output.type`` for litellm's ``response_format``: ``json`` or ``text`` (``None``: not asked)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind is None and isinstance(response_format, type):
+        return "json"  # a pydantic model: litellm asks for a JSON schema
+    if kind in ("json_object", "json_schema"):
+        return "json"
+    if kind == "text":
+        return "text"
+    return None
 
 
 def _response_attributes(attrs: dict[str, Any], response: Any, spec: Any, record_content: bool) -> None:

@@ -28,9 +28,10 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process without persistence; ``kill``/``start`` again on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         assert REDIS_SERVER is not None, SKIP_REASON
         self.port = free_port()
+        self.extra_args = list(extra_args)  # e.g. "--replicaof", "127.0.0.1", "6379"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,7 +42,8 @@ class RedisServer:
         assert REDIS_SERVER is not None
         self._proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--loglevel", "warning"],
+             "--daemonize", "no", "--loglevel", "warning", "--enable-debug-command", "local",
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10

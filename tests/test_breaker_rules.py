@@ -39,10 +39,10 @@ class ScriptedFleet(SharedBreakerState):
     def open_until_epoch(self, model: str) -> float | None:
         return self.until
 
-    def watch(self, model: str, mirror: Any, open_for_s: Any = None) -> None:
+    def watch(self, model: str, mirror: Any, open_for_s: Any = None, probing: Any = None, **_: Any) -> None:
         self.watched[model] = (mirror, open_for_s)
 
-    def unwatch(self, model: str) -> None:
+    def unwatch(self, model: str, owner: object | None = None) -> None:
         self.watched.pop(model, None)
 
     def record_failure(self, model: str, fail_max: int, open_s: float) -> None:
@@ -564,3 +564,95 @@ def test_threads_asking_for_a_new_models_breaker_at_once_share_one_breaker() -> 
 
     assert got == [first] and registry.models() == ["m"]
     assert settings_asked == ["m"]  # created once
+
+
+# -- the fleet's transitions, the process's clocks, the registry's bound --------------------------
+
+
+def test_a_transition_mirrored_from_the_fleet_says_it_came_from_the_fleet() -> None:
+    fleet = ScriptedFleet()
+    seen: list[Any] = []
+    b = ModelBreaker("m", BreakerSettings(fail_max=3), [lambda *args: seen.append(args[3])], clock=Clock(), fleet=fleet)
+    mirror, _ = fleet.watched["m"]
+
+    mirror("m", "open")
+    mirror("m", "closed")
+
+    assert [(t.old, t.new, t.cause) for t in seen] == [("closed", "open", "fleet"), ("open", "closed", "fleet")]
+    open_it(b)  # this process's own transitions keep their causes
+    assert seen[-1].cause == "consecutive_failures"
+
+
+def test_the_cooldown_runs_on_a_monotonic_clock_whatever_the_wall_clock_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pybreaker
+
+    from llm_resilience import _breakers
+
+    wall = [T0]
+    mono = [5000.0]
+
+    class SteppedDatetime(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return wall[0]
+
+    monkeypatch.setattr(pybreaker, "datetime", SteppedDatetime)  # pybreaker stamps opened_at with it
+    monkeypatch.setattr(_breakers, "_utc_now", lambda: wall[0], raising=False)
+    monkeypatch.setattr(_breakers, "_monotonic", lambda: mono[0], raising=False)
+    b = ModelBreaker("m", BreakerSettings(fail_max=1, reset_timeout_s=10.0), [])  # the process's own clocks
+    b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+    assert b.state == "open"
+
+    wall[0] = T0 - timedelta(hours=1)  # NTP steps the wall clock back an hour...
+    mono[0] += 9.0
+    assert b.admit_with_ticket()[0] is Admission.OPEN
+    mono[0] += 2.0  # ...while 11 s pass
+    assert b.admit_with_ticket()[0] is Admission.PROBE
+
+    wall[0] = T0 + timedelta(hours=1)  # and a step forward does not end a cooldown early
+    b2 = ModelBreaker("m2", BreakerSettings(fail_max=1, reset_timeout_s=10.0), [])
+    b2.record(b2.admit_with_ticket()[1], k.SERVER_ERROR)
+    wall[0] = T0 + timedelta(hours=2)
+    assert b2.admit_with_ticket()[0] is Admission.OPEN
+
+
+def test_an_open_breaker_past_its_cooldown_without_traffic_is_evictable() -> None:
+    clock = Clock()
+    b = breaker(clock, reset_timeout_s=10.0)
+    open_it(b)
+    assert not b.evictable  # inside its cooldown it keeps traffic off the model
+    clock.advance(10.5)
+    assert b.evictable
+    b.admit_with_ticket()  # the probe is in flight: it stays
+    assert not b.evictable
+
+
+def test_the_registry_bound_holds_when_every_breaker_is_open() -> None:
+    clock = Clock()
+    fleet = ScriptedFleet()
+    registry = BreakerRegistry(
+        lambda model: BreakerSettings(fail_max=1, reset_timeout_s=300.0), clock=clock, max_breakers=8, fleet=fleet
+    )
+    for i in range(40):  # caller-supplied model strings against a dead endpoint: every one opens
+        b = registry.get(f"m{i}")
+        b.record(b.admit_with_ticket()[1], k.SERVER_ERROR)
+        assert b.state == "open"
+        clock.advance(0.001)
+
+    assert len(registry) <= 8
+    assert set(fleet.watched) == set(registry.models())
+    assert "m39" in registry.models()  # the most recently used stay
+
+
+def test_eviction_takes_idle_breakers_before_open_ones() -> None:
+    clock = Clock()
+    registry = BreakerRegistry(
+        lambda model: BreakerSettings(fail_max=1, reset_timeout_s=300.0), clock=clock, max_breakers=8
+    )
+    sick = registry.get("sick")
+    sick.record(sick.admit_with_ticket()[1], k.SERVER_ERROR)
+    for i in range(8):
+        registry.get(f"ok{i}")
+
+    assert "sick" in registry.models()  # the oldest, but open: closed ones went first
+    assert len(registry) <= 8

@@ -10,6 +10,7 @@ names, and the README's links. Each failure names what to update: the prose or t
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llm_resilience import _outcomes, _policy
+from llm_resilience import _outcomes, _planner, _policy, _tracing
 from llm_resilience._policy import BUILTIN_DEFAULT_CLASS, DEFAULT_BREAKER_COUNTS, BreakerSettings
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
@@ -175,12 +176,20 @@ def code_vocabulary() -> set[str]:
     """Outcome, reason, breaker and decision words the package can print."""
     words = {v for k, v in vars(_outcomes).items() if k.isupper() and isinstance(v, str)}
     words |= set(typing.get_args(_outcomes.Outcome))
-    words |= set(re.findall(r'call_outcome"\] = "(\w+)"', _source("_tracing.py")))
+    words |= set(_tracing.CALL_OUTCOMES)
     words |= set(re.findall(r'call_outcome = "(\w+)"', _source("_review_log.py")))
     for line in re.findall(r"cause = (.*)", _source("_breakers.py")):
         words |= set(re.findall(r'"(\w+)"', line))
     words |= set(re.findall(r'reason = "(\w+)"', _source("_planner.py")))
     words |= set(re.findall(r'extra\["(?:hedge|retry)_skipped"\] = "(\w+)"', _source("_planner.py")))
+    words |= set(_tracing._ADMISSIONS)  # llm_resilience.breaker.admission
+    role_rule = inspect.getsource(_tracing._role)  # llm_resilience.attempt.role
+    words |= set(re.findall(r'return "(\w+)"', role_rule)) | set(re.findall(r'else "(\w+)"', role_rule))
+    cut_rule = inspect.getsource(_planner.Call._cut_by)  # llm_resilience.cut_by
+    words |= set(re.findall(r'return "(\w+)"', cut_rule)) | set(re.findall(r'named = "(\w+)"', cut_rule))
+    words |= set(re.findall(r'bounds\.get\("(\w+)"', cut_rule)) | set(
+        re.findall(r'cut_by = "(\w+)"', _source("_planner.py"))
+    )
     words |= {"launched", "closed", "open", "half-open"}
     return {w for w in words if w}
 
@@ -241,3 +250,16 @@ def test_every_results_file_says_when_and_on_what_machine() -> None:
         head = path.read_text(encoding="utf-8")[:1500]
         assert re.search(r"Measured (by )?\d{4}-\d\d-\d\d \d\d:\d\d UTC", head), f"{path.name}: no date"
         assert re.search(r"\d+ CPUs", head), f"{path.name}: no machine"
+
+
+def test_every_public_name_is_on_the_api_page_with_a_docstring() -> None:
+    import llm_resilience
+    import llm_resilience.testing
+
+    api = _page("reference/api.md")
+    for name in (n for n in llm_resilience.__all__ if n != "__version__"):
+        assert f"::: llm_resilience.{name}\n" in api, f"docs/reference/api.md does not document llm_resilience.{name}"
+        assert (getattr(llm_resilience, name).__doc__ or "").strip(), f"llm_resilience.{name} has no docstring"
+    for name in ("FakeProvider", "Behavior", "provider_process"):
+        assert f"::: llm_resilience.testing.{name}\n" in api
+        assert (getattr(llm_resilience.testing, name).__doc__ or "").strip(), f"testing.{name} has no docstring"

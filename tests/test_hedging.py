@@ -79,7 +79,7 @@ def test_loser_span_ends_cancelled_and_hedge_span_is_marked(
     assert spans["big"]["llm_resilience.hedged_by"] == 1
     assert spans["big"]["llm_resilience.hedge_after_ms"] == 100
     assert "error.type" not in spans["big"]
-    assert spans["small"]["llm_resilience.hedged"] is True
+    assert spans["small"]["llm_resilience.attempt.role"] == "hedge"
     assert spans["small"]["llm_resilience.outcome"] == "success"
 
 

@@ -7,9 +7,12 @@ test at a Jaeger you run yourself with ``JAEGER_QUERY_URL`` (e.g. ``http://local
 binary) the test skips and says so.
 
 What the engineer must see, asserted on what Jaeger returns (``/api/traces``, what its UI shows):
-one trace per call; the call span's summary (path, answered_by, fallbacks, error only when the call
-failed); attempt spans in order with the error on the failed one; a skipped model as a skip, not
-as a call; the breaker's transition with its cause; and no API key or prompt text anywhere.
+one trace per call, whose root span's name (the search list's row) says how the call ended; the call
+span's summary (path, answered_by, fallbacks, deadline, error only when the call failed, with a status
+description); attempt spans in order with the error on the failed one, named and tagged as the GenAI
+conventions say (model name without litellm's prefix, provider, request parameters); a skipped model as
+a skip, not as a call; the breaker's transition with its cause; no boolean tag but Jaeger's own ``error``;
+and no API key or prompt text anywhere.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEYS, MESSAGES, PROMPT, PolicyBuilder, free_port
+from _jaeger_server import JaegerFailed, JaegerUnavailable, get_json, running_jaeger
+from conftest import API_KEYS, MESSAGES, PROMPT, PolicyBuilder
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -40,106 +44,17 @@ from llm_resilience.testing import Behavior, FakeProvider
 NS = "llm_resilience"
 ROOT = Path(__file__).resolve().parent.parent
 
-CONFIG = """
-service:
-  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-extensions:
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 10000
-  jaeger_query:
-    storage:
-      traces: memstore
-    http:
-      endpoint: 127.0.0.1:{query}
-    grpc:
-      endpoint: 127.0.0.1:{query_grpc}
-  healthcheckv2:
-    use_v2: true
-    http:
-      endpoint: 127.0.0.1:{health}
-receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:{otlp}
-processors:
-  batch:
-    timeout: 100ms
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"""
-"""All-in-one minus what the test does not use, every port free (another run may hold 4318/16686)."""
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
-def _jaeger_binary() -> str:
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "jaeger.sh")], capture_output=True, text=True, timeout=1200, check=False
-    )
-    if done.returncode != 0:
-        pytest.fail(f"scripts/jaeger.sh failed to provide Jaeger:\n{done.stderr[-3000:]}")
-    path = done.stdout.strip()
-    if not path:
-        pytest.skip(f"no Jaeger binary and none can be built here: {done.stderr.strip()}")
-    return path
-
 
 @pytest.fixture(scope="module")
 def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(query API base URL, OTLP/HTTP endpoint) of a running Jaeger."""
-    query_url = os.environ.get("JAEGER_QUERY_URL")
-    if query_url:
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if not endpoint:
-            pytest.fail("JAEGER_QUERY_URL is set: set OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/HTTP, e.g. :4318) too")
-        yield query_url.rstrip("/"), endpoint.rstrip("/")
-        return
-    binary = _jaeger_binary()
-    ports = {name: free_port() for name in ("query", "query_grpc", "health", "otlp")}
-    workdir = tmp_path_factory.mktemp("jaeger")
-    config = workdir / "config.yaml"
-    config.write_text(CONFIG.format(**ports))
-    log_path = workdir / "jaeger.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        health = f"http://127.0.0.1:{ports['health']}/status"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _get_json(health).get("healthy"):
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Jaeger did not become healthy; its log:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)  # polling a server's readiness: no event to wait on
-        yield f"http://127.0.0.1:{ports['query']}", f"http://127.0.0.1:{ports['otlp']}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)  # measured: ~11 s to stop gracefully
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with running_jaeger(tmp_path_factory.mktemp("jaeger")) as endpoints:
+            yield endpoints
+    except JaegerUnavailable as why:
+        pytest.skip(str(why))
+    except JaegerFailed as why:
+        pytest.fail(str(why))
 
 
 def _tags(span: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +89,7 @@ def _search(query_url: str, service: str, tags: dict[str, str] | None = None) ->
     params = {"service": service, "limit": "50", "lookback": "1h"}
     if tags:
         params["tags"] = json.dumps(tags)
-    return list(_get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"] or [])
+    return list(get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"] or [])
 
 
 def test_traces_in_a_real_jaeger_read_at_first_glance(
@@ -195,7 +110,7 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     policy = policy_dict(["big", "small"], timeout_s=1.0, breakers={"big": {"fail_max": 1, "reset_timeout_s": reset_s}})
     engine = Resilience.from_dict(policy, tracer_provider=provider)
 
-    engine.completion("chat", MESSAGES)  # 1. big answers
+    engine.completion("chat", MESSAGES, temperature=0.3, max_tokens=50)  # 1. big answers
     big.set(Behavior.slow(3.0))
     engine.completion("chat", MESSAGES)  # 2. big times out, its breaker opens, small answers
     engine.completion("chat", MESSAGES)  # 3. big skipped (breaker open), small answers
@@ -219,29 +134,46 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert len(traces) == 5, [[s["operationName"] for s in t["spans"]] for t in found]  # one trace per call
     plain, timed_out, skipped, failed, probe = traces
 
+    # The search list: one row per call, named after the root span. A rescued call and a failed one
+    # no longer look alike there (both have an error span).
+    assert [t.root["operationName"] for t in traces] == [
+        f"{NS}.completion chat {outcome}" for outcome in ("answered", "rescued", "rescued", "failed", "answered")
+    ]
     for t in traces:
-        assert t.root["operationName"] == f"{NS}.completion chat"
         assert t.data["processes"][t.root["processID"]]["serviceName"] == service
         assert _tags(t.root)["span.kind"] == "internal"
         assert not [k for k in t.tags if k.startswith("gen_ai.")]  # the call span is not a model call
+        assert t.tags[f"{NS}.deadline_ms"] == 5000
+        # Jaeger shows booleans in red: the only one is its own error flag.
+        booleans = [
+            (s["operationName"], tag["key"]) for s in t.data["spans"] for tag in s["tags"] if tag["type"] == "bool"
+        ]
+        assert {key for _name, key in booleans} <= {"error"}, booleans
 
     # 1. A plain call: one attempt, no error anywhere.
-    assert plain.names == ["chat openai/gpt-4o"]
+    assert plain.names == ["chat gpt-4o"]  # GenAI: the model name sent, not litellm's "openai/gpt-4o"
+    genai = _tags(plain.attempts[0])
+    assert (genai["gen_ai.request.model"], genai["gen_ai.provider.name"]) == ("gpt-4o", "openai")
+    assert (genai["gen_ai.request.temperature"], genai["gen_ai.request.max_tokens"]) == (0.3, 50)
+    assert (genai["gen_ai.operation.name"], genai["server.address"]) == ("chat", "127.0.0.1")
     assert re.fullmatch(r"big: ok in \d+ ms", plain.tags[f"{NS}.path"])
     assert (plain.tags[f"{NS}.answered_by"], plain.tags[f"{NS}.fallbacks"]) == ("big", 0)
     assert "error" not in plain.tags
 
     # 2. A fallback: the failed attempt is red and says why and how long; the call is not red.
-    assert timed_out.names == ["chat openai/gpt-4o", "chat openai/gpt-4o-mini"]
+    assert timed_out.names == ["chat gpt-4o", "chat gpt-4o-mini"]
     assert re.fullmatch(
-        r"big: timeout after \d+ ms, breaker opened → small: ok in \d+ ms", timed_out.tags[f"{NS}.path"]
+        r"big: timeout after \d+ ms \(attempt bound 1000 ms\), breaker opened → small: ok in \d+ ms",
+        timed_out.tags[f"{NS}.path"],
     ), timed_out.tags[f"{NS}.path"]
     assert (timed_out.tags[f"{NS}.answered_by"], timed_out.tags[f"{NS}.fallbacks"]) == ("small", 1)
     assert "error" not in timed_out.tags
     first, second = (_tags(s) for s in timed_out.attempts)
     assert first["error"] is True
-    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.timeout_ms"]) == ("Timeout", "timeout", 1000)
-    assert first["span.kind"] == "client" and first["gen_ai.request.model"] == "openai/gpt-4o"
+    assert (first["error.type"], first[f"{NS}.reason"], first[f"{NS}.cut_by"]) == ("Timeout", "timeout", "attempt")
+    assert first[f"{NS}.bound.attempt_ms"] == 1000
+    assert first["otel.status_description"] == "timeout (Timeout): cut by the attempt bound of 1000 ms"
+    assert first["span.kind"] == "client" and first["gen_ai.request.model"] == "gpt-4o"
     assert timed_out.attempts[0]["duration"] >= 1_000_000  # µs: it waited its timeout
     assert "error" not in second and second["gen_ai.response.model"] == "gpt-4o-mini"
     transition = {f["key"]: f["value"] for f in timed_out.attempts[0]["logs"][0]["fields"]}
@@ -252,7 +184,7 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert f"{NS}.breaker.open_until" in transition
 
     # 3. After the breaker opened: big is a skip, not a call (no request, no server, no error).
-    assert skipped.names == ["skip big", "chat openai/gpt-4o-mini"]
+    assert skipped.names == ["skip big", "chat gpt-4o-mini"]
     skip = _tags(skipped.attempts[0])
     assert skip["span.kind"] == "internal"
     assert skip[f"{NS}.reason"] == "breaker_open" and skip[f"{NS}.breaker.state"] == "open"
@@ -260,8 +192,9 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert re.fullmatch(r"big: skipped, breaker_open until \S+Z → small: ok in \d+ ms", skipped.tags[f"{NS}.path"])
 
     # 4. A failed call: the call span is red and says what failed; so is the failed attempt.
-    assert failed.names == ["skip big", "chat openai/gpt-4o-mini"]
+    assert failed.names == ["skip big", "chat gpt-4o-mini"]
     assert failed.tags["error"] is True
+    assert failed.tags["otel.status_description"] == "AllAttemptsFailed: big breaker_open, small server_error"
     assert (failed.tags["error.type"], failed.tags[f"{NS}.call_outcome"]) == ("AllAttemptsFailed", "failed")
     assert f"{NS}.answered_by" not in failed.tags
     assert _tags(failed.attempts[1])["error"] is True
@@ -269,7 +202,8 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert "error" not in _tags(failed.attempts[0])
 
     # 5. The probe: the attempt carries both transitions, open -> half-open and half-open -> closed.
-    assert probe.names == ["chat openai/gpt-4o"]
+    assert probe.names == ["chat gpt-4o"]
+    assert _tags(probe.attempts[0])[f"{NS}.breaker.admission"] == "probe"
     assert re.fullmatch(r"big: ok in \d+ ms \(probe\), breaker closed", probe.tags[f"{NS}.path"])
     moves = [{f["key"]: f["value"] for f in log["fields"]} for log in probe.attempts[0]["logs"]]
     assert [(m[f"{NS}.breaker.to"], m[f"{NS}.breaker.cause"]) for m in moves] == [
@@ -283,7 +217,10 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
         "error.type=Timeout": _search(query_url, service, {"error.type": "Timeout"}),
         "reason=breaker_open": _search(query_url, service, {f"{NS}.reason": "breaker_open"}),
         "call_outcome=failed": _search(query_url, service, {f"{NS}.call_outcome": "failed"}),
-        "probe=true": _search(query_url, service, {f"{NS}.probe": "true"}),
+        "admission=probe": _search(query_url, service, {f"{NS}.breaker.admission": "probe"}),
+        "call_outcome=rescued": _search(query_url, service, {f"{NS}.call_outcome": "rescued"}),
+        "cut_by=attempt": _search(query_url, service, {f"{NS}.cut_by": "attempt"}),
+        "request.model=gpt-4o": _search(query_url, service, {"gen_ai.request.model": "gpt-4o"}),
         "cause=consecutive_failures": _search(query_url, service, {f"{NS}.breaker.cause": "consecutive_failures"}),
     }
     ids = {name: {t["traceID"] for t in hits} for name, hits in by_tag.items()}
@@ -291,10 +228,28 @@ def test_traces_in_a_real_jaeger_read_at_first_glance(
     assert ids["error.type=Timeout"] == {timed_out.data["traceID"]}
     assert ids["reason=breaker_open"] == {skipped.data["traceID"], failed.data["traceID"]}
     assert ids["call_outcome=failed"] == {failed.data["traceID"]}
-    assert ids["probe=true"] == {probe.data["traceID"]}
+    assert ids["admission=probe"] == {probe.data["traceID"]}
+    assert ids["call_outcome=rescued"] == {timed_out.data["traceID"], skipped.data["traceID"]}
+    assert ids["cut_by=attempt"] == {timed_out.data["traceID"]}
+    assert ids["request.model=gpt-4o"] == {plain.data["traceID"], timed_out.data["traceID"], probe.data["traceID"]}
+    # The operation the search list shows is one of the search form's choices, and finds only those calls.
+    params = {"service": service, "operation": f"{NS}.completion chat failed", "limit": "50", "lookback": "1h"}
+    by_operation = get_json(f"{query_url}/api/traces?{urllib.parse.urlencode(params)}")["data"]
+    assert {t["traceID"] for t in by_operation} == {failed.data["traceID"]}
     assert ids["cause=consecutive_failures"] == {timed_out.data["traceID"]}  # event attributes are searched too
 
     # Nothing secret went to Jaeger.
     everything = json.dumps(found)
     for secret in (PROMPT, "otter", *API_KEYS.values()):
         assert secret not in everything
+
+
+def test_the_trace_examples_page_still_reads_as_it_says(jaeger: tuple[str, str]) -> None:
+    """``scripts/trace_examples.py --check``: every fault kind's search-list row is still the one the page shows."""
+    query_url, otlp_endpoint = jaeger
+    env = {**os.environ, "JAEGER_QUERY_URL": query_url, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "trace_examples.py"), "--check"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -74,7 +74,7 @@ def test_fallback_call_records_duration_tokens_attempts_and_fallbacks(
     assert big_attrs["error.type"] == "ServiceUnavailableError"
     assert big_attrs["gen_ai.operation.name"] == "chat"
     assert big_attrs["gen_ai.provider.name"] == "openai"
-    assert big_attrs["gen_ai.request.model"] == "openai/gpt-4o"
+    assert big_attrs["gen_ai.request.model"] == "gpt-4o"
     assert big_attrs["llm_resilience.route"] == "chat"
     assert big_attrs["llm_resilience.prompt_class"] == "default"
     answered = only(duration, llm_resilience__model="small", llm_resilience__outcome="success")
@@ -210,3 +210,15 @@ def test_otlp_endpoint_gives_a_private_exporting_provider(
     }
     assert attempts == {"big:failure": 1, "small:success": 1}, exported
     assert [v for (name, _), v in exported.items() if name == "llm_resilience.fallbacks"] == [1], exported
+
+
+def test_breaker_transitions_of_many_models_keep_no_copy_beside_the_bounded_registry() -> None:
+    from llm_resilience._breakers import BreakerRegistry
+    from llm_resilience._metrics import MetricsHook
+    from llm_resilience._policy import BreakerSettings
+
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=1), max_breakers=8)
+    hook = MetricsHook(None, registry)
+    for i in range(100):  # caller-supplied model strings, each opening its breaker
+        hook.breaker_transition(f"m{i}", "closed", "open")
+    assert len(hook._seen_states) == 0  # the gauge reads the registry, whose bound holds

@@ -58,7 +58,7 @@ def test_spans_reach_a_real_otlp_receiver(otlp_receiver: OtlpReceiver) -> None:
         for resource_spans in request.resource_spans:
             for scope_spans in resource_spans.scope_spans:
                 names += [span.name for span in scope_spans.spans]
-    assert names.count("llm_resilience.completion openai/any-model") == 5, names
+    assert names.count("llm_resilience.completion openai/any-model answered") == 5, names
     assert sum(1 for n in names if n.startswith("chat ")) == 5, names
 
 

@@ -502,3 +502,90 @@ def test_the_dropped_argument_warning_says_why_and_stream_timeout_only_for_strea
     assert messages == [
         "llm_resilience ignores the argument 'fallbacks': the policy's chain decides fallbacks (logged once)"
     ]
+
+
+# -- the caller's errors: raised at once, counted nowhere -----------------------------------------
+
+
+def _unencodable_body_error() -> Exception:
+    """What litellm raises when the body cannot be encoded: a 500 wrapping the UnicodeEncodeError."""
+    try:
+        "\ud800".encode()
+    except UnicodeEncodeError as encode_error:
+        inner = encode_error
+    outer = lx.InternalServerError("OpenAIException - 'utf-8' codec can't encode", "openai", "a-model")
+    outer.__cause__ = inner
+    return outer
+
+
+def test_a_request_that_could_not_be_encoded_fails_the_call_at_once_and_counts_on_no_breaker() -> None:
+    p = make_planner()
+    call = start(p)
+    attempt = launch(call, T0)
+    error = _unencodable_body_error()
+
+    call.on_error(attempt, error, T0 + 0.01)
+
+    action = call.next_action(T0 + 0.01)
+    assert isinstance(action, Fail) and action.error is error  # the caller's own error, not AllAttemptsFailed
+    assert [(r.model, r.outcome, r.reason) for r in call.records] == [("a", "failure", k.CALLER_ERROR)]
+    assert p.breakers.get("a").fail_counter == 0
+    assert p.breakers.get("a").suspect is False
+
+
+def test_an_attempt_whose_request_never_left_the_client_is_the_callers_error() -> None:
+    p = make_planner()
+    call = start(p)
+    attempt = launch(call, T0)
+    attempt.io_measured, attempt.sent_at = True, None  # the driver saw no request leave
+
+    call.on_error(attempt, lx.InternalServerError("oops", "openai", "a-model"), T0 + 0.01)
+
+    assert isinstance(call.next_action(T0 + 0.01), Fail)
+    assert call.records[0].reason == k.CALLER_ERROR and p.breakers.get("a").fail_counter == 0
+
+
+def test_the_same_error_once_the_request_was_sent_is_the_providers() -> None:
+    p = make_planner()
+    call = start(p)
+    attempt = launch(call, T0)
+    attempt.io_measured, attempt.sent_at = True, T0 + 0.001
+
+    call.on_error(attempt, lx.InternalServerError("oops", "openai", "a-model"), T0 + 0.01)
+
+    assert call.records[0].reason == k.SERVER_ERROR and p.breakers.get("a").fail_counter == 1
+    assert isinstance(call.next_action(T0 + 0.01), Launch)  # falls back to b
+
+
+def test_a_bound_that_fired_before_the_request_left_is_still_a_timeout() -> None:
+    p = make_planner()
+    call = start(p)
+    attempt = launch(call, T0)
+    attempt.io_measured, attempt.sent_at, attempt.expired = True, None, True
+
+    call.on_error(attempt, attempt_timeout(attempt), T0 + 1.5)
+
+    assert call.records[0].reason == k.TIMEOUT
+
+
+def test_a_probe_that_never_left_frees_its_slot_without_a_verdict() -> None:
+    p = make_planner()
+    breaker = p.breakers.get("a")
+    for _ in range(5):
+        breaker.record(breaker.admit_with_ticket()[1], k.SERVER_ERROR)
+    breaker._opened_mono -= 31  # its cooldown passed
+    call = start(p)
+    attempt = launch(call, T0)
+    assert attempt.ticket.probe
+
+    call.on_error(attempt, _unencodable_body_error(), T0 + 0.01)
+
+    assert breaker.state == "half-open" and breaker._probe is None  # the next request probes
+
+
+def test_a_model_string_longer_than_the_limit_is_refused_before_a_call_starts() -> None:
+    p = make_planner()
+    with pytest.raises(lx.BadRequestError, match="1025 characters long"):
+        p.start(CallRequest(model="m" * (_planner.MAX_MODEL_CHARS + 1), messages=MESSAGES, kwargs={}), T0)
+    assert p.breakers.models() == []
+    p.start(CallRequest(model="m" * _planner.MAX_MODEL_CHARS, messages=MESSAGES, kwargs={}), T0)  # at the limit

@@ -170,7 +170,7 @@ def test_a_committed_stream_that_breaks_ends_the_call_when_on_interrupt_is_raise
     assert [r.model for r in call.records] == ["a"]  # no fallback: the caller already has text
     assert (first.record.outcome, first.record.reason) == ("failure", k.CONNECTION)
     assert p.breakers.get("a").fail_counter == 1  # still the provider's failure
-    assert "interrupted_after_chars" not in first.record.extra
+    assert first.record.extra["interrupted_after_chars"] == 5  # the span says where it broke
 
 
 def test_a_stream_that_fails_before_its_first_content_falls_back_invisibly() -> None:

@@ -54,14 +54,18 @@ def server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def states(server: RedisServer) -> Iterator[Callable[..., SharedBreakerState]]:
-    """``states(namespace="t")``: a new shared state (as one replica would have) on ``server``."""
+    """``states(namespace="t")``: a new shared state (as one replica would have) on ``server``.
+
+    ``sends_probes`` (default): when it holds the fleet's probe, its probe is in flight (the
+    realistic case: the holder sends it); ``False``: it has no request to send.
+    """
     made: list[SharedBreakerState] = []
 
-    def make(namespace: str = "t", **options: Any) -> SharedBreakerState:
+    def make(namespace: str = "t", *, sends_probes: bool = True, **options: Any) -> SharedBreakerState:
         options.setdefault("sync_interval_s", 0.05)
         state = from_url(server.url, namespace, **options)
         assert state is not None
-        state.watch("big", lambda model, fleet_state: None)
+        state.watch("big", lambda model, fleet_state: None, probing=lambda: sends_probes)
         assert state.synced.wait(BOUND_S)
         made.append(state)
         return state
@@ -80,12 +84,12 @@ def redis_policy(policy_dict: PolicyBuilder, url: str, namespace: str = "t", **k
     return policy_dict(state=state, **kwargs)
 
 
-def run_replicas(policy: dict[str, Any], calls: int, count: int = 1) -> list[dict[str, Any]]:
+def run_replicas(policy: dict[str, Any], calls: int, count: int = 1, **options: Any) -> list[dict[str, Any]]:
     """Run ``count`` replica processes at once, each making ``calls`` calls; their JSON reports."""
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(REPLICA.parent.parent)}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(REPLICA), json.dumps(policy), str(calls)],
+            [sys.executable, str(REPLICA), json.dumps(policy), str(calls), json.dumps(options)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -320,7 +324,8 @@ def test_calls_go_on_when_redis_dies_and_sharing_resumes_when_it_is_back(
         assert any("answers again" in r.getMessage() for r in caplog.records)
         # What this process learned alone (big is open) is told to the restarted, empty Redis...
         client = redis.Redis.from_url(server.url)
-        wait_for(lambda: bool(client.exists("llmr:{t}:big:open")), "big's open breaker published")
+        key = f"llmr:{{t}}:{engine.breakers.get('big').fleet_key}:open"
+        wait_for(lambda: bool(client.exists(key)), "big's open breaker published")
         client.close()
         # ...and sharing works both ways again: another process skips big, and opens small for us.
         small.set(Behavior.error(503))
@@ -382,6 +387,8 @@ def test_a_policy_reload_can_turn_sharing_on_and_off(
         path.write_text(yaml.safe_dump(policy_dict(chain=("big", "small"), fail_max=2)), encoding="utf-8")
         assert engine.reload() is True
         assert engine._shared is None
-        assert shared._thread is not None and not shared._thread.is_alive()  # its sync thread stopped
+        thread = shared._thread
+        assert thread is not None
+        wait_for(lambda: not thread.is_alive(), "its sync thread stopped")  # by itself, off the call path
     finally:
         engine.close()

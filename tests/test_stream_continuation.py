@@ -103,7 +103,7 @@ def test_broken_stream_is_continued_by_the_next_model(
     }
     assert spans["big"]["llm_resilience.interrupted_after_chars"] == len(delivered_before)
     assert spans["small"]["llm_resilience.continues"] == 0
-    assert spans["small"]["llm_resilience.join"] is True
+    assert spans["small"]["llm_resilience.attempt.role"] == "continuation"
     assert spans["small"]["llm_resilience.prefill_chars"] == len(delivered_before)
 
 

@@ -485,7 +485,7 @@ def test_stream_attempt_span_stays_open_until_the_stream_ends_and_records_first_
     assert duration_s >= 2 * 0.05  # it covers the whole stream, not just its opening
     (parent,) = call_spans(exporter)
     assert attrs(parent)["llm_resilience.answered_by"] == "big"
-    assert attrs(parent)["llm_resilience.stream"] is True
+    assert attrs(parent)["llm_resilience.delivery"] == "stream"
 
 
 def test_abandoned_stream_attempt_span_records_the_first_token_timeout(

@@ -297,7 +297,7 @@ def test_attempt_spans_record_tokens_before_and_after_and_truncation(
     assert spans["small"][f"{NS}.tokens.before"] == size
     assert spans["small"][f"{NS}.tokens.after"] == tokens("openai/gpt-4o-mini", small.requests[0].messages)
     assert spans["small"][f"{NS}.tokens.after"] < size
-    assert spans["small"][f"{NS}.truncated"] is True
+    assert spans["small"][f"{NS}.truncation"] == "truncated"
 
 
 def test_a_prompt_that_obviously_fits_is_sent_as_is_and_not_counted(

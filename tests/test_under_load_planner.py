@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -568,7 +567,7 @@ def _late_probes(cpu_used_s: float, queued_share: float = 0.0) -> float:
     cpu_now = time.process_time()
     for i in range(20):
         due = T0 + 0.05 * i
-        samples.ring.append((due, due + 0.05, cpu_now - cpu_used_s * (1 - i / 20), 0.05 * queued_share * i))
+        samples.append(due, due + 0.05, cpu_now - cpu_used_s * (1 - i / 20), 0.05 * queued_share * i)
     return samples.delay(T0, T0 + 1.0)
 
 
@@ -595,26 +594,35 @@ def test_only_the_probes_that_ran_during_the_attempt_count_however_full_the_ring
     cpu_now = time.process_time()
     for i in range(1024):  # a full ring: ~10 s of punctual probes, then the attempt's second, late ones
         due = T0 - 10.0 + 0.01 * i
-        samples.ring.append((due, due, cpu_now - 1.0, 0.0))
+        samples.append(due, due, cpu_now - 1.0, 0.0)
     for i in range(20):
         due = T0 + 0.05 * i
-        samples.ring.append((due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0))
+        samples.append(due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0)
     assert samples.delay(T0, T0 + 1.0) == pytest.approx(1.0)
     assert samples.delay(T0 + 2.0, T0 + 3.0) == 0.0  # no probe ran since: nothing to blame on the client
 
 
 def test_a_ring_appended_to_while_it_is_read_gives_the_same_estimate() -> None:
-    class AppendedMeanwhile(deque[tuple[float, float, float, float]]):
-        def __reversed__(self) -> Iterator[tuple[float, float, float, float]]:
-            raise RuntimeError("deque mutated during iteration")  # what a racing append does
-
+    # The probing thread appends while an attempt's bound check reads the window by index: a full
+    # ring then drops its oldest sample and every index moves. The reader notices and reads again.
     samples = _Samples()
     cpu_now = time.process_time()
+
+    class AppendedMeanwhile(deque[tuple[float, float, float, float, float]]):
+        reads = 0
+
+        def __getitem__(self, index: Any) -> Any:
+            AppendedMeanwhile.reads += 1
+            if AppendedMeanwhile.reads == 2:  # mid-read: a punctual probe runs after the window
+                samples.append(T0 + 2.0, T0 + 2.0, cpu_now, 0.0)
+            return super().__getitem__(index)
+
     samples.ring = AppendedMeanwhile(maxlen=_HISTORY)
     for i in range(20):
         due = T0 + 0.05 * i
-        samples.ring.append((due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0))
+        samples.append(due, due + 0.05, cpu_now - 0.9 * (1 - i / 20), 0.0)
     assert samples.delay(T0, T0 + 1.0) == pytest.approx(1.0)
+    assert AppendedMeanwhile.reads > 2  # it did read again
 
 
 def test_a_probe_reads_its_threads_run_queue_wait() -> None:
@@ -625,6 +633,39 @@ def test_a_probe_reads_its_threads_run_queue_wait() -> None:
         assert queued > 0.0  # this thread has waited on a run queue at some point since it started
     else:
         assert queued == 0.0
+
+
+def _walked(samples: list[tuple[float, float]], pending: float | None, since: float, now: float) -> float:
+    """The estimate of a busy process, by walking every sample (what the running sums must equal)."""
+    late = [(due, now)] if (due := pending) is not None and due < now else []
+    late += [(due, ran) for due, ran in samples if ran >= since]
+    if not late:
+        return 0.0
+    summed = sum(ran - due for due, ran in late if ran - due >= 0.010)
+    total = sum(max(0.0, min(ran, now) - max(due, since)) for due, ran in late if ran - due >= 0.010)
+    return max(total, 16 * summed / len(late))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_estimate_read_from_running_sums_is_the_one_walking_the_window_gives(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    samples, rows = _Samples(), []
+    cpu_now = time.process_time()
+    t = T0
+    for _ in range(rng.randint(1, 1500)):  # past the ring's size too: the oldest fall out
+        due = t + 0.01
+        ran = due + rng.choice([0.0, 0.004, 0.012, 0.03, 0.25])
+        rows.append((due, ran))
+        samples.append(due, ran, cpu_now - 1000.0, 0.0)  # a busy process (no idle-VM exemption)
+        t = ran
+    kept = rows[-_HISTORY:]
+    pending = rng.choice([None, t + 0.01, t - 0.02])
+    samples.pending_due = pending
+    for since in (kept[0][1] - 1.0, kept[len(kept) // 2][1], kept[-1][1], t + 1.0):
+        for now in (t, t + 0.3, kept[-1][1] - 0.001):
+            assert samples.delay(since, now) == pytest.approx(_walked(kept, pending, since, now), abs=1e-9)
 
 
 def test_an_attempt_started_cold_is_excused_even_when_it_ends_after_the_process_warmed() -> None:
