@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from ._engine import POLICY_ENV, Resilience, warm_up
+from ._engine import POLICY_ENV, Resilience
 from ._env import litellm
 from ._exceptions import AllAttemptsFailed, PolicyError
 from ._hooks import Hook
@@ -307,8 +308,8 @@ def run_incident(
 def _warm_up(policy: Policy) -> None:
     # litellm's first call to an endpoint pays ~120 ms of one-time setup (lazy imports, client
     # creation): at small scales that alone would exceed the timeout. Same params, so the
-    # engine reuses the cached clients. warm_up() first: the lazy imports of every call kind.
-    warm_up()
+    # engine reuses the cached clients (the lazy imports of every call kind were paid when the
+    # engine was built).
     for spec in policy.models.values():
         params, _missing = spec.resolved_params()
         litellm.completion(messages=PROMPT, num_retries=0, max_retries=0, timeout=10, **params)
@@ -322,18 +323,34 @@ def run_demo(
     quiet: bool = False,
     out: TextIO | None = None,
     color: bool | None = None,
+    review_log: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run the incident demo; print as it goes; return the exit status.
 
-    Raises :class:`~llm_resilience.PolicyError` when the policy file is invalid.
+    The policy's review log (if it has one) is written to a temporary directory removed at the
+    end; ``review_log`` names a file to keep a copy in. Raises
+    :class:`~llm_resilience.PolicyError` when the policy file is invalid.
     """
+    with tempfile.TemporaryDirectory(prefix="llm-resilience-demo-", ignore_cleanup_errors=True) as scratch:
+        return _run_demo(policy_path, requests, scale, quiet, out, color, Path(scratch), review_log)
+
+
+def _run_demo(
+    policy_path: str | os.PathLike[str] | None,
+    requests: int,
+    scale: float,
+    quiet: bool,
+    out: TextIO | None,
+    color: bool | None,
+    review_dir: Path,
+    keep_review_log: str | os.PathLike[str] | None,
+) -> int:
     out = out if out is not None else sys.stdout
     demo = load_demo_policy(policy_path)
     style = Style(out, color)
     printer = Printer(out, style, quiet=quiet)
     rng = random.Random(SEED)
     slots = schedule(requests, scale)
-    review_dir = Path(tempfile.mkdtemp(prefix="llm-resilience-demo-"))
     with (
         FakeProvider(behavior=Behavior(latency_fn=_lognormal(rng, INCIDENT[0].primary_latency_s * scale))) as sick,
         FakeProvider(behavior=Behavior(latency_fn=_lognormal(rng, FALLBACK_LATENCY_S * scale))) as healthy,
@@ -362,10 +379,11 @@ def run_demo(
         except KeyboardInterrupt:
             interrupted = True
             printer.line(style.yellow("interrupted; summary of the requests so far:"))
-        printer.summary(summarize(results, info), info, review_dir / "review.jsonl")
+        written = review_dir / "review.jsonl"
+        if keep_review_log is not None and written.exists():
+            shutil.copyfile(written, keep_review_log)
+        printer.summary(summarize(results, info), info, written, kept=keep_review_log)
         printer.outro()
-    with contextlib.suppress(OSError):
-        review_dir.rmdir()  # only when empty: a review log written there stays for the reader
     return 130 if interrupted else 0
 
 
@@ -605,7 +623,9 @@ class Printer:
         colour = s.green if new == "closed" else s.red if new == "open" else s.cyan
         return s.bold(colour(text))
 
-    def summary(self, sm: Summary, info: DemoInfo, review_log: Path) -> None:
+    def summary(
+        self, sm: Summary, info: DemoInfo, review_log: Path, kept: str | os.PathLike[str] | None = None
+    ) -> None:
         s = self.s
         primary = info.demo.primary
         self.line()
@@ -645,7 +665,8 @@ class Printer:
             )
         if review_log.exists():
             entries = len(review_log.read_text(encoding="utf-8").splitlines())
-            rows.append(("review log", f"{entries} lines (one per fallback) in {review_log}"))
+            where = f"in {kept}" if kept is not None else "(not kept: --review-log FILE keeps them)"
+            rows.append(("review log", f"{entries} lines (one per fallback) {where}"))
         width = max(len(label) for label, _ in rows) + 2
         for label, text in rows:
             self.line(f"  {label.ljust(width)}{text}")

@@ -17,13 +17,12 @@ from . import _litellm_calls
 from ._breakers import BreakerRegistry, BreakerTransition
 from ._budget import Budgets
 from ._drivers import run_async, run_sync
-from ._exceptions import PolicyError
 from ._hooks import Hook, HookSet
 from ._latency import LatencyStats
 from ._metrics import MetricsHook
 from ._outcomes import AttemptRecord
 from ._planner import Call, CallRequest, Planner
-from ._policy import DEFAULT_NAMESPACE, ENV_PREFIX, Policy, StateConfig
+from ._policy import DEFAULT_NAMESPACE, ENV_PREFIX, Policy, StateConfig, read_policy_bytes
 from ._reload import DEFAULT_RELOAD_INTERVAL_S, PolicyFileWatcher
 from ._review_log import ReviewLogHook
 from ._routes import register_routes
@@ -93,6 +92,8 @@ class Resilience:
         self._shared: SharedBreakerState | None = None
         self._watcher: PolicyFileWatcher | None = None
         self._reload_lock = threading.Lock()
+        self._routes_used: set[str] = set()  # route names calls have used (engines built from a file)
+        self._known_params: dict[str, Mapping[str, Any]] = {}  # model name -> its last litellm_params
         self._policy = policy
         self._install(policy, previous=None)
         # litellm's first call of each kind (sync, async, stream; answer and error) imports modules
@@ -123,12 +124,16 @@ class Resilience:
         self._policy = policy  # first: breakers created from here on take their settings from it
         if previous is not None:
             for model in self.breakers.models():
-                old_spec, new_spec = previous.models.get(model), policy.models.get(model)
-                if (old_spec and old_spec.litellm_params) != (new_spec and new_spec.litellm_params):
+                new_spec = policy.models.get(model)
+                if new_spec is None:
+                    continue  # gone from this version: its state waits, should the model come back
+                known = self._known_params.get(model)
+                if known is not None and known != new_spec.litellm_params:
                     self.breakers.drop(model)
                     self.latency.forget(model)
                 elif previous.breaker_settings(model) != policy.breaker_settings(model):
                     self.breakers.get(model).reconfigure(policy.breaker_settings(model))
+        self._known_params.update((name, spec.litellm_params) for name, spec in policy.models.items())
         self.hooks = hooks
         self._planner = planner
         if previous is None or previous.document.state != policy.document.state:
@@ -182,11 +187,8 @@ class Resilience:
         version is put in force without a restart (see :meth:`reload`).
         """
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
-        policy = Policy.from_yaml(data.decode("utf-8", errors="replace"), source=str(p))
+        data = read_policy_bytes(p)
+        policy = Policy.from_bytes(data, source=str(p))  # the reader `llm-resilience validate` uses
         engine = cls(policy, **options)
         engine._watcher = PolicyFileWatcher(p, reload_interval_s, policy, data)
         return engine
@@ -225,10 +227,17 @@ class Resilience:
             policy = watcher.poll(force=force)
             if policy is None:
                 return False
+            dropped = sorted(self._routes_used.difference(policy.document.routes))
+            if dropped:  # a half-written file, or a mistake: calls would fail; a restart removes routes
+                watcher.refused(
+                    f"{watcher.path}: routes: drops route(s) {', '.join(map(repr, dropped))}, which calls of this "
+                    "process use; restore them (a route is removed by restarting with the new policy)"
+                )
+                return False
             try:
                 self._install(policy, previous=self._policy)
             except Exception as e:  # e.g. an unknown validator name: same rule as a bad file
-                log.error("policy reload rejected, still serving the last good policy from %s: %s", watcher.path, e)
+                watcher.refused(str(e))
                 return False
             watcher.accepted(policy)
             return True
@@ -250,8 +259,11 @@ class Resilience:
         stream = bool(kwargs.pop("stream", False))
         request = CallRequest(model=model, messages=messages, kwargs=kwargs, prompt_class=prompt_class, stream=stream)
         watcher = self._watcher
-        if watcher is not None and time.monotonic() >= watcher.next_check:
-            self._check_policy_file()
+        if watcher is not None:
+            if model not in self._routes_used and model in self._policy.document.routes:
+                self._routes_used.add(model)  # a reload must not drop it (see _check_policy_file)
+            if time.monotonic() >= watcher.next_check:
+                self._check_policy_file()
         return self._planner.start(request, self._clock())
 
     def completion(self, model: str, messages: Sequence[Mapping[str, Any]] = (), **kwargs: Any) -> Any:

@@ -42,8 +42,15 @@ __all__ = [
 
 
 def _summarize(attempts: Sequence[AttemptRecord]) -> str:
-    parts = [f"{a.model}: {a.outcome}" + (f" ({a.reason})" if a.reason else "") for a in attempts]
+    parts = [f"{a.model}: {a.outcome}" + (f" ({_reason(a)})" if a.reason else "") for a in attempts]
     return "; ".join(parts) if parts else "no model was eligible"
+
+
+def _reason(attempt: AttemptRecord) -> str:
+    missing = attempt.extra.get("missing_env")
+    if missing:  # the variable's name says what to set (its value is never known here)
+        return f"{attempt.reason}: os.environ/{missing} is not set"
+    return str(attempt.reason)
 
 
 class AllAttemptsFailed(LLMResilienceError, litellm.exceptions.ServiceUnavailableError):  # type: ignore[misc]

@@ -9,7 +9,10 @@ generated from the same declaration (``llm-resilience schema``).
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import importlib.util
 import math
 import os
 import re
@@ -84,11 +87,17 @@ BUILTIN_DEFAULT_CLASS: dict[str, Any] = {"timeout_s": 60.0, "deadline_s": 180.0}
 
 
 class _UnknownKey(ValueError):
-    def __init__(self, key: str, allowed: Sequence[str]) -> None:
-        self.key = key
-        close = difflib.get_close_matches(key, allowed, n=1)
+    """Every unknown key of one section (each reported at its own line, so one run shows them all)."""
+
+    def __init__(self, keys: Sequence[str], allowed: Sequence[str]) -> None:
+        self.keys = list(keys)
+        self.allowed = list(allowed)
+        super().__init__("; ".join(self.message(key) for key in self.keys))
+
+    def message(self, key: str) -> str:
+        close = difflib.get_close_matches(key, self.allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        super().__init__(f"unknown key '{key}' (expected one of: {', '.join(allowed)}){hint}")
+        return f"unknown key '{key}' (expected one of: {', '.join(self.allowed)}){hint}"
 
 
 class _Strict(BaseModel):
@@ -101,9 +110,9 @@ class _Strict(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
             allowed = [f.alias or name for name, f in cls.model_fields.items()]
-            for key in data:
-                if key not in allowed:
-                    raise _UnknownKey(str(key), allowed)
+            unknown = [str(key) for key in data if key not in allowed]
+            if unknown:
+                raise _UnknownKey(unknown, allowed)
         return data
 
 
@@ -261,6 +270,10 @@ class RetryConfig(_Strict):
     )
     backoff_base_s: Seconds = Field(0.1, description="First backoff; doubles each retry, with jitter.")
     backoff_max_s: Seconds = Field(2.0, description="Backoff cap.")
+    retry_after_max_s: Seconds = Field(
+        2.0,
+        description="A provider's Retry-After longer than this is not waited out: the next model is tried at once.",
+    )
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
         0.2, description="Retries may not exceed this share of recent requests."
     )
@@ -352,8 +365,17 @@ class Route(_Strict):
     )
 
 
+DEFAULT_RESET_TIMEOUT_S = 5.0
+DEFAULT_RESET_BACKOFF = {"factor": 2.0, "max_s": 60.0}
+
+
+def default_reset_backoff() -> ResetBackoff:
+    """The built-in ``reset_backoff`` (the ``init`` starter writes the same)."""
+    return ResetBackoff(**DEFAULT_RESET_BACKOFF)
+
+
 class ResetBackoff(_Strict):
-    """Lengthen the open period after each failed probe (opt-in; a successful probe resets it)."""
+    """Lengthen the open period after each failed probe (a successful probe resets it)."""
 
     factor: float = Field(2.0, ge=1.0, le=100.0, description="Open period multiplier per consecutive failed probe.")
     max_s: Seconds = Field(description="Longest open period, seconds.")
@@ -363,9 +385,11 @@ class BreakerConfig(_Strict):
     """Circuit breaker settings; under ``default`` or a model name (which overrides the default)."""
 
     fail_max: PositiveInt | None = Field(None, description="Consecutive failures that open the breaker.")
-    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe (default 10).")
+    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe (default 5).")
     reset_backoff: ResetBackoff | None = Field(
-        None, description="Opt-in: after n failed probes in a row stay open reset_timeout_s * factor^n, up to max_s."
+        None,
+        description="After n failed probes in a row stay open reset_timeout_s * factor^n, up to max_s "
+        "(default: factor 2, max_s 60).",
     )
     success_threshold: PositiveInt | None = Field(None, description="Probe successes needed to close.")
     count: list[str] | None = Field(
@@ -501,9 +525,11 @@ def caller_timeout_class(timeout_s: float) -> PromptClass:
 @dataclass(frozen=True)
 class BreakerSettings:
     fail_max: int = 5
-    reset_timeout_s: float = 10.0
+    # A short first reset, doubled per failed probe up to a minute: back within seconds after the
+    # common few-second blip, yet a long outage is probed rarely (benchmarks/results/breaker-reset.md).
+    reset_timeout_s: float = DEFAULT_RESET_TIMEOUT_S
     success_threshold: int = 1
-    reset_backoff: ResetBackoff | None = None
+    reset_backoff: ResetBackoff | None = field(default_factory=lambda: default_reset_backoff())
     count: frozenset[str] = frozenset(DEFAULT_BREAKER_COUNTS)
     panic: str = "try_one"
     suspect_admit: int = 1
@@ -595,17 +621,19 @@ class Policy:
         built in, registered already (:func:`llm_resilience.register_validator`), or listed
         in ``validators`` (names the application registers before it builds the engine).
         """
-        p = Path(path)
+        return cls.from_bytes(read_policy_bytes(path), source=str(path), validators=validators)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", *, validators: Collection[str] = ()) -> Policy:
+        """Validate a policy file's content: UTF-8 YAML (the one reader of the engine, reloads and ``validate``)."""
         try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = e.object.count(b"\n", 0, e.start) + 1
+            line = data.count(b"\n", 0, e.start) + 1
             raise PolicyError(
-                [f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8"]
+                [f"{source}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"]
             ) from None
-        return cls.from_yaml(text, source=str(p), validators=validators)
+        return cls.from_yaml(text, source=source, validators=validators)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>", *, validators: Collection[str] = ()) -> Policy:
@@ -613,6 +641,10 @@ class Policy:
         data, lines, problems = _parse_yaml(text, source)
         if problems and not lines:  # not YAML at all (or too big to be a policy): nothing more to check
             raise PolicyError(_finish(source, problems))
+        if data is None and not problems:
+            # Empty, or comments only: what a half-written file or a failed template looks like. The
+            # built-in policy is Policy.defaults(); a file must say something (`{}` says "defaults").
+            raise PolicyError([f"{source}:1: the file is empty (no YAML document in it): not a policy"])
         return cls._build({} if data is None else data, source, lines, problems, validators)
 
     @classmethod
@@ -641,10 +673,11 @@ class Policy:
         try:
             doc = PolicyDocument.model_validate(data)
         except ValidationError as e:
-            problems.extend(_format_pydantic_error(err, where) for err in e.errors())
+            problems.extend(problem for err in e.errors() for problem in _format_pydantic_errors(err, where))
         known = _known_validators(validators)
         refs = tuple((f"{where(path)}: {_dotted(path)}", name, counted) for path, name, counted in _name_refs(data))
         problems.extend(f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in _cross_check(data))
+        problems.extend(f"{where(path)}: {_dotted(path)}: {msg}" for path, msg in _misspelt_litellm_params(data))
         problems.extend(_unknown_names(refs, known))
         if problems or doc is None:
             raise PolicyError(_finish(source, problems))
@@ -800,6 +833,66 @@ def _cross_check(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str]]:
     return problems
 
 
+@functools.lru_cache(maxsize=1)
+def litellm_completion_arguments() -> frozenset[str]:
+    """The arguments ``litellm.completion`` reads: its parameters and the ``kwargs`` keys it looks up.
+
+    Read from litellm's source (``litellm/main.py``) without importing litellm (~2 s), so that
+    ``validate`` stays fast; empty when litellm or its source cannot be found.
+    """
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "main.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "completion"), None)
+    if function is None:
+        return frozenset()
+    names = {a.arg for a in (*function.args.args, *function.args.kwonlyargs)}
+    for node in ast.walk(function):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "pop")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "kwargs"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return frozenset(names)
+
+
+def _misspelt_litellm_params(data: Mapping[Any, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """``litellm_params`` keys that are near misses of an argument litellm.completion reads (``api_bse``).
+
+    litellm passes keys it does not know to the provider or drops them silently, so a typo sends
+    requests to the provider's default endpoint. A key close to no known argument is left alone
+    (provider-specific options such as ``vertex_project`` are legitimate).
+    """
+    known = litellm_completion_arguments()
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    if not known:
+        return problems
+    for name, model in _items(data.get("models")):
+        params = model.get("litellm_params") if isinstance(model, Mapping) else None
+        for key in params if isinstance(params, Mapping) else ():
+            if not isinstance(key, str) or key in known:
+                continue
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                problems.append(
+                    (
+                        ("models", name, "litellm_params", key),
+                        f"not an argument litellm.completion takes; did you mean '{close[0]}'?",
+                    )
+                )
+    return problems
+
+
 def _items(section: Any) -> list[tuple[Any, Any]]:
     return list(section.items()) if isinstance(section, Mapping) else []
 
@@ -869,6 +962,15 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
+def read_policy_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A policy file's bytes; :class:`PolicyError` naming the file when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{p}: cannot read policy file: {e.strerror or e}"]) from None
+
+
 class _TooBig(Exception):
     def __init__(self, node: yaml.Node, message: str) -> None:
         super().__init__(message)
@@ -919,7 +1021,14 @@ def _line(mark: Any) -> int:  # a PyYAML Mark (pure Python or libyaml) or None
 
 
 def _not_yaml(source: str, e: yaml.MarkedYAMLError) -> str:
-    return f"{source}:{_line(e.problem_mark)}: not valid YAML: {e.problem or type(e).__name__}"
+    mark = e.problem_mark
+    if "'\\t'" in (e.problem or "") and mark is not None:
+        # PyYAML's "found character '\t' that cannot start any token" does not say what to do.
+        return (
+            f"{source}:{_line(mark)}: not valid YAML: a tab character (column {int(mark.column) + 1}); "
+            "YAML indents with spaces only: replace the tab with spaces"
+        )
+    return f"{source}:{_line(mark)}: not valid YAML: {e.problem or type(e).__name__}"
 
 
 def _reader_problem(e: yaml.reader.ReaderError) -> str:
@@ -1084,13 +1193,23 @@ _PYDANTIC_TAG = re.compile(
 )
 
 
-def _format_pydantic_error(err: Any, where: Any) -> str:
-    # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _PYDANTIC_TAG.match(p)))
+def _format_pydantic_errors(err: Any, where: Any) -> list[str]:
+    """One problem per line of the policy: an unknown-keys error names each key where it is written."""
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _UnknownKey):
-        path = (*loc, ctx_err.key)
-        return f"{where(path)}: {_dotted(path)}: {ctx_err}"
+        loc = _data_loc(err)
+        return [f"{where((*loc, key))}: {_dotted((*loc, key))}: {ctx_err.message(key)}" for key in ctx_err.keys]
+    return [_format_pydantic_error(err, where)]
+
+
+def _data_loc(err: Any) -> tuple[Any, ...]:
+    # pydantic's loc includes union/tag names (e.g. 'str', 'SoftTimeoutConfig'); keep data keys only.
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and _PYDANTIC_TAG.match(p)))
+
+
+def _format_pydantic_error(err: Any, where: Any) -> str:
+    loc = _data_loc(err)
+    ctx_err = (err.get("ctx") or {}).get("error")
     kind = err["type"]
     value = err.get("input")
     if kind == "missing":

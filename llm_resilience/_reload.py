@@ -16,10 +16,17 @@ How files change under a running process, and how each is seen:
   the new one: a new inode (even when size and mtime are equal).
 
 The fingerprint is (device, inode, size, mtime); when it changes, the file is read and its
-SHA-256 compared with the policy in force, so a ``touch`` does not rebuild anything. A file
-modified within the last second is re-read at the next check even if its fingerprint looks
-settled, because two writes inside one mtime tick with the same size would otherwise hide
-the second one.
+SHA-256 compared with the policy in force, so a ``touch`` does not rebuild anything.
+
+**A file still being written is never put in force.** An in-place rewrite (``cat new >
+policy.yaml``, most editors' save, ``open(p, "w")``) truncates the file, then writes it: a check
+in between reads an empty or half file, and half a YAML file often parses. So the periodic check
+reads a changed file only once its mtime is ``_SETTLE_S`` old (nothing wrote to it for that
+long), and only when its size and mtime are the same after the read as before it; otherwise it
+looks again at the next check. :meth:`Resilience.reload` (an explicit "now") skips the wait but
+not the before/after comparison. Whatever is read must still be a policy the engine accepts: an
+empty file is not a policy, and the engine refuses a version that drops a route calls have used
+(see ``_engine.py``).
 
 A bad edit is logged once (one ERROR line with every ``file:line: field: message``) and
 remembered by its hash, so the same bad content is not re-logged every interval; the last
@@ -41,7 +48,7 @@ log = logging.getLogger("llm_resilience")
 
 DEFAULT_RELOAD_INTERVAL_S = 2.0
 _SETTLE_S = 1.0
-"""A file modified more recently than this is re-read at the next check (mtime granularity)."""
+"""A file modified more recently than this may still be being written: the periodic check waits."""
 
 _Fingerprint = tuple[int, int, int, int]
 
@@ -63,6 +70,8 @@ class PolicyFileWatcher:
         self._fingerprint: _Fingerprint | None = None
         self._rejected: str | None = None
         """Digest of the last content that failed validation (or the read error), logged already."""
+        self._candidate: str | None = None
+        """Digest of the policy :meth:`poll` returned last, until the engine accepts or refuses it."""
         try:
             fp, settled = _fingerprint(self.path)
             self._fingerprint = fp if settled else None
@@ -85,10 +94,15 @@ class PolicyFileWatcher:
             fp, settled = _fingerprint(self.path)
             if not force and fp == self._fingerprint:
                 return None
+            if not force and not settled:
+                return None  # perhaps still being written: look again at the next check
             data = self.path.read_bytes()
+            after, _ = _fingerprint(self.path)
         except OSError as e:
             self._reject(f"os:{e.errno}", f"{self.path}: cannot read policy file: {e.strerror or e}")
             return None
+        if after != fp:
+            return None  # written to while we read it: not a version to serve
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._digest:  # touched, or edited back to the policy in force
             self._fingerprint = fp if settled else None
@@ -98,14 +112,13 @@ class PolicyFileWatcher:
             self._fingerprint = fp if settled else None
             return None
         try:
-            policy = Policy.from_yaml(data.decode("utf-8", errors="replace"), source=str(self.path))
+            policy = Policy.from_bytes(data, source=str(self.path))
         except PolicyError as e:
             self._fingerprint = fp if settled else None
             self._reject(digest, "; ".join(e.problems))
             return None
         self._fingerprint = fp if settled else None
-        self._digest = digest
-        self._rejected = None
+        self._candidate = digest
         return policy
 
     def _reject(self, key: str, problems: str) -> None:
@@ -115,6 +128,13 @@ class PolicyFileWatcher:
         log.error("policy reload rejected, still serving the last good policy from %s: %s", self.path, problems)
 
     def accepted(self, policy: Policy) -> None:
-        """The engine put ``policy`` in force."""
+        """The engine put ``policy`` (the last one :meth:`poll` returned) in force."""
         self.loaded_policy = policy
+        self._digest, self._candidate, self._rejected = self._candidate, None, None
         log.info("policy reloaded from %s", self.path)
+
+    def refused(self, reason: str) -> None:
+        """The engine would not put the last policy :meth:`poll` returned in force: logged once per version."""
+        candidate, self._candidate = self._candidate, None
+        if candidate is not None:
+            self._reject(candidate, reason)

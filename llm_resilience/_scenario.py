@@ -40,7 +40,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ._base_errors import PolicyError
-from ._policy import Policy, _dotted, _format_pydantic_error, _locate, _parse_yaml, _Strict
+from ._policy import Policy, _dotted, _format_pydantic_errors, _locate, _parse_yaml, _Strict
 from ._resources import scenarios_dir
 
 PRIMARY = "primary"
@@ -262,7 +262,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     try:
         doc = ScenarioDocument.model_validate(data)
     except ValidationError as e:
-        raise PolicyError([_format_pydantic_error(err, where) for err in e.errors()]) from None
+        raise PolicyError([p for err in e.errors() for p in _format_pydantic_errors(err, where)]) from None
     phases: list[Phase] = []
     start = 0.0
     for p in doc.phases:

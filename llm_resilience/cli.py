@@ -16,8 +16,13 @@ command imports what it needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._policy import Policy
 
 EPILOG = """\
 examples:
@@ -169,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a short run: 30 requests at scale 0.03 (~5 s)")
     demo.add_argument("--quiet", action="store_true", help="print only the summary")
+    demo.add_argument(
+        "--review-log",
+        metavar="FILE",
+        help="keep the policy's fallback review log in FILE (by default it is written to a temporary "
+        "directory removed when the demo ends)",
+    )
     demo.set_defaults(run=_demo)
 
     schema = _command(
@@ -248,7 +259,28 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         doc = policy.document
         print(f"ok: {file} ({len(doc.models)} models, {len(doc.routes)} routes, {len(policy.classes)} prompt classes)")
+        for warning in _unset_variables(file, policy):
+            print(warning)
     return status
+
+
+def _unset_variables(file: str, policy: Policy) -> list[str]:
+    """A warning per ``os.environ/NAME`` of a model's ``litellm_params`` that is not set where this runs.
+
+    Warnings, not errors: CI often validates without the production secrets. Where it matters
+    (the deploy itself), an unset one means every call to that model is skipped as ``missing_api_key``.
+    """
+    from ._policy import ENV_PREFIX
+
+    out = []
+    for name, spec in policy.models.items():
+        for key, value in spec.litellm_params.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX) and value[len(ENV_PREFIX) :] not in os.environ:
+                out.append(
+                    f"warning: {file}: models.{name}.litellm_params.{key}: {value} is not set in this environment; "
+                    f"calls skip '{name}' (missing_api_key) until {value[len(ENV_PREFIX) :]} is set"
+                )
+    return out
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -307,7 +339,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     requests, scale = (30, 0.03) if args.quick else (args.requests, args.scale)
     try:
-        return run_demo(policy_path=args.policy, requests=requests, scale=scale, quiet=args.quiet)
+        return run_demo(
+            policy_path=args.policy, requests=requests, scale=scale, quiet=args.quiet, review_log=args.review_log
+        )
     except PolicyError as e:
         _print_problems(e.problems)
         return 2

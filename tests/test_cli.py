@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -85,6 +86,77 @@ def test_validate_checks_every_file_even_after_a_bad_one(tmp_path: Path, capsys:
     assert f"{missing}: cannot read policy file" in captured.err
 
 
+@pytest.mark.sans_io
+def test_validate_refuses_an_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "policy.yaml"
+    empty.write_text("# to be written\n")
+
+    assert main(["validate", str(empty)]) == 1
+    assert f"{empty}:1: the file is empty" in capsys.readouterr().err
+
+
+TYPOS = """\
+models:
+  big:
+    litellm_params: {model: openai/gpt-4o, api_bse: "http://10.0.0.1/v1", vertex_project: p}
+    contxt_window: 64000
+    max_ouput_tokens: 900
+routes:
+  chat: {chain: [big], hedg: {after: 1}, retires: 2}
+"""
+
+
+@pytest.mark.sans_io
+def test_validate_reports_every_unknown_key_of_a_section_and_litellm_params_typos_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TYPOS)
+
+    assert main(["validate", str(policy)]) == 1
+
+    problems = capsys.readouterr().err.splitlines()
+    expected = [
+        ("3", "models.big.litellm_params.api_bse", "did you mean 'api_base'?"),
+        ("4", "models.big.contxt_window", "did you mean 'context_window'?"),
+        ("5", "models.big.max_ouput_tokens", "did you mean 'max_output_tokens'?"),
+        ("7", "routes.chat.hedg", "did you mean 'hedge'?"),
+        ("7", "routes.chat.retires", "did you mean 'retries'?"),
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, (line, field, hint) in zip(problems, expected, strict=True):
+        assert problem.startswith(f"{policy}:{line}: {field}: ") and problem.endswith(hint), problem
+    assert "vertex_project" not in "".join(problems)  # a provider option close to nothing litellm reads
+
+
+@pytest.mark.sans_io
+def test_validate_says_what_a_tab_is_and_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("models:\n  big:\n    litellm_params:\n\tmodel: openai/gpt-4o\n")
+
+    assert main(["validate", str(policy)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"{policy}:4: not valid YAML: a tab character (column 1); YAML indents with spaces only: "
+        "replace the tab with spaces"
+    )
+
+
+@pytest.mark.sans_io
+def test_validate_warns_about_every_unset_environment_variable_by_name(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BIG_API_KEY", raising=False)
+    monkeypatch.setenv("SMALL_API_KEY", "sk-set")
+
+    assert main(["validate", str(EXAMPLE)]) == 0  # a warning: CI may validate without the secrets
+
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {EXAMPLE}: models.big.litellm_params.api_key: os.environ/BIG_API_KEY is not set in this "
+        "environment; calls skip 'big' (missing_api_key) until BIG_API_KEY is set"
+    ]
+
+
 # -- schema -------------------------------------------------------------------------------------
 
 
@@ -149,6 +221,25 @@ def test_demo_replays_the_incident_falls_back_and_the_breaker_opens_and_closes()
     assert n["primary_spike_requests"] < n["spike_requests"]
     assert "Next: `llm-resilience init policy.yaml`" in proc.stdout
     assert not re.search(r"^ +\d+ +(healthy|spike|recovered) ", proc.stdout, re.M), "--quiet prints no request lines"
+
+
+def test_demo_leaves_no_temporary_directory_and_keeps_the_review_log_only_where_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp & co. put things
+    kept = tmp_path / "review.jsonl"
+
+    assert run_demo(requests=30, scale=0.03, quiet=True, out=io.StringIO()) == 0
+    assert list(scratch.iterdir()) == []
+    out = io.StringIO()
+    assert run_demo(requests=30, scale=0.03, quiet=True, out=out, review_log=kept) == 0
+
+    assert list(scratch.iterdir()) == []
+    lines = kept.read_text().splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines)
+    assert f"{len(lines)} lines (one per fallback) in {kept}" in out.getvalue()
 
 
 CUSTOM_POLICY = """\

@@ -10,6 +10,7 @@ names, and the README's links. Each failure names what to update: the prose or t
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llm_resilience import _outcomes, _policy, _tracing
+from llm_resilience import _outcomes, _planner, _policy, _tracing
 from llm_resilience._policy import BUILTIN_DEFAULT_CLASS, DEFAULT_BREAKER_COUNTS, BreakerSettings
 
 pytestmark = pytest.mark.sans_io  # no server: `make mutate` runs these for every mutant
@@ -181,6 +182,14 @@ def code_vocabulary() -> set[str]:
         words |= set(re.findall(r'"(\w+)"', line))
     words |= set(re.findall(r'reason = "(\w+)"', _source("_planner.py")))
     words |= set(re.findall(r'extra\["(?:hedge|retry)_skipped"\] = "(\w+)"', _source("_planner.py")))
+    words |= set(_tracing._ADMISSIONS)  # llm_resilience.breaker.admission
+    role_rule = inspect.getsource(_tracing._role)  # llm_resilience.attempt.role
+    words |= set(re.findall(r'return "(\w+)"', role_rule)) | set(re.findall(r'else "(\w+)"', role_rule))
+    cut_rule = inspect.getsource(_planner.Call._cut_by)  # llm_resilience.cut_by
+    words |= set(re.findall(r'return "(\w+)"', cut_rule)) | set(re.findall(r'named = "(\w+)"', cut_rule))
+    words |= set(re.findall(r'bounds\.get\("(\w+)"', cut_rule)) | set(
+        re.findall(r'cut_by = "(\w+)"', _source("_planner.py"))
+    )
     words |= {"launched", "closed", "open", "half-open"}
     return {w for w in words if w}
 

@@ -219,3 +219,18 @@ def test_a_failing_model_receives_exactly_one_request_per_call(
 
     assert big.request_count == 2
     assert small.request_count == 2
+
+
+def test_a_model_whose_key_variable_is_unset_is_skipped_and_the_error_names_the_variable(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLM_RESILIENCE_TEST_UNSET_KEY", raising=False)
+    policy = policy_dict(["big"])
+    policy["models"]["big"]["litellm_params"]["api_key"] = "os.environ/LLM_RESILIENCE_TEST_UNSET_KEY"
+    engine = make_engine(policy)
+
+    with pytest.raises(AllAttemptsFailed) as caught:
+        engine.completion("chat", MESSAGES)
+
+    assert "big: skipped (missing_api_key: os.environ/LLM_RESILIENCE_TEST_UNSET_KEY is not set)" in str(caught.value)
+    assert big.request_count == 0

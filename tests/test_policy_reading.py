@@ -90,7 +90,10 @@ def test_a_file_of_exactly_the_value_limit_is_read_and_one_value_more_is_refused
     at_limit = problems(expanding_to(MAX_YAML_VALUES))
     over = problems(expanding_to(MAX_YAML_VALUES + 1))
 
-    assert [p.split(": ")[:3] for p in at_limit] == [["<string>:1", "a", "unknown key 'a' (expected one of"]]  # read
+    assert [p.split(": ")[:3] for p in at_limit] == [  # read: every key is looked at
+        [f"<string>:{line}", key, f"unknown key '{key}' (expected one of"]
+        for line, key in ((1, "a"), (2, "b"), (3, "c"))
+    ]
     assert over == [f"<string>:3: more than {MAX_YAML_VALUES:,} values once aliases are expanded; not a policy"]
 
 
@@ -169,9 +172,15 @@ def test_a_key_that_is_a_list_or_mapping_is_named_by_its_shape_and_line(key: str
 # -- what a valid file means -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["", "# nothing configured yet\n"])
-def test_an_empty_policy_file_is_the_built_in_policy(text: str) -> None:
-    policy = Policy.from_yaml(text)
+@pytest.mark.parametrize("text", ["", "# nothing configured yet\n", "\n\n"])
+def test_an_empty_policy_file_is_refused(text: str) -> None:
+    # What an in-place rewrite looks like between its truncate and its write: never a policy to serve.
+    with pytest.raises(PolicyError, match=r"^policy\.yaml:1: the file is empty"):
+        Policy.from_yaml(text, source="policy.yaml")
+
+
+def test_an_explicit_empty_mapping_is_the_built_in_policy() -> None:
+    policy = Policy.from_yaml("{}\n")
 
     assert policy.models == {}
     assert policy.classes == Policy.defaults().classes

@@ -229,3 +229,102 @@ def test_a_touch_does_not_rebuild_the_policy(policy_file: Path, policy_dict: Pol
         answered_by(engine)
         time.sleep(0.02)
     assert engine.policy is policy
+
+
+# -- a file being written, or missing something, never serves ----------------------------------------
+
+
+def test_the_periodic_check_waits_until_a_file_is_no_longer_being_written(
+    policy_file: Path, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+) -> None:
+    write(policy_file, policy_dict(chain=("big", "small")))
+    age(policy_file)
+    engine = Resilience.from_file(policy_file, reload_interval_s=0.01)
+    half = write(policy_file, policy_dict(chain=("small", "big")))  # just written: perhaps not finished
+
+    for _ in range(5):  # several check intervals: the file was modified too recently to be trusted
+        assert answered_by(engine) == "big"
+        time.sleep(0.02)
+    age(policy_file, seconds=5)  # nothing wrote to it for a while: it is the version to serve
+    wait_until_answered_by(engine, "small")
+    assert policy_file.read_text(encoding="utf-8") == half
+
+
+@pytest.mark.parametrize("empty", ["", "# policy being rewritten\n"])
+def test_an_in_place_rewrite_caught_empty_is_refused_and_the_policy_keeps_serving(
+    policy_file: Path,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+    empty: str,
+) -> None:
+    write(policy_file, policy_dict(chain=("big", "small")))
+    engine = Resilience.from_file(policy_file, reload_interval_s=0)
+    policy_file.write_text(empty, encoding="utf-8")  # `cat new > policy.yaml` between truncate and write
+
+    with caplog.at_level(logging.ERROR, logger="llm_resilience"):
+        assert engine.reload() is False
+
+    assert answered_by(engine) == "big"
+    assert engine.policy.document.routes["chat"].chain == ["big", "small"]
+    assert "the file is empty" in caplog.text
+
+
+def test_a_version_that_drops_a_route_in_use_is_refused(
+    policy_file: Path,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    routes = {"chat": {"chain": ["big", "small"]}, "extract": {"chain": ["small"]}}
+    write(policy_file, policy_dict(routes=routes))
+    engine = Resilience.from_file(policy_file, reload_interval_s=0)
+    assert hidden(engine.completion("extract", MESSAGES))["model"] == "small"
+    write(policy_file, policy_dict(chain=("small", "big")))  # a half file: "extract" is missing
+
+    with caplog.at_level(logging.ERROR, logger="llm_resilience"):
+        assert engine.reload() is False
+
+    assert "drops route(s) 'extract'" in caplog.text
+    assert hidden(engine.completion("extract", MESSAGES))["route"] == "extract"
+    assert answered_by(engine) == "big"  # nothing of that version is in force
+
+
+def test_a_model_missing_from_one_version_keeps_its_open_breaker_when_it_comes_back(
+    policy_file: Path, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+) -> None:
+    write(policy_file, policy_dict(chain=("big", "small"), fail_max=1))
+    engine = Resilience.from_file(policy_file, reload_interval_s=0)
+    big.set(Behavior.error(503))
+    engine.completion("chat", MESSAGES)
+    assert engine.breaker_states()["big"] == "open"
+    without_big = policy_dict(chain=("small",), fail_max=1)
+    del without_big["models"]["big"]
+    write(policy_file, without_big)
+    assert engine.reload() is True
+
+    write(policy_file, policy_dict(chain=("big", "small"), fail_max=1))
+    assert engine.reload() is True
+
+    assert engine.breaker_states()["big"] == "open"  # the sick provider is still skipped
+    requests = big.request_count
+    assert outcomes(engine.completion("chat", MESSAGES))[0] == ("big", "skipped", "breaker_open")
+    assert big.request_count == requests
+
+
+def test_the_engine_reads_a_policy_file_as_validate_does(policy_file: Path, policy_dict: PolicyBuilder) -> None:
+    text = yaml.safe_dump(policy_dict(), sort_keys=False)
+    policy_file.write_bytes(b"# caf\xe9 policy (Latin-1)\n" + text.encode())  # not UTF-8
+
+    with pytest.raises(llm_resilience.PolicyError) as by_validate:
+        llm_resilience.Policy.from_file(policy_file)  # what `llm-resilience validate` runs
+    with pytest.raises(llm_resilience.PolicyError) as by_engine:
+        Resilience.from_file(policy_file)
+
+    assert (
+        by_engine.value.problems
+        == by_validate.value.problems
+        == [f"{policy_file}:1: not UTF-8 text (byte 0xe9); save it as UTF-8"]
+    )
