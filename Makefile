@@ -108,6 +108,7 @@ bench: setup
 	$(BIN)/python benchmarks/incident.py --quick --rate 200 --systems dfgh
 	$(BIN)/python benchmarks/incident_sim.py
 	$(BIN)/python benchmarks/burst.py
+	$(BIN)/python benchmarks/spike_calls.py
 	$(BIN)/python benchmarks/mixed_callers.py
 
 # Robustness under sustained mixed faults (not part of `make test`): SOAK_CALLS calls, default 100000.

@@ -16,6 +16,7 @@ process, each with fresh state:
 Each row: 30 sequential warm-up calls (the soft timeout learns ~60 ms), then N calls started
 together (N tasks in one event loop, or N threads with one sync call each), then 20 sequential
 calls: which model answers them shows whether the burst left a breaker (or a cooldown) open.
+Thread bursts run ``--rounds`` times (default 3), each round with fresh state.
 
 Run ``make bench`` or ``.venv/bin/python benchmarks/burst.py [--quick]``. Numbers from a machine
 shared with other work are noisy: re-run on a quiet machine before quoting them.
@@ -69,6 +70,7 @@ class Row:
     opens: int | None = None
     next_calls: Counter[str] = field(default_factory=Counter)
     overloads: int | None = None
+    round: int | None = None
 
     @property
     def answered_pct(self) -> float:
@@ -289,7 +291,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     ]  # fmt: skip
     body = [
         [
-            f"{r.n} {r.shape}",
+            f"{r.n} {r.shape}" + (f" (round {r.round})" if r.round is not None else ""),
             r.contestant,
             f"{r.answered_pct:.1f}",
             c.fmt_ms(c.percentile(r.latencies, 50)),
@@ -315,6 +317,30 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         "",
         c.markdown_table(headers, body, "llrrrrrrrl"),
     ]
+    threaded = [r for r in rows if r.shape == "threads" and r.contestant == Ours.name]
+    if threaded:
+        opened = [r for r in threaded if r.opens]
+        primary = [r for r in threaded if r.next_calls.get("big", 0) == sum(r.next_calls.values())]
+        lines += [
+            "",
+            f"Thread bursts ({', '.join(str(n) for n in args.threads)} threads, {args.rounds} round(s) each, fresh "
+            f"state per round), llm-resilience: {len(threaded) - len(opened)} of {len(threaded)} rounds opened no "
+            f"breaker; in {len(primary)} of {len(threaded)} the next {args.after} calls all went to big; "
+            f"{sum(r.answered for r in threaded)} of {sum(r.n for r in threaded)} calls answered.",
+        ]
+        for n in args.threads:
+            ratios = []
+            for r in (r for r in threaded if r.n == n):
+                router = next(
+                    (x for x in rows if x.shape == "threads" and x.n == n and x.round == r.round
+                     and x.contestant == LiteLLMRouter.name), None,
+                )  # fmt: skip
+                if router is not None and r.latencies and router.latencies:
+                    ratios.append(c.percentile(r.latencies, 50) / c.percentile(router.latencies, 50))
+            if ratios:
+                lines.append(
+                    f"- {n} threads: p50 / the Router's p50 per round: {', '.join(f'{x:.2f}' for x in ratios)}"
+                )
     for n in args.throughput:
         ours = next((r for r in rows if r.n == n and r.contestant == OursNoDeadline.name), None)
         bare = next((r for r in rows if r.n == n and r.shape == "acompletion" and r.contestant == Bare.name), None)
@@ -337,6 +363,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--throughput", type=int, nargs="*", default=None, help="async burst sizes for the throughput ratio"
     )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of each thread burst (fresh state each)")
     parser.add_argument("--warm", type=int, default=None, help="sequential calls before each burst")
     parser.add_argument("--after", type=int, default=None, help="sequential calls after each burst")
     parser.add_argument("--out", type=Path, default=c.RESULTS_DIR)
@@ -344,9 +371,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.bursts is None:
         args.bursts = [20, 50] if args.quick else [20, 50, 200, 2000]
     if args.threads is None:
-        args.threads = [8] if args.quick else [8, 32, 64]
+        args.threads = [8] if args.quick else [8, 16, 32, 64]
     if args.throughput is None:  # the largest default burst, when it is run
         args.throughput = [n for n in args.bursts if n >= 2000][-1:]
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.warm is None:
         args.warm = 10 if args.quick else 30
     if args.after is None:
@@ -384,10 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(asyncio.run(async_row(make(urls), n, args.warm, args.after)))
                 c.write_text(args.out / "burst.md", report(rows, args))
         for n in args.threads:
-            for make in CONTESTANTS:
-                print(f"  {n} threads: {make.__name__} ...", file=sys.stderr, flush=True)
-                rows.append(thread_row(make(urls), n, args.warm, args.after))
-                c.write_text(args.out / "burst.md", report(rows, args))
+            for round_ in range(1, args.rounds + 1):
+                for make in CONTESTANTS:
+                    print(f"  {n} threads, round {round_}: {make.__name__} ...", file=sys.stderr, flush=True)
+                    row = thread_row(make(urls), n, args.warm, args.after)
+                    row.round = round_ if args.rounds > 1 else None
+                    rows.append(row)
+                    c.write_text(args.out / "burst.md", report(rows, args))
     text = report(rows, args)
     c.write_text(args.out / "burst.md", text)
     print(text)

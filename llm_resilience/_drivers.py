@@ -284,6 +284,7 @@ class _Leases:
             return None
 
     def give_back(self, lease: _Lease) -> None:
+        _pooled.pop(id(lease), None)
         lease.client = None
         lease.attempt = None
         with lease._lock:
@@ -386,6 +387,27 @@ def return_client(lease: _Lease) -> None:
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
+_pooled: dict[int, tuple[_Lease, threading.Thread]] = {}
+"""Leases of attempts running on pool threads, with the thread whose call they belong to."""
+
+
+def _abort_daemon_callers_attempts() -> None:
+    """At interpreter exit, before the pool's threads are joined: stop the attempts nobody will wait for.
+
+    Python joins every pool thread at exit, so a process whose main thread ends while a daemon
+    thread is in a hedged call would wait for that call's attempts to time out (30 s and more).
+    Attempts of a daemon (or finished) caller are aborted: their reads fail at once. A
+    non-daemon caller is waited for by Python anyway; its attempts are left alone.
+    """
+    for lease, caller in list(_pooled.values()):
+        if caller.daemon or not caller.is_alive():
+            lease.abort()
+
+
+_register_thread_exit = getattr(threading, "_register_atexit", None)  # CPython: runs before threads are joined
+if _register_thread_exit is not None:
+    _register_thread_exit(_abort_daemon_callers_attempts)
+
 
 def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
     watchdog = monitor().watchdog
@@ -475,6 +497,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                     kwargs = _send_kwargs(attempt) if lease is not None else attempt.kwargs
                     if lease is not None:
                         lease.watch(attempt, clock)  # a queued pool thread is the client's time too
+                        _pooled[id(lease)] = (lease, threading.current_thread())
                     running[_thread_pool().submit(_send_leased, kwargs, lease)] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())

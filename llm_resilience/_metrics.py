@@ -198,7 +198,8 @@ class MetricsHook(Hook):
         return attrs
 
     def breaker_transition(self, model: str, old: str, new: str, info: BreakerTransition | None = None) -> None:
-        self._seen_states[model] = new
+        if self._breakers is None:  # (with the registry the gauge reads it: bounded, no copy to keep)
+            self._seen_states[model] = new
         attrs = {f"{NS}.model": model, f"{NS}.breaker.from": old, f"{NS}.breaker.to": new}
         if info is not None:
             attrs[f"{NS}.breaker.cause"] = info.cause

@@ -1164,8 +1164,9 @@ class Call:
         """Retry the same model after a backoff, if the policy, the deadline and the budget allow.
 
         Never while another attempt is in flight (a hedge already is the fallback), never for a
-        timeout (the policy schema forbids it), never sooner than the provider's ``Retry-After``,
-        and never past the deadline: then the chain moves on to the next model at once.
+        timeout (the policy schema forbids it), never sooner than the provider's ``Retry-After``
+        (and not at all when that is longer than ``retry_after_max_s``), and never past the
+        deadline: then the chain moves on to the next model at once.
         """
         cfg = self.route.retries
         if cfg is None or cfg.max_retries == 0 or kind not in cfg.retry_on or self._in_flight:
@@ -1183,6 +1184,9 @@ class Call:
         retry_after = retry_after_s(record.error)
         if retry_after is not None:
             record.extra["retry_after_s"] = round(retry_after, 6)
+            if retry_after > cfg.retry_after_max_s:
+                record.extra["retry_skipped"] = "retry_after"  # a long wait: the next model answers sooner
+                return False
             wait = max(wait, retry_after)
         if now + wait + MIN_ATTEMPT_S > self.deadline_at:
             record.extra["retry_skipped"] = "deadline"

@@ -270,6 +270,10 @@ class RetryConfig(_Strict):
     )
     backoff_base_s: Seconds = Field(0.1, description="First backoff; doubles each retry, with jitter.")
     backoff_max_s: Seconds = Field(2.0, description="Backoff cap.")
+    retry_after_max_s: Seconds = Field(
+        2.0,
+        description="A provider's Retry-After longer than this is not waited out: the next model is tried at once.",
+    )
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
         0.2, description="Retries may not exceed this share of recent requests."
     )
@@ -361,8 +365,17 @@ class Route(_Strict):
     )
 
 
+DEFAULT_RESET_TIMEOUT_S = 5.0
+DEFAULT_RESET_BACKOFF = {"factor": 2.0, "max_s": 60.0}
+
+
+def default_reset_backoff() -> ResetBackoff:
+    """The built-in ``reset_backoff`` (the ``init`` starter writes the same)."""
+    return ResetBackoff(**DEFAULT_RESET_BACKOFF)
+
+
 class ResetBackoff(_Strict):
-    """Lengthen the open period after each failed probe (opt-in; a successful probe resets it)."""
+    """Lengthen the open period after each failed probe (a successful probe resets it)."""
 
     factor: float = Field(2.0, ge=1.0, le=100.0, description="Open period multiplier per consecutive failed probe.")
     max_s: Seconds = Field(description="Longest open period, seconds.")
@@ -372,9 +385,11 @@ class BreakerConfig(_Strict):
     """Circuit breaker settings; under ``default`` or a model name (which overrides the default)."""
 
     fail_max: PositiveInt | None = Field(None, description="Consecutive failures that open the breaker.")
-    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe (default 10).")
+    reset_timeout_s: Seconds | None = Field(None, description="Seconds open before a probe (default 5).")
     reset_backoff: ResetBackoff | None = Field(
-        None, description="Opt-in: after n failed probes in a row stay open reset_timeout_s * factor^n, up to max_s."
+        None,
+        description="After n failed probes in a row stay open reset_timeout_s * factor^n, up to max_s "
+        "(default: factor 2, max_s 60).",
     )
     success_threshold: PositiveInt | None = Field(None, description="Probe successes needed to close.")
     count: list[str] | None = Field(
@@ -510,9 +525,11 @@ def caller_timeout_class(timeout_s: float) -> PromptClass:
 @dataclass(frozen=True)
 class BreakerSettings:
     fail_max: int = 5
-    reset_timeout_s: float = 10.0
+    # A short first reset, doubled per failed probe up to a minute: back within seconds after the
+    # common few-second blip, yet a long outage is probed rarely (benchmarks/results/breaker-reset.md).
+    reset_timeout_s: float = DEFAULT_RESET_TIMEOUT_S
     success_threshold: int = 1
-    reset_backoff: ResetBackoff | None = None
+    reset_backoff: ResetBackoff | None = field(default_factory=lambda: default_reset_backoff())
     count: frozenset[str] = frozenset(DEFAULT_BREAKER_COUNTS)
     panic: str = "try_one"
     suspect_admit: int = 1

@@ -17,25 +17,32 @@ namespace agrees on, and it does so without putting Redis on the call path:
   clock is trusted, so clock skew between hosts cannot shorten or stretch a cooldown, and a
   failed probe re-opens with a fresh ``open_until`` (cooldowns extend).
 
-Keys, all under the hash tag ``{namespace}`` so that a Redis Cluster keeps them in one slot::
+Keys, all under the hash tag ``{namespace}``; ``<model>`` is the fleet key of a model (the litellm
+model string and endpoint it calls: :func:`fleet_key`), never the policy's name for it::
 
     llmr:{ns}:<model>:open    open_until (server ms); present = open, or half-open once passed
     llmr:{ns}:<model>:probe   id of the process that holds the fleet's single half-open probe (TTL)
     llmr:{ns}:<model>:fails   sorted set of failure times (server ms): a sliding-window count
+    llmr:{ns}:<model>:closed  the open_until of the last open a probe closed (a stamp; TTL)
 
 The fleet state machine: failures from every replica land in ``fails``; when the count
 within ``failure_window_s`` reaches the model's ``fail_max``, the script that added the last
 one writes ``open``. Until ``open_until`` every replica skips the model. After it, the first
-replica that has traffic for the model takes the ``probe`` key (``SET NX`` with a TTL, so a
-replica that dies mid-probe frees it); every other replica keeps skipping. The probe's
-outcome closes the fleet breaker (deletes the keys) or re-opens it. A success anywhere
-resets the failure count (pybreaker counts consecutive failures, and so does the fleet,
+replica that has traffic for the model takes the ``probe`` key (``SET NX`` with a short TTL);
+every other replica keeps skipping. The holder sends the probe and keeps the key alive for as
+long as that call may last, or, with no request to send, gives the key up. The probe's outcome
+closes the fleet breaker (deletes the keys, stamps ``closed``) or re-opens it. A success
+anywhere resets the failure count (pybreaker counts consecutive failures, and so does the fleet,
 approximately), but only when there is a count to reset: the healthy path writes nothing.
 
+Only a stamped close closes: a key that vanished without one (``FLUSHALL``, eviction, a restart)
+is no verdict, and a process whose local breaker is still open publishes it again.
+
 Each process keeps its own pybreaker too (``_breakers.py``); fleet transitions seen in the
-refresh are mirrored onto it, so metrics and logs of every replica show the breaker open,
-and when Redis is unreachable the local breaker simply goes on alone (one warning, and
-sharing resumes by itself when Redis answers again).
+refresh are mirrored onto it (cause ``fleet``), so metrics and logs of every replica show the
+breaker open, and when Redis is unreachable the local breaker simply goes on alone (one warning,
+and sharing resumes by itself when Redis answers again). Redis Cluster and read-only replicas
+are refused (one warning): only a standalone primary holds shared state.
 """
 
 from __future__ import annotations
@@ -529,6 +536,12 @@ class SharedBreakerState:
             with contextlib.suppress(Exception):
                 client.close()
             raise RedisRoleError("it is a replica (read-only); point state.url at the primary")
+        if _cluster_enabled(client):
+            with contextlib.suppress(Exception):
+                client.close()
+            raise RedisRoleError(
+                "it is a Redis Cluster node, and Redis Cluster is not supported; use a standalone Redis primary"
+            )
         return client
 
     def _run_script(self, source: str, model: str, args: Sequence[Any]) -> None:
@@ -678,6 +691,16 @@ def fleet_key(litellm_model: str, endpoint: str | None) -> str:
     digest = hashlib.sha256(f"{litellm_model}\n{endpoint or ''}".encode("utf-8", "surrogatepass")).hexdigest()
     readable = re.sub(r"[^A-Za-z0-9._/@-]", "_", litellm_model[:48])
     return f"{readable}#{digest[:16]}"
+
+
+def _cluster_enabled(client: Any) -> bool:
+    try:
+        info = client.info("cluster")
+    except Exception as e:
+        if not _is_response_error(e):  # INFO refused (an ACL): assume a standalone server
+            raise
+        return False
+    return bool(isinstance(info, dict) and int(info.get("cluster_enabled", 0) or 0))
 
 
 def _is_response_error(error: BaseException) -> bool:

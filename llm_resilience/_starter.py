@@ -126,6 +126,9 @@ routes:
       invalid_json: fall_back  # JSON was asked for (response_format) and the text does not parse
       content_filter: fall_back  # the provider filtered the answer
     # hedge: {{after: p95, max_extra: 1, budget_ratio: 0.1}}  # race the next model when one is slow
+    retries:  # one 5xx: ask the same model once more (a ~0.1 s backoff) before falling back
+      max_retries: 1
+      retry_on: [server_error]  # not rate_limit: waiting out a Retry-After is slower than the next model
     streaming:  # a stream that breaks (cut, stalled) after text reached the caller
       on_interrupt: continue  # the next model finishes it, only the missing rest reaches the caller
       # (on_interrupt: raise gives the caller StreamInterrupted instead)
@@ -148,7 +151,8 @@ prompt_classes:
 breakers:
   default:
     fail_max: 5  # consecutive counted failures that open the breaker
-    reset_timeout_s: 30.0  # seconds open before one probe
+    reset_timeout_s: 5.0  # seconds open before one probe: back within seconds after a short blip
+    reset_backoff: {{factor: 2.0, max_s: 60.0}}  # each failed probe doubles the wait, up to a minute
   {first}:
     fail_max: 3  # the primary: open sooner, so calls stop waiting on it
 

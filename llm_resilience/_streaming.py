@@ -171,13 +171,16 @@ class SSEFilter:
     is not JSON (nor ``[DONE]``) is held back; if the next event parses, the bad one is dropped
     (counted in ``skipped``) and the stream goes on as if it had never been sent. Two in a row,
     or a bad event at the end, cannot be judged safe to skip: they are handed on, and the SDK
-    fails the attempt on them as it would have. Pure bytes in, bytes out.
+    fails the attempt on them as it would have. So is a bad event before any good one: then
+    nothing has reached the caller, and failing over loses nothing, while skipping would lose
+    whatever the event carried. Pure bytes in, bytes out.
     """
 
     def __init__(self) -> None:
         self.skipped = 0
         self._buffer = b""
         self._suspect: bytes | None = None
+        self._seen_data = False
 
     def feed(self, data: bytes) -> bytes:
         self._buffer += data
@@ -194,6 +197,7 @@ class SSEFilter:
 
     def _judge(self, event: bytes) -> bytes:
         if _event_parses(event):
+            self._seen_data = self._seen_data or b"data:" in event
             if self._suspect is not None:
                 self._suspect = None  # the stream went on normally after it: drop it
                 self.skipped += 1
@@ -201,6 +205,8 @@ class SSEFilter:
         if self._suspect is not None:  # two bad events in a row: not a glitch; let the attempt fail
             held, self._suspect = self._suspect, None
             return held + event
+        if not self._seen_data:
+            return event
         self._suspect = event
         return b""
 

@@ -128,8 +128,9 @@ def test_overhead_benchmark_reports_each_mode_and_the_import_delta(tmp_path: Pat
 
 def test_burst_benchmark_reports_every_contestant_for_each_burst(tmp_path: Path) -> None:
     proc = run_benchmark(
-        "burst.py", tmp_path, "--bursts", "5", "--threads", "3", "--throughput", "5", "--warm", "2", "--after", "2"
-    )
+        "burst.py", tmp_path, "--bursts", "5", "--threads", "3", "--throughput", "5", "--warm", "2", "--after", "2",
+        "--rounds", "2",
+    )  # fmt: skip
     report = (tmp_path / "burst.md").read_text(encoding="utf-8")
     assert report.strip() in proc.stdout
 
@@ -137,12 +138,28 @@ def test_burst_benchmark_reports_every_contestant_for_each_burst(tmp_path: Path)
     assert [(r[0], r[1]) for r in rows] == [
         *[("5 acompletion", c) for c in ("llm-resilience", "LiteLLM Router", "bare litellm")],
         ("5 acompletion", "llm-resilience, deadline 30 s"),  # the throughput run (bare litellm's row is reused)
-        *[("3 threads", c) for c in ("llm-resilience", "LiteLLM Router", "bare litellm")],
+        *[(f"3 threads (round {n})", c) for n in (1, 2) for c in ("llm-resilience", "LiteLLM Router", "bare litellm")],
     ]
     ours = [r for r in rows if r[1] == "llm-resilience"]
     assert all(r[7].isdigit() and r[8].isdigit() for r in ours)  # breaker opens, client_overload attempts
     assert all(r[9] for r in rows)  # what the next calls got
     assert re.search(r"Throughput at 5 concurrent .*\*\*\d+\.\d\dx\*\*", report)
+    assert re.search(r"llm-resilience: \d of 2 rounds opened no breaker", report)
+    assert re.search(r"- 3 threads: p50 / the Router's p50 per round: \d+\.\d\d, \d+\.\d\d", report)
+
+
+def test_spike_calls_benchmark_times_each_call_against_its_bound(tmp_path: Path) -> None:
+    proc = run_benchmark(
+        "spike_calls.py", tmp_path, "--runs", "1", "--modes", "sync", "--warm", "25", "--spike-calls", "5"
+    )
+    report = (tmp_path / "spike-calls.md").read_text(encoding="utf-8")
+    assert report.strip() in proc.stdout
+
+    rows = table_rows(report, "mode")
+    assert [(r[0], r[2]) for r in rows] == [("sync", str(n)) for n in range(1, 6)]
+    assert rows[0][4].isdigit()  # the first spike call tried the primary and waited for its hedge threshold
+    assert rows[-1][4] == "— (breaker open)"  # three slow calls opened the breaker
+    assert re.search(r"\*\*\d of \d\*\* spike calls that tried the primary were within target", report)
 
 
 def test_mixed_callers_benchmark_reports_both_kinds_of_caller_for_each_system(tmp_path: Path) -> None:

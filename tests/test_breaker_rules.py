@@ -347,7 +347,8 @@ def test_every_transition_is_told_with_its_cause_count_last_failure_and_open_unt
 ) -> None:
     clock = Clock()
     heard: list[tuple[Any, ...]] = []
-    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=2, reset_timeout_s=10.0), clock=clock)
+    settings = BreakerSettings(fail_max=2, reset_timeout_s=10.0, reset_backoff=None)
+    registry = BreakerRegistry(lambda model: settings, clock=clock)
     registry.listeners.append(lambda *args: heard.append(args))
     b = registry.get("m")
     generation = b.generation

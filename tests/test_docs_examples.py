@@ -26,6 +26,7 @@ from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 
 import llm_resilience
+from llm_resilience import _validators
 from llm_resilience.testing import FakeProvider
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,9 @@ def reader_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         monkeypatch.setenv("BIG_API_KEY", "sk-docs-big")
         monkeypatch.setenv("SMALL_API_KEY", "sk-docs-small")
         monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")  # its exporter would post traces to OpenAI
+        # A guide registers validators (has_citation) as a reader would, process-wide: the registry is
+        # put back afterwards so no other test sees them.
+        monkeypatch.setattr(_validators, "_registry", dict(_validators._registry))
         llm_resilience.set_default_engine(None)
         try:
             yield {"big": big, "small": small}

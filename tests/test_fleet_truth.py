@@ -402,3 +402,26 @@ def test_a_read_only_replica_gives_one_warning_and_no_false_recovery(
         assert "replica" in messages[0]
     finally:
         replica.stop()
+
+
+def test_a_redis_cluster_node_is_refused_with_one_clear_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = RedisServer(
+        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path)
+    ).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="llm_resilience.shared_state"):
+            state = from_url(node.url, "t", sync_interval_s=0.05)
+            assert state is not None
+            try:
+                state.watch("big", lambda model, fleet_state: None)
+                wait_for(lambda: bool(caplog.records), "the warning")
+                time.sleep(1.5)  # a few reconnect attempts: still one warning
+                assert not state.healthy and state.admission("big") is FleetAdmission.DEFER
+            finally:
+                state.close()
+        messages = [r.getMessage() for r in caplog.records if r.name == "llm_resilience.shared_state"]
+        assert len(messages) == 1 and "Redis Cluster is not supported" in messages[0], messages
+    finally:
+        node.stop()

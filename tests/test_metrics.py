@@ -210,3 +210,15 @@ def test_otlp_endpoint_gives_a_private_exporting_provider(
     }
     assert attempts == {"big:failure": 1, "small:success": 1}, exported
     assert [v for (name, _), v in exported.items() if name == "llm_resilience.fallbacks"] == [1], exported
+
+
+def test_breaker_transitions_of_many_models_keep_no_copy_beside_the_bounded_registry() -> None:
+    from llm_resilience._breakers import BreakerRegistry
+    from llm_resilience._metrics import MetricsHook
+    from llm_resilience._policy import BreakerSettings
+
+    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=1), max_breakers=8)
+    hook = MetricsHook(None, registry)
+    for i in range(100):  # caller-supplied model strings, each opening its breaker
+        hook.breaker_transition(f"m{i}", "closed", "open")
+    assert len(hook._seen_states) == 0  # the gauge reads the registry, whose bound holds

@@ -49,7 +49,7 @@ routes:
 prompt_classes:
   default: {timeout_s: 2.0, deadline_s: 10.0}
 breakers:
-  default: {fail_max: 3, reset_timeout_s: 10.0}
+  default: {fail_max: 3, reset_timeout_s: 10.0, reset_backoff: {factor: 1.0, max_s: 10.0}}
 """
 
 STORM = """\
@@ -157,6 +157,10 @@ def test_init_without_a_chain_writes_the_default_one(tmp_path: Path) -> None:
     route = Policy.from_file(target).route_for("chat", "default")
     assert [spec.litellm_model for spec in route.chain] == ["openai/gpt-4o", "openai/gpt-4o-mini"]
     assert route.on_interrupt == "continue" and "on_interrupt: continue" in target.read_text()
+    # One breaker default: the starter writes what the library does when nothing is written.
+    policy = Policy.from_file(target)
+    assert policy.breaker_settings("gpt-4o-mini") == Policy.defaults().breaker_default
+    assert route.retries is not None and (route.retries.max_retries, route.retries.retry_on) == (1, ["server_error"])
 
 
 # -- explain ---------------------------------------------------------------------------------------
@@ -293,7 +297,10 @@ def test_simulate_gives_the_same_table_for_the_same_seed_and_another_for_another
 def test_simulate_waits_out_retry_after_before_retrying(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(
-        SIM_POLICY.replace("chain: [big, small]", "chain: [big, small]\n    retries: {max_retries: 1, min_per_s: 100}")
+        SIM_POLICY.replace(
+            "chain: [big, small]",
+            "chain: [big, small]\n    retries: {max_retries: 1, min_per_s: 100, retry_after_max_s: 5}",
+        )
     )
     scenario = tmp_path / "wave.yaml"
     scenario.write_text(

@@ -26,6 +26,7 @@ from llm_resilience._planner import (
     Fail,
     Launch,
     Planner,
+    Wait,
     attempt_timeout,
     last_user_text,
 )
@@ -312,13 +313,34 @@ def test_a_retry_waits_at_least_what_the_provider_asked() -> None:
 
 
 def test_a_retry_the_deadline_leaves_no_room_for_moves_on_to_the_next_model() -> None:
-    call = start(retrying_planner())
+    call = start(retrying_planner(retry_after_max_s=10.0))
     first = launch(call, T0)
 
     call.on_error(first, overloaded(**{"retry-after": "5"}), T0 + 0.1)  # the deadline is 3 s
 
     assert launch(call, T0 + 0.1).spec.name == "b"
     assert first.record.extra["retry_skipped"] == "deadline"
+
+
+def test_a_retry_after_longer_than_retry_after_max_s_moves_on_to_the_next_model_at_once() -> None:
+    call = start(retrying_planner(retry_after_max_s=2.0, max_retries=1))
+    first = launch(call, T0)
+
+    call.on_error(first, overloaded(**{"retry-after": "2.5"}), T0 + 0.1)  # within the 3 s deadline
+
+    assert launch(call, T0 + 0.1).spec.name == "b"
+    assert first.record.extra["retry_skipped"] == "retry_after"
+    assert first.record.extra["retry_after_s"] == 2.5
+
+
+def test_a_retry_after_within_retry_after_max_s_is_waited_out_on_the_same_model() -> None:
+    call = start(retrying_planner(retry_after_max_s=2.0, max_retries=1))
+    first = launch(call, T0)
+
+    call.on_error(first, overloaded(**{"retry-after": "1.5"}), T0 + 0.1)
+
+    assert call.next_action(T0 + 0.2) == Wait(until=pytest.approx(T0 + 1.6))
+    assert launch(call, T0 + 1.6).spec.name == "a"
 
 
 def test_retries_stop_at_max_retries_and_the_chain_moves_on() -> None:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import pytest
@@ -116,3 +117,55 @@ def test_the_first_call_of_a_process_is_not_blamed_for_litellm_first_call_costs(
     assert result["answered_by"] == "small", result
     assert ["small", "failure", "timeout"] not in result["attempts"], result
     assert result["failures"]["small"] == 0, result
+
+
+EXIT_DURING_A_HEDGED_CALL = """
+    import sys, threading
+    import llm_resilience
+
+    engine = llm_resilience.Resilience.from_dict({
+        "models": {
+            name: {"litellm_params": {"model": "openai/gpt-4o", "api_base": url, "api_key": "sk-test"}}
+            for name, url in (("big", sys.argv[1]), ("small", sys.argv[2]))
+        },
+        "routes": {"chat": {"chain": ["big", "small"], "hedge": {"after": 0.1, "budget_ratio": 1.0}}},
+        "prompt_classes": {"default": {"timeout_s": 300, "deadline_s": 600}},
+    })
+    caller = threading.Thread(target=engine.completion, args=("chat", [{"role": "user", "content": "hi"}]), daemon=True)
+    caller.start()
+    print("calling", flush=True)
+    sys.stdin.readline()  # the parent saw both attempts arrive
+    # the main thread ends here, a daemon thread still in a hedged call
+"""
+
+
+def test_a_process_whose_main_thread_ends_during_a_hedged_call_exits_without_waiting_for_it() -> None:
+    from llm_resilience.testing import Behavior, FakeProvider
+
+    with FakeProvider() as big, FakeProvider() as small:
+        big.set(Behavior.slow(600))
+        small.set(Behavior.slow(600))
+        child = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(EXIT_DURING_A_HEDGED_CALL), big.base_url, small.base_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "calling"
+            deadline = time.monotonic() + 120
+            while not (big.request_count and small.request_count):  # both attempts in flight, on pool threads
+                assert time.monotonic() < deadline and child.poll() is None, "the hedged call never started"
+                time.sleep(0.05)
+            assert child.stdin is not None
+            child.stdin.write("exit\n")
+            child.stdin.flush()
+            # Python joins its pool threads at exit: without aborting the daemon caller's attempts the
+            # process would wait for their 300 s timeout.
+            child.wait(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, child.stderr.read() if child.stderr else ""

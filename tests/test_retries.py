@@ -143,7 +143,7 @@ def test_retry_after_beyond_the_deadline_moves_on_to_the_next_model(
     big: FakeProvider,
     small: FakeProvider,
 ) -> None:
-    engine = make_engine(with_retries(policy_dict, deadline_s=1.5))
+    engine = make_engine(with_retries(policy_dict, deadline_s=1.5, retry_after_max_s=10.0))
     big.script(Behavior.error(429, retry_after_s=5))
 
     started = time.monotonic()

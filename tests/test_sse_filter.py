@@ -46,6 +46,12 @@ def test_two_bad_events_in_a_row_are_handed_on_so_the_attempt_fails_as_before() 
     assert out == GOOD_1 + BAD + BAD + GOOD_2 and sse.skipped == 0
 
 
+def test_a_bad_first_event_is_handed_on_so_the_next_model_answers_whole() -> None:
+    out, sse = through(BAD, GOOD_1, GOOD_2)
+
+    assert out == BAD + GOOD_1 + GOOD_2 and sse.skipped == 0
+
+
 def test_a_bad_last_event_is_handed_on() -> None:
     out, sse = through(GOOD_1, BAD)
 

@@ -336,13 +336,22 @@ def test_a_silent_first_model_abandoned_at_its_first_token_timeout_is_disconnect
     classes = {"default": {"timeout_s": 10.0, "deadline_s": 30.0, "first_token_timeout_s": 2.0}}
     engine = make_engine(policy_dict(["big", "small"], prompt_classes=classes))
     big.set(Behavior(body="hang"))  # no response headers, ever
+    earlier = set(_stream_threads())  # an earlier test's may still be winding down
 
     with engine.completion("chat", MESSAGES, stream=True) as stream:
         assert text(list(stream)) == small.requests[0].behavior.content
 
-    # The provider sees the disconnect now, not at the attempt's 10 s timeout.
+    # The provider sees the disconnect now, not at the attempt's 10 s timeout, and the attempt's
+    # helper thread ends with it.
     assert big.wait_idle(2.0) and big.requests[0].disconnected
-    assert not [t for t in threading.enumerate() if t.name == "llm-resilience-stream" and t.is_alive()]
+    ends_by = time.monotonic() + 2.0
+    while (mine := set(_stream_threads()) - earlier) and time.monotonic() < ends_by:
+        time.sleep(0.02)
+    assert not mine
+
+
+def _stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "llm-resilience-stream" and t.is_alive()]
 
 
 def test_a_keyboard_interrupt_while_waiting_closes_the_silent_request_at_once(

@@ -237,8 +237,9 @@ def small_stream_chunks(small: FakeProvider) -> list[Any]:
         (Behavior.error(503), "server_error"),
         (Behavior(body="reset"), "connection"),
         (Behavior(cut_after_chunks=0), "connection"),  # headers, then the connection drops
+        (Behavior(body="malformed"), "server_error"),  # a bad first event is never skipped: nothing lost
     ],
-    ids=["503", "reset", "cut-before-content"],  # (a malformed first event is skipped: test_stream_recovery.py)
+    ids=["503", "reset", "cut-before-content", "malformed-first-event"],
 )
 def test_stream_failing_before_content_falls_back(
     collect: Collect, engine: Resilience, big: FakeProvider, failure: Behavior, reason: str

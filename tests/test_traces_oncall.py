@@ -169,7 +169,8 @@ def test_a_whole_attempt_cut_names_the_attempt_bound_and_its_overrun(
 
     root, (cut, _answered) = split(exporter)
     a = attrs(cut)
-    assert (a[f"{NS}.cut_by"], a[f"{NS}.bound.attempt_ms"], a[f"{NS}.bound.deadline_ms"]) == ("attempt", 200, 5000)
+    assert (a[f"{NS}.cut_by"], a[f"{NS}.bound.attempt_ms"]) == ("attempt", 200)
+    assert 0 < a[f"{NS}.bound.deadline_ms"] <= 5000  # what was left of the 5 s deadline when the attempt started
     latency_s = hidden(response)["attempts"][0]["latency_s"]
     assert abs(a[f"{NS}.overrun_ms"] - (latency_s - 0.2) * 1000) <= 1
     assert "(attempt bound 200 ms)" in attrs(root)[f"{NS}.path"]

@@ -66,8 +66,8 @@ def test_async_client_falls_back(big: FakeProvider, small: FakeProvider) -> None
 
 def test_create_partial_streams_the_fallbacks_answer(big: FakeProvider, small: FakeProvider) -> None:
     big.set(Behavior.error(503))
-    # create_partial offers the tool as "PartialUser" (and forces it with tool_choice): a provider
-    # answers with that name; a call to a tool the request did not offer is invalid_json.
+    # create_partial offers the tool as "PartialUser": a model answers with the tool it was offered (an
+    # answer naming a tool the request did not offer is an invalid tool call, and falls back).
     small.set(Behavior(tool_calls=[{"name": "PartialUser", "arguments": {"name": "Ada", "age": 36}}]))
     client = instructor.from_litellm(llm_resilience.completion)
 
