@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from _redis_server import REDIS_SERVER, SKIP_REASON, RedisServer
+from _redis_server import REDIS_SERVER, SKIP_REASON, RedisServer, free_port
 from conftest import MESSAGES, PolicyBuilder, model_entry, outcomes
 from test_shared_state import BOUND_S, redis_policy, run_replicas, server, states, wait_for, with_replicas
 
@@ -407,9 +407,12 @@ def test_a_read_only_replica_gives_one_warning_and_no_false_recovery(
 def test_a_redis_cluster_node_is_refused_with_one_clear_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The cluster bus listens on port + 10000 unless told otherwise: a free port above 55535 would put
+    # it past 65535, so the bus gets a free port of its own.
     node = RedisServer(
-        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path)
-    ).start()
+        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path),
+        "--cluster-port", str(free_port()),
+    ).start()  # fmt: skip
     try:
         with caplog.at_level(logging.WARNING, logger="llm_resilience.shared_state"):
             state = from_url(node.url, "t", sync_interval_s=0.05)
