@@ -690,18 +690,22 @@ def test_many_abandoned_async_streams_leave_no_connection_open_while_the_loop_ru
                 await task
             kept.append(stream)
 
+    # Idle keep-alive connections of earlier tests' clients (in this process) may be open already.
+    before = big.open_connections
+
     async def run() -> tuple[int, int]:
         for _ in range(20):
             for how in ("aclose", "drop", "break", "cancel"):
                 await abandon(how)
         gc.collect()
-        await wait_until_async(lambda: big.open_connections <= 1 and big.disconnects == 80, timeout=5.0)
+        settled = lambda: big.open_connections <= before + 1 and big.disconnects == 80  # noqa: E731
+        await wait_until_async(settled, timeout=10.0)
         return big.open_connections, big.disconnects  # the loop still runs: its client is not closed yet
 
     still_open, disconnects = asyncio.run(run())
 
     assert big.request_count == 80
-    assert still_open <= 1  # at most one idle keep-alive connection, not one per abandoned stream
+    assert still_open <= before + 1  # at most one more idle keep-alive connection, not one per abandoned stream
     assert disconnects == 80
 
 
