@@ -32,7 +32,7 @@ from llm_resilience._breakers import ProbeTicket
 from llm_resilience.testing import Behavior, FakeProvider, provider_process
 
 TRICKLE = Behavior(trickle_byte_s=0.05)  # headers at once, then one byte every 50 ms: ~20 s for the body
-SLACK_S = 1.0  # what a loaded CI machine may add to a bound; the defect overran by ~20 s
+SLACK_S = 4.0  # what a loaded 2-core CI machine may add (1 s was overrun at load 6); the defect overran by ~20 s
 
 
 def test_the_deadline_holds_while_the_body_trickles(
