@@ -81,9 +81,9 @@ def _otlp_provider(exporter: str = "otlp") -> metrics.MeterProvider:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
-        from ._metrics_export import QuietWhileFailing
+        from ._otlp_export import QuietMetricExporter
 
-        chosen = ConsoleMetricExporter() if exporter == "console" else QuietWhileFailing(otlp_exporter("metrics"))
+        chosen = ConsoleMetricExporter() if exporter == "console" else QuietMetricExporter(otlp_exporter("metrics"))
         _otlp = MeterProvider(metric_readers=[PeriodicExportingMetricReader(chosen)], resource=otlp_resource())
     return _otlp
 

@@ -16,24 +16,26 @@ chains (default and per prompt class) can reach, the weakest link:
   model's ``context_window:`` in the policy, else litellm's); a prompt that fits it reaches
   every model untruncated. Models with an unknown window do not lower it;
 - ``max_output_tokens``: the smallest known;
-- ``litellm_provider``: the first model's provider (litellm needs one to answer at all).
-  Prices are not registered: a response names the model that answered, and its cost is that model's.
+- ``litellm_provider``: ``llm-resilience`` (see below). Prices are not registered: a
+  response names the model that answered, and its cost is that model's.
 
-``token_counter(model=route)`` needs nothing registered: with the offline settings
-(:mod:`._env`, no tokenizer downloads) litellm counts every model with the same bundled
-tokenizer, so the count for a route is the count for each of its models.
+``token_counter(model=route)`` counts as litellm does for any name it does not know as an
+OpenAI model: with its default tiktoken encoding (no tokenizer downloads, :mod:`._env`).
+For OpenAI models since gpt-4o (o200k_base) that is within a few per cent.
 
 A registered name must never reach a provider through litellm itself (a saved reference to
 ``litellm.completion``, a call after :func:`uninstall`, a ``Router`` deployment,
-``text_completion``): litellm would take ``"chat"`` for an OpenAI model and send the prompt
-to ``OPENAI_BASE_URL`` with the application's ``OPENAI_API_KEY``. So each registered name is
-also aliased (``litellm.model_alias_map``) to ``llm-resilience/<name>``, a provider
-registered in ``litellm.custom_provider_map`` whose handler raises a ``BadRequestError``
-that says what to call instead, before any I/O. Capability look-ups do not read the alias
-map, so they still answer. Names that a policy model's own litellm string uses are not
-aliased (the engine calls them). ``litellm.responses`` and ``litellm.embedding`` do not read
-the alias map either: they resolve a route name like any model name of its first model's
-provider, as they did before (see README).
+``text_completion``, ``responses``, ``embedding``): registered like a model, litellm would
+take ``"chat"`` for an OpenAI model and send the prompt to ``OPENAI_BASE_URL`` with the
+application's ``OPENAI_API_KEY``. Every litellm entry point, capability look-ups included,
+finds a bare name's provider with ``litellm.get_llm_provider``, so that is where a
+registered name is caught: it is kept out of litellm's per-provider model sets, and one
+routing rule (litellm's ``fallback_generalizations``, consulted only after every exact
+lookup missed) resolves the names to ``llm-resilience``, a provider registered in
+``litellm.custom_provider_map`` whose handler raises a ``BadRequestError`` that says what to
+call instead, before any I/O. Capability look-ups resolve the same provider, find the
+registered entry and answer. Names that a policy model's own litellm string uses are
+registered under that model's provider instead (the engine calls them).
 
 Names litellm already knows as real models are never overwritten (a route called
 ``gpt-4o`` keeps litellm's entry for ``gpt-4o``). litellm's table is process-wide: when
@@ -46,11 +48,16 @@ new one dropped.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from typing import Any
 
 from litellm.exceptions import BadRequestError
+from litellm.litellm_core_utils.fallback_generalizations import (
+    get_fallback_generalization_rules,
+    set_fallback_generalizations,
+)
 from litellm.llms.custom_llm import CustomLLM
 
 from ._env import litellm
@@ -72,7 +79,8 @@ REFUSING_PROVIDER = "llm-resilience"
 
 _lock = threading.Lock()
 _registered: dict[str, tuple[int, dict[str, Any]]] = {}  # name -> (owner id, entry we wrote)
-_aliased: set[str] = set()  # names we put in litellm.model_alias_map
+_refused: set[str] = set()  # names our routing rule resolves to the refusing provider
+_RULE_NAME = "llm-resilience: route and policy model names"
 
 
 def _refusal(model: object) -> Exception:
@@ -103,28 +111,50 @@ class _RouteNameHandler(CustomLLM):
     async def astreaming(self, *args: Any, **kwargs: Any) -> Any:
         raise _refusal(kwargs.get("model"))
 
+    def embedding(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    async def aembedding(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    def image_generation(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
+    async def aimage_generation(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refusal(kwargs.get("model"))
+
 
 _handler = _RouteNameHandler()
 
 
-def _refuse_through_litellm(names: Iterable[str], keep: set[str]) -> None:
-    """Alias ``names`` to the refusing provider (``keep``: names a policy model's litellm string uses)."""
+def _refuse_through_litellm(written: dict[str, dict[str, Any]]) -> None:
+    """Resolve the refused names of ``written`` (and only them) to the refusing provider."""
     if not any(entry.get("custom_handler") is _handler for entry in litellm.custom_provider_map):
         litellm.custom_provider_map.append({"provider": REFUSING_PROVIDER, "custom_handler": _handler})
-    for name in names:
-        if name in keep:
-            continue
-        if litellm.model_alias_map.get(name, f"{REFUSING_PROVIDER}/{name}") != f"{REFUSING_PROVIDER}/{name}":
-            continue  # the application aliased this name itself: its choice stands
-        litellm.model_alias_map[name] = f"{REFUSING_PROVIDER}/{name}"
-        _aliased.add(name)
+    for name, entry in written.items():
+        if entry["litellm_provider"] == REFUSING_PROVIDER:
+            _refused.add(name)
+        else:
+            _refused.discard(name)
+    _install_routing_rule()
 
 
 def _stop_refusing(name: str) -> None:
-    if name in _aliased:
-        _aliased.discard(name)
-        if litellm.model_alias_map.get(name) == f"{REFUSING_PROVIDER}/{name}":
-            del litellm.model_alias_map[name]
+    if name in _refused:
+        _refused.discard(name)
+        _install_routing_rule()
+
+
+def _install_routing_rule() -> None:
+    # litellm's rules are one list, replaced whole (also when its cost map is reloaded, which
+    # drops the entries too). Ours goes first: a later rule such as "claude.*" -> anthropic
+    # must not claim a route called "claude-chat". Exact names, anchored: nothing else matches.
+    theirs = [rule for rule in get_fallback_generalization_rules() if rule.get("name") != _RULE_NAME]
+    ours = []
+    if _refused:
+        pattern = "^(?:" + "|".join(re.escape(name) for name in sorted(_refused)) + ")$"
+        ours = [{"name": _RULE_NAME, "pattern": pattern, "model_info": {"litellm_provider": REFUSING_PROVIDER}}]
+    set_fallback_generalizations([*ours, *theirs])
 
 
 def _supports(capability: str, spec: ModelSpec) -> bool:
@@ -160,10 +190,10 @@ def _smallest(values: Iterable[Any]) -> int | None:
     return min(known) if known else None
 
 
-def route_entry(models: Iterable[ModelSpec]) -> dict[str, Any]:
+def route_entry(models: Iterable[ModelSpec], provider: str = REFUSING_PROVIDER) -> dict[str, Any]:
     """The ``litellm.model_cost`` entry for a route whose chains reach ``models`` (weakest link)."""
     specs = list({spec.name: spec for spec in models}.values())  # in chain order, once each
-    entry: dict[str, Any] = {"mode": "chat", "litellm_provider": _provider(specs[0])}
+    entry: dict[str, Any] = {"mode": "chat", "litellm_provider": provider}
     window = _smallest(spec.context_window or litellm_context_window(spec.litellm_model) for spec in specs)
     output = _smallest(spec.max_output_tokens or _model_info(spec).get("max_output_tokens") for spec in specs)
     if window is not None:
@@ -177,12 +207,16 @@ def route_entry(models: Iterable[ModelSpec]) -> dict[str, Any]:
 
 def route_entries(policy: Policy) -> dict[str, dict[str, Any]]:
     """Entries for every route of ``policy`` and every model name of its ``models:``."""
+    # A name some model's litellm string uses is called by the engine under that name: it
+    # keeps that model's provider. Every other name resolves to the refusing provider.
+    called = {spec.litellm_model: _provider(spec) for spec in policy.models.values()}
     entries: dict[str, dict[str, Any]] = {}
     for name, route in policy.document.routes.items():
         chains = [route.chain, *(over.chain for over in route.classes.values() if over.chain)]
-        entries[name] = route_entry(policy.models[model] for chain in chains for model in chain)
+        models = [policy.models[model] for chain in chains for model in chain]
+        entries[name] = route_entry(models, called.get(name, REFUSING_PROVIDER))
     for name, spec in policy.models.items():
-        entries.setdefault(name, route_entry([spec]))
+        entries.setdefault(name, route_entry([spec], called.get(name, REFUSING_PROVIDER)))
     return entries
 
 
@@ -204,7 +238,7 @@ def register_routes(policy: Policy, owner: object) -> dict[str, dict[str, Any]]:
             _register(written)
         for name, entry in written.items():
             _registered[name] = (id(owner), entry)
-        _refuse_through_litellm(written, keep={spec.litellm_model for spec in policy.models.values()})
+        _refuse_through_litellm(written)
         stale = [name for name, (who, _) in _registered.items() if who == id(owner) and name not in entries]
         for name in stale:
             del _registered[name]
@@ -216,10 +250,15 @@ def register_routes(policy: Policy, owner: object) -> dict[str, dict[str, Any]]:
 
 
 def _register(entries: dict[str, dict[str, Any]]) -> None:
-    try:  # litellm >= 1.80: a registration that is ours to replace, not replayed over future cost maps
-        litellm.register_model(entries, persist_across_reloads=False)
-    except TypeError:
-        litellm.register_model(entries)
+    # Not replayed over future cost maps (ours to replace), and kept out of the provider model
+    # sets except for a name the engine itself calls: membership there is what would make
+    # litellm send a bare route name to a real provider.
+    refused = {name: entry for name, entry in entries.items() if entry["litellm_provider"] == REFUSING_PROVIDER}
+    called = {name: entry for name, entry in entries.items() if name not in refused}
+    if refused:
+        litellm.register_model(refused, persist_across_reloads=False, add_to_provider_model_sets=False)
+    if called:
+        litellm.register_model(called, persist_across_reloads=False)
     litellm_context_window.cache_clear()
 
 

@@ -119,9 +119,10 @@ def _otlp_provider(exporter: str = "otlp") -> trace.TracerProvider:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
         provider = TracerProvider(resource=otlp_resource())
-        provider.add_span_processor(
-            BatchSpanProcessor(ConsoleSpanExporter() if exporter == "console" else otlp_exporter("traces"))
-        )
+        from ._otlp_export import QuietSpanExporter
+
+        chosen = ConsoleSpanExporter() if exporter == "console" else QuietSpanExporter(otlp_exporter("traces"))
+        provider.add_span_processor(BatchSpanProcessor(chosen))
         _otlp = provider
     return _otlp
 

@@ -10,6 +10,10 @@ from typing import Any
 import litellm
 import pytest
 from conftest import MESSAGES, EngineFactory, PolicyBuilder
+from litellm.litellm_core_utils.fallback_generalizations import (
+    get_fallback_generalization_rules,
+    set_fallback_generalizations,
+)
 
 from llm_resilience import Policy
 from llm_resilience._routes import register_routes
@@ -63,14 +67,17 @@ def test_model_names_of_the_policy_are_known_too(make_engine: EngineFactory, pol
     assert litellm.supports_function_calling("small") is True
 
 
-def test_token_counter_for_a_route_counts_like_its_models(
+def test_token_counter_for_a_route_counts_with_litellm_default_tokenizer(
     make_engine: EngineFactory, policy_dict: PolicyBuilder
 ) -> None:
     make_engine(policy_dict(["big", "small"]))
+    long = [{"role": "user", "content": "the quarterly otter census, river by river. " * 200}]
 
-    counts = {m: litellm.token_counter(model=m, messages=MESSAGES) for m in ("chat", "openai/gpt-4o", "gpt-4o-mini")}
-
-    assert len(set(counts.values())) == 1, counts
+    for messages in (MESSAGES, long):
+        route = litellm.token_counter(model="chat", messages=messages)
+        assert route == litellm.token_counter(model="a-model-litellm-does-not-know", messages=messages)
+        model = litellm.token_counter(model="openai/gpt-4o", messages=messages)  # o200k_base
+        assert abs(route - model) <= 0.1 * model, (route, model)  # close enough to size a prompt by
 
 
 def test_a_route_named_like_a_litellm_model_leaves_litellm_entry_alone(
@@ -133,10 +140,16 @@ def _through_litellm(name: str) -> dict[str, Callable[[], Any]]:
         "acompletion": lambda: asyncio.run(litellm.acompletion(model=name, **kwargs)),
         "stream": lambda: list(litellm.completion(model=name, stream=True, **kwargs)),
         "text_completion": lambda: litellm.text_completion(model=name, prompt="hi", max_retries=0),
+        "responses": lambda: litellm.responses(model=name, input="hi", max_retries=0),
+        "aresponses": lambda: asyncio.run(litellm.aresponses(model=name, input="hi", max_retries=0)),
+        "embedding": lambda: litellm.embedding(model=name, input=["hi"], max_retries=0),
+        "aembedding": lambda: asyncio.run(litellm.aembedding(model=name, input=["hi"], max_retries=0)),
+        "image_generation": lambda: litellm.image_generation(model=name, prompt="hi", max_retries=0),
         "router": lambda: litellm.Router(model_list=deployment).completion(model="deployment", **kwargs),
         "async router": lambda: asyncio.run(
             litellm.Router(model_list=deployment).acompletion(model="deployment", **kwargs)
         ),
+        "router responses": lambda: litellm.Router(model_list=deployment).responses(model="deployment", input="hi"),
     }
 
 
@@ -165,5 +178,25 @@ def test_a_route_name_the_new_policy_dropped_is_litellm_own_again(
 
     register_routes(Policy.from_dict(policy_dict(["big"])), owner=engine)
 
-    assert "extract" not in litellm.model_alias_map
-    assert litellm.model_alias_map.get("chat") == "llm-resilience/chat"
+    assert litellm.get_llm_provider("chat")[1] == "llm-resilience"
+    with pytest.raises(litellm.BadRequestError, match="LLM Provider NOT provided"):
+        litellm.get_llm_provider("extract")  # unknown to litellm, as before the engine: no longer ours to refuse
+
+
+def test_a_litellm_routing_rule_never_claims_a_route_name(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # litellm resolves unknown names by pattern rules from its cost map (e.g. future claude-* -> anthropic).
+    rules = get_fallback_generalization_rules()
+    claude_rule = {"pattern": "^claude", "model_info": {"litellm_provider": "anthropic"}}
+    set_fallback_generalizations([*rules, claude_rule])
+    try:
+        policy = policy_dict(["big", "small"])
+        policy["routes"]["claude-chat"] = {"chain": ["big"]}
+        make_engine(policy)
+        assert litellm.get_llm_provider("claude-chat")[1] == "llm-resilience"
+        assert litellm.get_llm_provider("claude-next")[1] == "anthropic"  # litellm's rule still works
+        with pytest.raises(litellm.BadRequestError, match=r"llm_resilience\.completion"):
+            litellm.responses(model="claude-chat", input="hi", max_retries=0)
+    finally:
+        set_fallback_generalizations(rules)

@@ -300,11 +300,13 @@ def test_no_span_carries_a_boolean(
 ) -> None:  # fmt: skip
     import time
 
-    hedge = {"after": 0.05, "budget_ratio": 1.0}
-    policy = policy_dict(["big", "small"], breakers={"big": {"fail_max": 1, "reset_timeout_s": 0.3}})
+    # The hedge waits 0.5 s: long enough that big's 500 below comes back first even on a loaded machine
+    # (at 50 ms it was hedged now and then, and no attempt was a fallback).
+    hedge = {"after": 0.5, "budget_ratio": 1.0}
+    policy = policy_dict(["big", "small"], timeout_s=3.0, breakers={"big": {"fail_max": 1, "reset_timeout_s": 0.3}})
     policy["routes"]["chat"]["hedge"] = hedge
     engine = make_engine(policy)
-    big.set(Behavior.slow(1.0))
+    big.set(Behavior.slow(2.0))
     engine.completion("chat", MESSAGES)  # big hedged by small
     big.set(Behavior.error(500))
     engine.completion("chat", MESSAGES)  # big fails, its breaker opens
@@ -389,9 +391,12 @@ def test_a_failed_call_says_why_in_its_status(
 
 
 class TracesOnlyCollector:
-    """Answers 404 to /v1/metrics, as Jaeger does, until something POSTs to /accept."""
+    """Answers 404 to /v1/metrics, as Jaeger does, until something POSTs to /accept.
 
-    def __init__(self) -> None:
+    With ``refuse`` set to a path, answers that path with ``status`` instead (a collector in trouble).
+    """
+
+    def __init__(self, refuse: str = "/v1/metrics", status: int = 404) -> None:
         self.accept_metrics = False
         collector = self
 
@@ -400,8 +405,8 @@ class TracesOnlyCollector:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 if self.path == "/accept":
                     collector.accept_metrics = True
-                ok = self.path != "/v1/metrics" or collector.accept_metrics
-                self.send_response(200 if ok else 404)
+                ok = self.path != refuse or collector.accept_metrics
+                self.send_response(200 if ok else status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -452,3 +457,38 @@ def test_metrics_to_a_traces_only_collector_are_reported_once_and_again_when_the
     assert len(failed) == 1, done.stderr  # three failed exports, one message
     assert "404" in failed[0] and "OTEL_METRICS_EXPORTER=none" in failed[0]
     assert len([line for line in lines if "works again" in line]) == 1, done.stderr
+
+
+EXPORT_SPANS_THREE_TIMES_THEN_ONCE_MORE = """
+import sys, urllib.request
+from llm_resilience import _tracing
+provider = _tracing._otlp_provider()
+tracer = provider.get_tracer("t")
+for i in range(3):
+    tracer.start_span("s").end()
+    provider.force_flush()
+urllib.request.urlopen(sys.argv[1] + "/accept", data=b"")
+tracer.start_span("s").end()
+provider.force_flush()
+print("done", flush=True)
+"""
+
+
+def test_spans_to_a_failing_collector_are_reported_once_and_again_when_they_work() -> None:
+    # 400: a collector that refuses the batch (no retries in the SDK, so the test is quick).
+    collector = TracesOnlyCollector(refuse="/v1/traces", status=400)
+    try:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_METRICS_EXPORTER": "none"}
+        done = subprocess.run(
+            [sys.executable, "-c", EXPORT_SPANS_THREE_TIMES_THEN_ONCE_MORE, collector.endpoint],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        collector.server.shutdown()
+
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    failed = [line for line in lines if "exporting spans to" in line and "failed" in line]
+    assert len(failed) == 1 and len(lines) == 2, done.stderr  # three failed exports, one message; then it works
+    assert "400" in failed[0] and "OTEL_TRACES_EXPORTER=none" in failed[0] and "/v1/traces" in failed[0]
+    assert "exporting spans to" in lines[1] and "works again" in lines[1]
