@@ -40,6 +40,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -143,29 +144,22 @@ def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any])
 
 
 # httpcore trace events (``<connection|http11|http2>.<step>.<started|complete>``) that time a request.
-_SENDING = ("connect_tcp.started", "send_request_headers.started")
+_CONNECTING = ("connect_tcp.started", "start_tls.started")
+_CONNECTED = ("connect_tcp.complete", "start_tls.complete")
+_SENDING = "send_request_headers.started"
 _SENT = "send_request_body.complete"
 _ANSWERED = "receive_response_body.complete"
-_CONNECTED = "connection.connect_tcp.complete"
-_SENDING_STEP = "sending"
-_IGNORED = "ignored"
-
-
-def _step_of(event: str) -> str:
-    """Which of the steps above an httpcore trace event is (:data:`_IGNORED`: none we act on)."""
-    if event.endswith(_SENDING):
-        return _SENDING_STEP
-    if event.endswith(_SENT):
-        return _SENT
-    if event.endswith(_ANSWERED):
-        return _ANSWERED
-    if event == _CONNECTED:
-        return _CONNECTED
-    return _IGNORED
-
-
-_STEPS: dict[str, str] = {}
-"""Event name -> step, filled as events are seen."""
+_UNTIMED = frozenset(
+    f"{layer}.{step}"
+    for layer in ("http11", "http2")
+    for step in (
+        "send_request_headers.complete", "send_request_body.started", "receive_response_headers.started",
+        "receive_response_headers.complete", "receive_response_body.started", "response_closed.started",
+        "response_closed.complete",
+    )
+)  # fmt: skip
+"""Steps that time nothing: 7 of the 10 events of a request on a kept-alive connection, skipped with one
+set look-up (httpcore calls the trace for each; matching each name against the steps above cost more)."""
 
 
 class _Lease:
@@ -180,21 +174,26 @@ class _Lease:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.http = http
+        self._watched_connects = _WatchedBackend.install(http, self)
         self.attempt: Attempt | None = None  # whose request timing this lease reports (see watch())
         self.clock: Clock = time.monotonic
+        self._sending_since: float | None = None  # the current request's first write began
+        self._connecting: socket.socket | None = None  # a TCP connect in progress (see _WatchedBackend)
+        self._reading: tuple[socket.socket, int | None] | None = None  # a read in progress: kernel bytes at its start
         http.event_hooks = {"request": [self._on_request]}
 
     def watch(self, attempt: Attempt, clock: Clock) -> None:
-        """Report when ``attempt``'s request left for the provider and when its answer arrived.
+        """Report where ``attempt``'s time goes: handshakes, the request leaving, the answer arriving.
 
         The planner then knows how much of the attempt's wall time was the client's own (litellm's
         CPU before and after the request, waiting for the GIL or a pool thread): 16 threads calling
-        a 60 ms provider take 70-95 ms each on 2 cores, a delay no lag probe sees. Both times are
-        the kernel's where Linux says (``_wire.py``): a thread that waits for the GIL reads its
-        answer late, but the socket knows when the bytes came in.
+        a 60 ms provider take 70-95 ms each on 2 cores, a delay no lag probe sees. The times are
+        the kernel's where Linux says (``_wire.py``): a thread that waits for the GIL writes its
+        request and reads its answer late, but the socket knows when the bytes went and came.
         """
         attempt.io_measured = True
         self.attempt, self.clock = attempt, clock
+        self._sending_since = None
 
     def _on_request(self, request: Any) -> None:
         # httpcore reports each step of the request (and each new TCP connection) to a "trace"
@@ -207,40 +206,18 @@ class _Lease:
             return [s for s in self._sockets if s.fileno() != -1]
 
     def _trace(self, event: str, info: Mapping[str, Any]) -> None:
-        # httpcore calls this ~10 times per request; most events mean nothing here (one dict look-up).
-        step = _STEPS.get(event)
-        if step is None:
-            step = _step_of(event)
-            if len(_STEPS) < 256:  # (httpcore has a few dozen event names)
-                _STEPS[event] = step
-        if step is _IGNORED:
+        if event in _UNTIMED:
             return
         attempt = self.attempt
-        if step is _SENDING_STEP:
-            if attempt is not None and attempt.sent_at is None:
-                attempt.sent_at = self.clock()  # from here on (connect included) the time is the provider's
+        if attempt is not None:
+            self._time(attempt, event, info)
+        if not event.endswith(_CONNECTED):
             return
-        if step is _SENT:
-            if attempt is not None and attempt.sent_at is not None:
-                # The write itself may have waited for the GIL; the kernel says when the bytes left.
-                now = self.clock()
-                left = _wire.last_sent_at(self._live_sockets(), now)
-                if left is not None and attempt.sent_at < left <= now:
-                    attempt.sent_at = left
-            return
-        if step is _ANSWERED:
-            if attempt is not None:
-                # What follows (parsing, litellm's wrapping) is the client's, and so is the wait for
-                # the GIL between the answer's arrival and this thread reading it.
-                now = self.clock()
-                arrived = _wire.last_received_at(self._live_sockets(), now)
-                if arrived is None or arrived > now or (attempt.sent_at is not None and arrived < attempt.sent_at):
-                    arrived = now
-                attempt.answered_at = arrived
-            return
-        stream = info.get("return_value")  # a new connection (connection.connect_tcp.complete)
+        stream = info.get("return_value")
+        if stream is not None:
+            self._watch_reads(stream)
         sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):
+        if isinstance(sock, socket.socket):  # (TLS wraps the TCP socket in a new one, detaching the first)
             with self._lock:
                 self._sockets = [s for s in self._sockets if s.fileno() != -1]
                 self._sockets.append(sock)
@@ -249,16 +226,114 @@ class _Lease:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-    def note_waiting_answer(self) -> None:
-        """An answer that sits unread on this client's socket arrived when the kernel says: from then
-        on the wait is the client's (called before the planner judges the attempt in flight)."""
+    def _time(self, attempt: Attempt, event: str, info: Mapping[str, Any]) -> None:
+        """Move ``attempt``'s wire times on for one httpcore step (see :func:`._planner._client_time`)."""
+        if event.endswith(_CONNECTING):
+            attempt.on_wire = True
+            # A hanging handshake is the provider's side. With our backend, a TCP connect's time
+            # starts at connect() itself (connecting()): resolving the name and the GIL after it are not.
+            if attempt.sent_at is None and not (self._watched_connects and event.endswith("connect_tcp.started")):
+                attempt.connecting_since = self.clock()
+        elif event.endswith(_CONNECTED):
+            since, attempt.connecting_since = attempt.connecting_since, None
+            self._connecting = None
+            if since is None:  # (note_wire() saw the handshake complete already)
+                return
+            now = self.clock()
+            network: float | None = now - since
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                rtt = _wire.handshake_s(sock, since, now)
+                if rtt is not None:
+                    # A TCP handshake is one round trip; TLS's takes one or two more.
+                    network = rtt if event.endswith("connect_tcp.complete") else min(now - since, 2 * rtt)
+            attempt.network_s += network or 0.0
+        elif event.endswith(_SENDING):
+            attempt.on_wire = True
+            self._sending_since = self.clock()
+        elif event.endswith(_SENT):
+            # The provider's clock starts when the last byte of the request left, by the kernel's
+            # clock: the thread may have waited for the GIL before the connect, between the headers
+            # and the body, or after the write returned.
+            now = self.clock()
+            left = _wire.last_sent_at(self._live_sockets(), now)
+            floor = self._sending_since if self._sending_since is not None else now
+            attempt.sent_at = now if left is None else min(now, max(floor, left))
+            attempt.answered_at = None
+        elif event.endswith(_ANSWERED):
+            # What follows (parsing, litellm's wrapping) is the client's, and so is the wait for
+            # the GIL between the answer's arrival and this thread reading it.
+            now = self.clock()
+            arrived = _wire.last_received_at(self._live_sockets(), now)
+            if arrived is None or arrived > now or (attempt.sent_at is not None and arrived < attempt.sent_at):
+                arrived = now
+            attempt.answered_at = arrived
+
+    def connecting(self, sock: socket.socket) -> None:
+        """``sock`` is about to connect (:class:`_WatchedBackend`): the provider's side has the time
+        from now on, until the kernel says the handshake completed. The time before (resolving the
+        name, and the GIL after it) was the client's."""
+        self._connecting = sock
         attempt = self.attempt
-        if attempt is None or attempt.sent_at is None:
+        if attempt is not None and attempt.sent_at is None:
+            attempt.connecting_since = self.clock()
+
+    def _watch_reads(self, stream: Any) -> None:
+        """Note when each read of this connection begins and how much the kernel had received by then.
+
+        A thread blocked reading releases the GIL; when the answer comes in, the read returns in C
+        and the thread then waits for the GIL with the answer already out of the socket (so no unread
+        bytes show). The kernel's byte count tells it apart from a read still waiting for the provider:
+        bytes received since the read began are an answer the thread has not got to yet.
+        """
+        read = getattr(stream, "read", None)
+        sock = stream.get_extra_info("socket")
+        if read is None or not isinstance(sock, socket.socket) or getattr(read, "_llm_resilience", False):
+            return
+
+        def watched_read(max_bytes: int, timeout: float | None = None) -> bytes:
+            self._reading = (sock, _wire.received_bytes(sock))
+            try:
+                data: bytes = read(max_bytes, timeout)
+                return data
+            finally:
+                self._reading = None
+
+        watched_read._llm_resilience = True  # type: ignore[attr-defined]
+        with contextlib.suppress(AttributeError):  # a stream class with __slots__: the unread check still works
+            stream.read = watched_read
+
+    def note_wire(self) -> None:
+        """Bring the attempt's wire times up to what the kernel knows now (called before the planner
+        judges the attempt in flight), though its thread may not have run since.
+
+        A connect whose handshake completed ended then: what follows is the thread waiting for the
+        GIL. An answer that came in and that the thread has not processed yet arrived when the kernel
+        says: from then on the wait is the client's. Either it sits unread on the socket, or a read in
+        progress has it already and its thread waits for the GIL.
+        """
+        attempt = self.attempt
+        if attempt is None:
             return
         now = self.clock()
+        since, connecting = attempt.connecting_since, self._connecting
+        if since is not None and connecting is not None and _wire.established(connecting):
+            attempt.connecting_since = None  # (connect_tcp.complete, when the thread gets there, adds nothing)
+            attempt.network_s += _wire.handshake_s(connecting, since, now) or 0.0
+        if attempt.sent_at is None:
+            return
         arrived = _wire.waiting_since(self._live_sockets(), now)
-        if arrived is not None and attempt.sent_at <= arrived <= now:
-            attempt.answered_at = arrived
+        reading = self._reading
+        if arrived is None and reading is not None:
+            sock, mark = reading
+            received = _wire.received_bytes(sock)
+            if mark is not None and received is not None and received > mark:
+                arrived = _wire.last_received_at([sock], now)
+            elif attempt.answered_at is not None:
+                attempt.answered_at = None  # reading again, nothing new yet: the provider's time again
+        if arrived is not None:
+            attempt.answered_at = min(now, max(attempt.sent_at, arrived))
 
     def abort(self) -> None:
         """Fail the attempt's read at once and close its connection (the provider sees the disconnect)."""
@@ -274,6 +349,80 @@ class _Lease:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.http.close()
+
+
+class _WatchedBackend:
+    """httpcore's sync network backend, except that the lease knows a socket while it connects.
+
+    httpcore hands over a new connection's socket only once ``connect()`` has returned *and* the
+    thread holds the GIL again: in a thread burst that is hundreds of ms after the handshake
+    completed, all of it counted as the provider's. With the socket known from the start, the
+    kernel says when the handshake completed (:meth:`_Lease.note_wire`).
+    """
+
+    def __init__(self, lease: _Lease, inner: Any, stream: Callable[[socket.socket], Any]) -> None:
+        self._lease = weakref.ref(lease)  # the lease owns the client that owns this backend
+        self._inner = inner
+        self._stream = stream
+
+    @classmethod
+    def install(cls, http: Any, lease: _Lease) -> bool:
+        # httpx builds its httpcore pool without a way to pass a backend; a pool of another shape
+        # (a proxy, another httpx or httpcore version) keeps its own, and its connects are timed
+        # from their return.
+        pool = getattr(getattr(http, "_transport", None), "_pool", None)
+        inner = getattr(pool, "_network_backend", None)
+        if type(pool).__name__ != "ConnectionPool" or type(inner).__name__ != "SyncBackend":
+            return False
+        try:
+            from httpcore._backends.sync import SyncStream
+        except ImportError:
+            return False
+        pool._network_backend = cls(lease, inner, SyncStream)  # type: ignore[union-attr]
+        return True
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> Any:
+        import httpcore
+
+        # What socket.create_connection does (and then httpcore), with the socket shown to the lease
+        # before connect().
+        error: OSError | None = None
+        try:
+            for family, kind, proto, _name, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.settimeout(timeout)
+                    if local_address is not None:
+                        sock.bind((local_address, 0))
+                    lease = self._lease()
+                    if lease is not None:
+                        lease.connecting(sock)
+                    sock.connect(address)
+                except OSError as failed:
+                    sock.close()
+                    error = failed
+                    continue
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return self._stream(sock)
+        except TimeoutError as failed:
+            raise httpcore.ConnectTimeout(str(failed)) from failed
+        except OSError as failed:
+            raise httpcore.ConnectError(str(failed)) from failed
+        if isinstance(error, TimeoutError):
+            raise httpcore.ConnectTimeout(str(error)) from error
+        raise httpcore.ConnectError(str(error or f"getaddrinfo returns no address for {host}")) from error
+
+    def __getattr__(self, name: str) -> Any:  # connect_unix_socket, sleep: httpcore's own
+        return getattr(self._inner, name)
 
 
 class _Leases:
@@ -308,6 +457,14 @@ class _Leases:
             return lease
         except Exception:  # never let the cancellation machinery fail a call: send without it
             return None
+
+    def forget(self, base_url: str) -> None:
+        prefix = base_url.rstrip("/")
+        with self._lock:
+            gone = [key for key in self._idle if key.rstrip("/") == prefix]
+            idle = [lease for key in gone for lease in self._idle.pop(key)]
+        for lease in idle:
+            lease.close()
 
     def give_back(self, lease: _Lease) -> None:
         _pooled.pop(id(lease), None)
@@ -411,6 +568,11 @@ def return_client(lease: _Lease) -> None:
     _leases.give_back(lease)
 
 
+def forget_clients(base_url: str) -> None:
+    """Close the idle leased clients of ``base_url`` (an endpoint that is gone: the warm-up's provider)."""
+    _leases.forget(base_url)
+
+
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 _pooled: dict[int, tuple[_Lease, threading.Thread]] = {}
@@ -453,7 +615,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
     watchdog = monitor().watchdog
 
     def at_bound(now: float) -> float | None:
-        lease.note_waiting_answer()  # an answer the thread has not read yet (the GIL) is not late
+        lease.note_wire()  # a connect or an answer the thread has not got to yet (the GIL) is not late
         later = call.at_bound(attempt, now)
         if later is None:
             lease.abort()  # the read fails at once; litellm raises in this thread
@@ -508,7 +670,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
         while True:
             for _attempt, watched in running.values():
                 if watched is not None:
-                    watched.note_waiting_answer()  # judged below: an unread answer is not the provider's delay
+                    watched.note_wire()  # judged below: an unread answer is not the provider's delay
             action = call.next_action(clock())
             for future in _dropped(call, running) if running else ():
                 _stop(future, running.pop(future)[1])

@@ -115,6 +115,8 @@ class Attempt:
     """Streams: the longest wait for the next chunk (the class's ``idle_timeout_s``, else its ``timeout_s``)."""
     hedge_at: float | None = None
     """Monotonic time after which, if no answer came, the next model may start in parallel."""
+    hedge_check_at: float | None = None
+    """A hedge due but held back while the client is saturated: when to look again."""
     soft_timeout_s: float | None = None
     """Slower than this is a slow call for the breaker (``None``: no soft timeout configured)."""
     soft_cut: bool = False
@@ -134,11 +136,21 @@ class Attempt:
     attempt (hedge, soft timeout, cut, whole-attempt bound) is judged on the provider's share, i.e.
     postponed by this much."""
     io_measured: bool = False
-    """The driver reports ``sent_at`` and ``answered_at`` (sync attempts on the driver's own HTTP client)."""
+    """The driver reports where the attempt's time went (sync attempts on the driver's own HTTP client):
+    ``on_wire``, ``connecting_since``, ``network_s``, ``sent_at`` and ``answered_at``."""
+    on_wire: bool = False
+    """The driver began to connect or to send the request: an error from then on is not a request that
+    could not be built."""
+    connecting_since: float | None = None
+    """A TCP (or TLS) handshake with the provider's host is in progress since then: the provider's time."""
+    network_s: float = 0.0
+    """The provider's share of the time before the request left: handshakes, as the kernel timed them.
+    The rest of that time (building the request, waiting for the GIL between writes) is the client's."""
     sent_at: float | None = None
-    """When the request left litellm for the provider (``None``: not yet; the time so far is the client's)."""
+    """When the whole request had left for the provider (``None``: not yet; the time so far is the client's,
+    apart from ``network_s`` and a handshake in progress)."""
     answered_at: float | None = None
-    """When the provider's answer had been read; the time after it is the client's."""
+    """When the provider's answer had arrived; the time after it (waiting to read it, parsing) is the client's."""
     suspect_slot: bool = False
     """Admitted while its model was suspect: frees one of the suspect slots when it ends."""
     started_cold: bool = False
@@ -149,16 +161,22 @@ class Attempt:
 def _client_time(attempt: Attempt, now: float) -> float:
     """The client's own time in ``attempt`` so far, as its driver measured it (0 when it does not).
 
-    Before the request leaves litellm and after the answer has been read, the provider has nothing
-    to do: that time is litellm's CPU and the wait for the GIL, a pool thread or the event loop.
+    The provider's time is what the driver saw on the wire: handshakes with its host (``network_s``,
+    and one in progress), and from the moment the whole request had left (``sent_at``) until its
+    answer arrived (``answered_at``, else now). Everything else (litellm building the request, the
+    thread waiting for the GIL before the connect, between the request's writes or after the answer
+    came in, parsing) is the client's: under a thread burst those waits are hundreds of ms, and a
+    request half written is no time the provider could have spent answering it.
     """
     if not attempt.io_measured:
         return 0.0
-    if attempt.sent_at is None:
-        return max(0.0, now - attempt.record.started_at)
-    before = max(0.0, attempt.sent_at - attempt.record.started_at)
-    after = 0.0 if attempt.answered_at is None else max(0.0, now - attempt.answered_at)
-    return before + after
+    provider = attempt.network_s
+    if attempt.connecting_since is not None:
+        provider += max(0.0, now - attempt.connecting_since)
+    if attempt.sent_at is not None:
+        answered = attempt.answered_at if attempt.answered_at is not None else now
+        provider += max(0.0, min(answered, now) - attempt.sent_at)
+    return max(0.0, now - attempt.record.started_at - provider)
 
 
 @dataclass(frozen=True)
@@ -377,6 +395,7 @@ class Call:
         self._interrupted: BaseException | None = None
         self._joins: list[dict[str, Any]] = []
         self._no_prefill: set[str] = set()  # models that rejected an assistant prefill in this call
+        self._continued_itself = False  # a model whose stream broke was asked to continue it (once per call)
         # JSON is continued only where the join is exact (a prefill): a model asked in conversation
         # may start a new JSON document, and no overlap rule can make two documents one.
         self._exact_join_only = wants_json(request.kwargs.get("response_format"))
@@ -425,13 +444,16 @@ class Call:
         panic = self._panic_attempt(now)
         if panic is not None:
             return Launch(panic)
+        own = self._continue_itself(now)
+        if own is not None:
+            return Launch(own)
         return self._finish_exhausted()
 
     def _wake_at(self) -> float | None:
         """The next hedge threshold, cut or soft timeout among attempts in flight (``None``: wait for one)."""
         due = self._hedge_due
         times = [
-            a.hedge_at + a.client_delay_s
+            a.hedge_check_at or a.hedge_at
             for a in self._in_flight if a.hedge_at is not None and a.record.index not in due
         ]  # fmt: skip
         times += [
@@ -513,14 +535,21 @@ class Call:
         cfg = self.route.hedge
         if cfg is None:
             return None
-        due = [a for a in self._in_flight if a.hedge_at is not None and a.hedge_at + a.client_delay_s <= now]
+        due = [
+            a for a in self._in_flight
+            if a.hedge_at is not None and a.hedge_at <= now and (a.hedge_check_at or a.hedge_at) <= now
+        ]  # fmt: skip
         due = [a for a in due if a.record.index not in self._hedge_due]
-        # Slow because the client was (not the provider): a hedge would queue for the same CPU.
-        # Checked again at the next wake-up; the reason stays on the attempt unless a hedge starts.
+        # Slow because the client is saturated (or cold), not because of the provider: a hedge
+        # would queue for the same CPU. Checked again at the next wake-up; the reason stays on the
+        # attempt unless a hedge starts.
         slow_here: list[Attempt] = []
         for waiting in due:
-            if self._client_excuse(waiting, (waiting.hedge_at or now) - waiting.record.started_at, now):
+            if self._hedge_waits_for_client(waiting, now):
                 waiting.record.extra["hedge_skipped"] = k.CLIENT_OVERLOAD
+                # Its threshold moves by the client's delay (never less than a little later).
+                hedge_at = waiting.hedge_at or now
+                waiting.hedge_check_at = max(hedge_at + waiting.client_delay_s, now + MIN_EXTENSION_S)
             else:
                 slow_here.append(waiting)
         due = slow_here
@@ -545,6 +574,22 @@ class Call:
         budget.refund(now)  # every remaining model was skipped: nothing was sent
         slow.extra["hedge_skipped"] = "no_model"
         return None
+
+    def _hedge_waits_for_client(self, attempt: Attempt, now: float) -> bool:
+        """Whether a hedge due on the caller's clock waits because the client, not the provider, is slow.
+
+        A hedge is for the caller: past the threshold on the wall clock, the next model starts,
+        even when part of that time was the client's (litellm building the request, a pool thread
+        busy with another call's aborted loser): the threshold was learned from wall times, which
+        carry that share already, and postponing the hedge by it made the first calls of a spike
+        cost the threshold *plus* the client's time. Only a client that is saturated (late for at
+        least half of the attempt) or cold holds the hedge back: then it would queue for the same
+        CPU, and in a burst against healthy providers every attempt would be doubled.
+        """
+        excuse = self._client_excuse(attempt, (attempt.hedge_at or now) - attempt.record.started_at, now)
+        if excuse is None:
+            return False
+        return excuse == "cold_start" or attempt.client_delay_s >= SATURATED_SHARE * (now - attempt.record.started_at)
 
     def _hedge_after(self, spec: ModelSpec) -> float | None:
         """Seconds after which an attempt on ``spec`` is hedged (``None``: not yet known)."""
@@ -863,6 +908,27 @@ class Call:
         spec = min(candidates, key=lambda s: breakers.get(s.name).opened_at or float("inf"))
         return self._prepare(spec, now, panic=True)
 
+    def _continue_itself(self, now: float) -> Attempt | None:
+        """No later model of the chain continued a broken stream: the model whose stream broke continues it.
+
+        A cut or stalled stream is most often one bad connection, not a sick model, and on a
+        one-model route (a drop-in ``model="openai/gpt-4o"`` call) there is no other model to ask.
+        So, once per call, the model of the attempt that broke last is asked to continue the text
+        the caller has (as any continuation: a prefill or a conversation, joined without
+        repeating anything), provided its breaker admits it (the break was counted: a breaker
+        that opened on it skips the model, ``breaker_open``) and the deadline, given anew by the
+        break, leaves room. Otherwise, or if that continuation fails too, the caller gets the
+        ``StreamInterrupted``.
+        """
+        if self._interrupted is None or self._continued_itself or not self._joins:
+            return None
+        self._continued_itself = True
+        broken = self.records[self._joins[-1]["from"]]
+        spec = next((s for s in self.route.chain if s.name == broken.model), None)
+        if spec is None or self.continuation_form(spec) is None:
+            return None  # (a JSON answer only a prefill may continue, and it takes none: nothing to ask)
+        return self._prepare(spec, now)
+
     def _soft_timeout(self, spec: ModelSpec) -> float | None:
         """``multiplier`` x the learned percentile, within [floor, ceiling]; the warm-up bound before that."""
         cfg = self.klass.soft_timeout
@@ -1013,7 +1079,9 @@ class Call:
         ``delivered_text`` (see :meth:`continuation_form`; models that cannot are skipped), and
         only a continuation reaches the caller. The continuation gets the class deadline anew (the
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
-        If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
+        When no later model continues, the model whose stream broke is asked to, once per call
+        (:meth:`_continue_itself`). If none does, the call ends with ``error``. Otherwise this is
+        :meth:`on_error`.
         """
         if attempt in self._in_flight:  # however the call goes on, the span says where the stream broke
             attempt.record.extra["interrupted_after_chars"] = len(delivered_text)
@@ -1045,7 +1113,11 @@ class Call:
         record = self._settle(attempt, now)
         kind = classify_error(error)
         if kind == k.CALLER_ERROR or (
-            attempt.io_measured and attempt.sent_at is None and not attempt.expired and kind != k.TIMEOUT
+            attempt.io_measured
+            and attempt.sent_at is None
+            and not attempt.on_wire
+            and not attempt.expired
+            and kind != k.TIMEOUT
         ):
             self._caller_error(attempt, record, error, now)
             return

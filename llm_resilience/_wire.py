@@ -21,9 +21,13 @@ import sys
 from collections.abc import Iterable
 
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if hasattr(socket, "IPPROTO_TCP") else None
-_TCP_INFO_LEN = 104  # enough for every field up to tcpi_last_ack_recv on any Linux since 2.6
+_TCP_INFO_LEN = 136  # up to tcpi_bytes_received (Linux 4.1); older kernels return less, read as "unknown"
 _LAST_DATA_SENT = 44  # offsets in struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s
-_LAST_DATA_RECV = 52
+_LAST_DATA_RECV = 52  # (set at the handshake's end too: tcp_finish_connect)
+_RTT_US = 68
+_TOTAL_RETRANS = 100
+_BYTES_RECEIVED = 128  # u64
+_TCP_SYN_SENT = 2  # tcpi_state (the first byte): the SYN is out, no answer yet
 
 try:
     import fcntl
@@ -34,16 +38,61 @@ except ImportError:  # not POSIX
     _FIONREAD = None
 
 
-def _ms_since(sock: socket.socket, offset: int) -> float | None:
+def _tcp_info(sock: socket.socket) -> bytes | None:
     if _TCP_INFO is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
     except (OSError, ValueError):  # closed, or not a TCP socket (a Unix socket proxy)
         return None
-    if len(info) < offset + 4:
+
+
+def _u32(info: bytes | None, offset: int) -> int | None:
+    if info is None or len(info) < offset + 4:
         return None
-    return float(struct.unpack_from("=I", info, offset)[0])
+    return int(struct.unpack_from("=I", info, offset)[0])
+
+
+def _ms_since(sock: socket.socket, offset: int) -> float | None:
+    ms = _u32(_tcp_info(sock), offset)
+    return None if ms is None else float(ms)
+
+
+def received_bytes(sock: socket.socket) -> int | None:
+    """How many bytes the kernel has received on ``sock`` so far (``None``: the OS does not say)."""
+    info = _tcp_info(sock)
+    if info is None or len(info) < _BYTES_RECEIVED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _BYTES_RECEIVED)[0])
+
+
+def established(sock: socket.socket) -> bool | None:
+    """Whether ``sock``'s TCP handshake has completed (``None``: the OS does not say)."""
+    info = _tcp_info(sock)
+    if not info:
+        return None
+    return info[0] != _TCP_SYN_SENT
+
+
+def handshake_s(sock: socket.socket, since: float, now: float) -> float | None:
+    """How much of a connect that began at ``since`` and returned by ``now`` was the network's.
+
+    The kernel marks when the handshake completed; before it, the thread may have waited for the
+    GIL to even send its SYN (a thread burst: tens of ms). Without a retransmission, the handshake
+    took one round trip, which the kernel measured (``tcpi_rtt``, microseconds): that is the
+    network's share, never more than the span from ``since`` to completion. ``None``: the OS does
+    not say.
+    """
+    info = _tcp_info(sock)
+    ago_ms = _u32(info, _LAST_DATA_RECV)
+    if ago_ms is None:
+        return None
+    done = min(now, max(since, now - ago_ms / 1000.0))
+    span = done - since
+    rtt_us, retrans = _u32(info, _RTT_US), _u32(info, _TOTAL_RETRANS)
+    if rtt_us is None or retrans is None or retrans > 0 or rtt_us == 0:
+        return span  # a lost SYN costs the provider's side a full retransmission timeout
+    return min(span, rtt_us / 1e6)
 
 
 def _unread(sock: socket.socket) -> int:

@@ -261,7 +261,9 @@ def test_a_stream_cut_mid_answer_says_so_and_how_much_had_been_delivered(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, exporter: InMemorySpanExporter, big: FakeProvider
 ) -> None:
     big.set(Behavior(content="abcdefgh", chunks=4, cut_after_chunks=2))
-    engine = make_engine(policy_dict(["big"]))  # no model to continue it: the caller gets the break
+    policy = policy_dict(["big"])
+    policy["routes"]["chat"]["streaming"] = {"on_interrupt": "raise"}  # not even big itself: the caller gets it
+    engine = make_engine(policy)
 
     with pytest.raises(StreamInterrupted):
         list(engine.completion("chat", MESSAGES, stream=True))
@@ -298,11 +300,13 @@ def test_no_span_carries_a_boolean(
 ) -> None:  # fmt: skip
     import time
 
-    hedge = {"after": 0.05, "budget_ratio": 1.0}
-    policy = policy_dict(["big", "small"], breakers={"big": {"fail_max": 1, "reset_timeout_s": 0.3}})
+    # The hedge waits 0.5 s: long enough that big's 500 below comes back first even on a loaded machine
+    # (at 50 ms it was hedged now and then, and no attempt was a fallback).
+    hedge = {"after": 0.5, "budget_ratio": 1.0}
+    policy = policy_dict(["big", "small"], timeout_s=3.0, breakers={"big": {"fail_max": 1, "reset_timeout_s": 0.3}})
     policy["routes"]["chat"]["hedge"] = hedge
     engine = make_engine(policy)
-    big.set(Behavior.slow(1.0))
+    big.set(Behavior.slow(2.0))
     engine.completion("chat", MESSAGES)  # big hedged by small
     big.set(Behavior.error(500))
     engine.completion("chat", MESSAGES)  # big fails, its breaker opens

@@ -32,7 +32,7 @@ from llm_resilience._breakers import ProbeTicket
 from llm_resilience.testing import Behavior, FakeProvider, provider_process
 
 TRICKLE = Behavior(trickle_byte_s=0.05)  # headers at once, then one byte every 50 ms: ~20 s for the body
-SLACK_S = 1.0  # what a loaded CI machine may add to a bound; the defect overran by ~20 s
+SLACK_S = 4.0  # what a loaded 2-core CI machine may add (1 s was overrun at load 6); the defect overran by ~20 s
 
 
 def test_the_deadline_holds_while_the_body_trickles(
@@ -228,8 +228,11 @@ def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make
             # arrived, which no wire timing can tell from the provider's time (measured on the 2-core VM:
             # with p95 alone, 70 ms, big was "slow" in 2-4 runs of 6). The async burst still needs the
             # saturation excuse: its calls take 200-600 ms of wall time against the 0.2 s floor.
+            # deadline_s: 10 s, not 2: on a machine loaded by other processes (load 8-12 on 2 cores) the
+            # 50 async calls queue for the CPU for seconds; whether each is answered is the question
+            # here, not how fast, and the saturation excuse extends a bound at most to the deadline.
             "prompt_classes": {
-                "default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95, "floor_s": 0.2}}
+                "default": {"timeout_s": 0.3, "deadline_s": 10.0, "soft_timeout": {"percentile": 95, "floor_s": 0.2}}
             },
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
@@ -284,16 +287,19 @@ def _thread_burst(engine: Resilience, n: int) -> list[Any]:
 
 
 def test_thread_bursts_against_healthy_providers_open_no_breaker(make_engine: EngineFactory) -> None:
-    # The soft timeout is the learned p95 alone (~70 ms), no floor: 16 threads on 2 cores wait 40-100 ms
-    # for the GIL after their answer has arrived. Timed by the thread, that wait made a healthy big
-    # "slow" and opened its breaker in 4 of 12 bench rounds; timed by the kernel (when the answer's
-    # bytes came in), it is the client's.
-    rounds = 3
+    # The soft timeout is the learned p95 alone (~70 ms), no floor. 64 threads on 2 cores wait for the
+    # GIL for hundreds of ms: before connecting, between a request's headers and its body, after the
+    # answer came in. Timed from the first write, those waits made a healthy big "slow" and opened its
+    # breaker (this test failed in 2 of 3 runs at load 5); timed by the kernel (when the whole request
+    # had left, when the answer's bytes came in), they are the client's. (With 16 or 32 threads the old
+    # timing passed as often as not: no test.)
+    rounds, threads = 3, 64
     with provider_process(0.06) as big_url, provider_process(0.04) as small_url:
         policy: dict[str, Any] = {
             "models": {"big": model_entry("big", big_url), "small": model_entry("small", small_url)},
             "routes": {"chat": {"chain": ["big", "small"]}},
-            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95}}},
+            # (deadline_s 10 s: room for a loaded machine's queue; see the burst test above)
+            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 10.0, "soft_timeout": {"percentile": 95}}},
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
         for _ in range(rounds):
@@ -301,8 +307,8 @@ def test_thread_bursts_against_healthy_providers_open_no_breaker(make_engine: En
             engine = make_engine(policy, hooks=[counted])  # fresh breakers and latency windows
             for _ in range(25):
                 engine.completion("chat", MESSAGES)
-            results = _thread_burst(engine, 16)
-            assert len(results) == 16 and all(isinstance(r, str) for r in results), results
+            results = _thread_burst(engine, threads)
+            assert len(results) == threads and all(isinstance(r, str) for r in results), results
             assert set(engine.breaker_states().values()) == {"closed"}, counted.records[:6]
 
 

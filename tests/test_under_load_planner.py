@@ -682,3 +682,75 @@ def test_an_attempt_started_cold_is_excused_even_when_it_ends_after_the_process_
     second = launch(call, T0 + 1.0)
     call.on_error(second, TimeoutError("no content within 1 s"), T0 + 2.0)
     assert second.record.outcome == "failure"  # started warm: judged normally
+
+
+# -- where a sync attempt's time went, by the wire (the driver's report) ---------------------------
+
+
+def test_time_between_the_connect_and_the_request_leaving_is_the_clients() -> None:
+    # A thread burst: the handshake took 1 ms, then the thread waited ~80 ms for the GIL between the
+    # request's headers and its body. The provider could not answer a request it did not have.
+    p = make_planner(Scripted(delay_s=0.0), soft={"warmup_s": 0.1, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    assert first.soft_cut and first.bound_at == pytest.approx(T0 + 0.1)
+    first.io_measured, first.on_wire, first.network_s = True, True, 0.001
+
+    later = call.at_bound(first, T0 + 0.1)
+
+    assert later is not None and not first.expired  # nothing of it was the provider's yet: not cut
+    first.sent_at = T0 + 0.08
+    assert call.at_bound(first, T0 + 0.15) is not None  # 71 ms of the provider's time: within the bound
+    assert call.at_bound(first, T0 + 0.2) is None  # 121 ms, the client's 79 ms: the provider's, cut
+    assert first.expired
+
+
+def test_a_connect_in_progress_is_the_providers_time() -> None:
+    p = make_planner(Scripted(delay_s=0.0), soft={"warmup_s": 0.1, "min_samples": 50})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.on_wire, first.connecting_since = True, True, T0 + 0.002
+
+    assert call.at_bound(first, T0 + 0.1) is None  # a handshake that does not complete: the host's side
+    assert first.expired
+
+
+def test_an_error_after_the_connect_began_is_the_providers_not_the_callers() -> None:
+    p = make_planner()
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.on_wire = True, True  # connecting (or writing) when the connection broke
+
+    call.on_error(first, ConnectionError("connection reset by peer"), T0 + 0.01)
+
+    assert first.record.reason != "caller_error" and first.record.outcome == "failure"
+    assert p.breakers.get("a").fail_counter == 1
+
+
+def test_a_hedge_starts_at_its_threshold_on_the_callers_clock_when_the_client_is_busy_but_not_saturated() -> None:
+    # The first calls of a spike, sync: litellm built the request for 30 ms in a pool thread busy with
+    # the previous call's aborted loser. The threshold was learned from wall times, which carry that
+    # share: postponing the hedge by it made each spike call cost the threshold plus the client's time.
+    p = make_planner(Scripted(delay_s=0.0), hedge={"after": 0.1, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.on_wire, first.sent_at = True, True, T0 + 0.03
+
+    action = call.next_action(T0 + 0.1)
+
+    assert isinstance(action, Launch) and action.attempt.spec.name == "b"
+    assert "hedge_skipped" not in first.record.extra
+
+
+def test_a_hedge_waits_while_the_request_has_not_left_a_saturated_client() -> None:
+    p = make_planner(Scripted(delay_s=0.0), hedge={"after": 0.1, "budget_ratio": 1.0})
+    call = start(p)
+    first = launch(call, T0)
+    first.io_measured, first.on_wire = True, True  # 100 ms and the request has not left: all the client's
+
+    waiting = call.next_action(T0 + 0.1)
+
+    assert isinstance(waiting, Wait) and waiting.until is not None and waiting.until > T0 + 0.1
+    assert first.record.extra["hedge_skipped"] == "client_overload"
+    first.sent_at = T0 + 0.1  # it left: by T0 + 0.25 the client's share is 40 %, the provider's 150 ms
+    assert isinstance(call.next_action(T0 + 0.25), Launch)
