@@ -146,7 +146,7 @@ class MetricsHook(Hook):
 
     def _recording(self) -> bool:
         """False while the meter is the global proxy's and no application has set a provider yet: every
-        measurement would be dropped, so none is built (the attributes cost ~4 dict look-ups each).
+        measurement would be dropped, so none is built (its attributes cost Python calls on every attempt).
         The proxy follows a provider set later; so does this check."""
         return getattr(self._meter, "_real_meter", self) is not None
 
