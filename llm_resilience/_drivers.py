@@ -447,6 +447,14 @@ class _Leases:
         except Exception:  # never let the cancellation machinery fail a call: send without it
             return None
 
+    def forget(self, base_url: str) -> None:
+        prefix = base_url.rstrip("/")
+        with self._lock:
+            gone = [key for key in self._idle if key.rstrip("/") == prefix]
+            idle = [lease for key in gone for lease in self._idle.pop(key)]
+        for lease in idle:
+            lease.close()
+
     def give_back(self, lease: _Lease) -> None:
         _pooled.pop(id(lease), None)
         lease.client = None
@@ -547,6 +555,11 @@ def openai_credentials(kwargs: Mapping[str, Any]) -> tuple[str, str, str | None]
 def return_client(lease: _Lease) -> None:
     """Hand a :func:`lease_client` client back (an aborted one is closed, not reused)."""
     _leases.give_back(lease)
+
+
+def forget_clients(base_url: str) -> None:
+    """Close the idle leased clients of ``base_url`` (an endpoint that is gone: the warm-up's provider)."""
+    _leases.forget(base_url)
 
 
 os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

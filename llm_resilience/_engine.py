@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from . import _litellm_calls
+from . import _drivers, _litellm_calls
 from ._breakers import BreakerRegistry, BreakerTransition
 from ._budget import Budgets
 from ._drivers import run_async, run_sync
@@ -294,7 +294,8 @@ class Resilience:
         """Pay litellm's first-call costs now rather than inside the first real call; see :func:`warm_up`.
 
         The tokenizers of this engine's models are loaded when its policy is put in force; this
-        adds litellm's lazy imports of the sync, async and streaming paths (once per process).
+        adds the first-call work of the sync, async and streaming paths, litellm's and the layer's
+        (once per process).
         """
         _warm_litellm()
 
@@ -409,10 +410,11 @@ def warm_up() -> None:
     """Start-up in one call: build the default engine (fail fast) and pay litellm's first-call costs now.
 
     Builds :func:`default_engine` (a broken policy raises :class:`PolicyError` here), which
-    loads the tokenizers of the policy's models, then sends one sync, one async and one
-    streamed request through litellm's real HTTP path to a loopback fake provider started for
-    the purpose (no network, no provider, no API key), then stops it: 0.3 to 1 s of lazy imports
-    per call kind that would otherwise run inside the first real attempts. Call it at start-up
+    loads the tokenizers of the policy's models, then sends sync, async and streamed requests
+    (answered and failed) through litellm's real HTTP path and through the layer's own drivers
+    to a loopback fake provider started for the purpose (no network, no provider, no API key),
+    then stops it: 0.3 to 1 s of lazy imports per call kind that would otherwise run inside the
+    first real attempts. Call it at start-up
     (a web app's startup hook, a worker's init)::
 
         import llm_resilience
@@ -425,11 +427,12 @@ def warm_up() -> None:
 
 
 def _warm_litellm() -> None:
-    """litellm's lazy imports of the sync, async and streaming paths, once per process (see :func:`warm_up`).
+    """First-call work of the sync, async and streaming paths, once per process (see :func:`warm_up`).
 
     Each path is taken once to an answer and once to a 503 (litellm's error mapping imports
-    modules of its own the first time). A warm-up that cannot run (no loopback socket) is
-    logged and not retried; calls then start cold, and a cold attempt is never blamed.
+    modules of its own the first time), by litellm alone and through the layer's drivers. A
+    warm-up that cannot run (no loopback socket) is logged and not retried; calls then start
+    cold, and a cold attempt is never blamed.
     """
     global _warmed
     with _warm_lock:
@@ -442,6 +445,12 @@ def _warm_litellm() -> None:
             log.warning("litellm warm-up failed; the first calls of this process pay litellm's costs", exc_info=True)
             return
         monitor().ended()
+
+
+_WARM_UP_MODELS = {"warm-up": "gpt-3.5-turbo", "warm-up-error": "warm-up-error"}
+"""Route name -> model sent to the warm-up provider. The answering one is a model litellm knows as
+OpenAI's: those take a provider-configuration path (building litellm's map of every provider's
+config, which imports modules of its own) that a model name it does not know skips."""
 
 
 def _warm_each_path() -> None:
@@ -457,7 +466,7 @@ def _warm_each_path() -> None:
         }  # fmt: skip
         calls = [
             {**common, "model": f"openai/{model}", "stream": stream}
-            for model in ("warm-up", "warm-up-error")
+            for model in _WARM_UP_MODELS.values()
             for stream in (False, True)
         ]
         for kwargs in calls:
@@ -473,10 +482,61 @@ def _warm_each_path() -> None:
                     async for _ in response if kwargs["stream"] else _no_chunks():
                         pass
 
+        # Then the layer's own drivers, sync and async, plain and streamed, to an answer and to a
+        # 503: litellm's calls above take none of their paths (our leased and per-loop clients
+        # that skip malformed events, the stream reader thread, the stream module itself, and
+        # litellm's chunk builder and its cost lookups, which import modules of their own).
+        # A planner without hooks: no span, metric or log line for the warm-up.
+        planner = _warm_up_planner(provider.base_url)
+
+        def start(route: str, stream: bool) -> Call:
+            return planner.start(CallRequest(model=route, messages=common["messages"], kwargs={}, stream=stream))
+
+        from ._streaming import stream_async, stream_sync
+
+        for route in _WARM_UP_MODELS:
+            with contextlib.suppress(Exception):  # the 503s (AllAttemptsFailed)
+                run_sync(start(route, False))
+            with contextlib.suppress(Exception):
+                for _ in stream_sync(start(route, True)):
+                    pass
+
+        async def warm_drivers() -> None:
+            for route in _WARM_UP_MODELS:
+                with contextlib.suppress(Exception):
+                    await run_async(start(route, False))
+                with contextlib.suppress(Exception):
+                    async for _ in await stream_async(start(route, True)):
+                        pass
+
+        async def warm_all_async() -> None:
+            await warm_async()
+            await warm_drivers()
+
         # Its own thread: asyncio.run cannot nest in a caller's running loop (a startup hook).
-        worker = threading.Thread(target=asyncio.run, args=(warm_async(),), name="llm-resilience-warm-up")
+        worker = threading.Thread(target=asyncio.run, args=(warm_all_async(),), name="llm-resilience-warm-up")
         worker.start()
         worker.join()
+        _drivers.forget_clients(provider.base_url)  # the provider stops now: its idle clients are of no use
+
+
+def _warm_up_planner(base_url: str) -> Planner:
+    """A planner for the warm-up provider: one route per model, no retries or fallbacks, no hooks."""
+    models = {
+        name: {"litellm_params": {"model": f"openai/{model}", "api_base": base_url, "api_key": "sk-warm-up"}}
+        for name, model in _WARM_UP_MODELS.items()
+    }
+    policy = Policy.from_dict(
+        {
+            "models": models,
+            "routes": {name: {"chain": [name]} for name in models},
+            "prompt_classes": {"default": {"timeout_s": 30.0, "deadline_s": 60.0}},
+        }
+    )
+    return Planner(
+        policy=policy, breakers=BreakerRegistry(policy.breaker_settings), hooks=HookSet([]), fitter=TokenFitter(),
+        validator=ResponseValidator(policy),
+    )  # fmt: skip
 
 
 async def _no_chunks() -> AsyncIterator[Any]:

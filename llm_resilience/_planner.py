@@ -395,6 +395,7 @@ class Call:
         self._interrupted: BaseException | None = None
         self._joins: list[dict[str, Any]] = []
         self._no_prefill: set[str] = set()  # models that rejected an assistant prefill in this call
+        self._continued_itself = False  # a model whose stream broke was asked to continue it (once per call)
         # JSON is continued only where the join is exact (a prefill): a model asked in conversation
         # may start a new JSON document, and no overlap rule can make two documents one.
         self._exact_join_only = wants_json(request.kwargs.get("response_format"))
@@ -443,6 +444,9 @@ class Call:
         panic = self._panic_attempt(now)
         if panic is not None:
             return Launch(panic)
+        own = self._continue_itself(now)
+        if own is not None:
+            return Launch(own)
         return self._finish_exhausted()
 
     def _wake_at(self) -> float | None:
@@ -904,6 +908,27 @@ class Call:
         spec = min(candidates, key=lambda s: breakers.get(s.name).opened_at or float("inf"))
         return self._prepare(spec, now, panic=True)
 
+    def _continue_itself(self, now: float) -> Attempt | None:
+        """No later model of the chain continued a broken stream: the model whose stream broke continues it.
+
+        A cut or stalled stream is most often one bad connection, not a sick model, and on a
+        one-model route (a drop-in ``model="openai/gpt-4o"`` call) there is no other model to ask.
+        So, once per call, the model of the attempt that broke last is asked to continue the text
+        the caller has (as any continuation: a prefill or a conversation, joined without
+        repeating anything), provided its breaker admits it (the break was counted: a breaker
+        that opened on it skips the model, ``breaker_open``) and the deadline, given anew by the
+        break, leaves room. Otherwise, or if that continuation fails too, the caller gets the
+        ``StreamInterrupted``.
+        """
+        if self._interrupted is None or self._continued_itself or not self._joins:
+            return None
+        self._continued_itself = True
+        broken = self.records[self._joins[-1]["from"]]
+        spec = next((s for s in self.route.chain if s.name == broken.model), None)
+        if spec is None or self.continuation_form(spec) is None:
+            return None  # (a JSON answer only a prefill may continue, and it takes none: nothing to ask)
+        return self._prepare(spec, now)
+
     def _soft_timeout(self, spec: ModelSpec) -> float | None:
         """``multiplier`` x the learned percentile, within [floor, ceiling]; the warm-up bound before that."""
         cfg = self.klass.soft_timeout
@@ -1054,7 +1079,9 @@ class Call:
         ``delivered_text`` (see :meth:`continuation_form`; models that cannot are skipped), and
         only a continuation reaches the caller. The continuation gets the class deadline anew (the
         broken stream legitimately ran past the first one), capped by the caller's ``timeout=``.
-        If no model continues, the call ends with ``error``. Otherwise this is :meth:`on_error`.
+        When no later model continues, the model whose stream broke is asked to, once per call
+        (:meth:`_continue_itself`). If none does, the call ends with ``error``. Otherwise this is
+        :meth:`on_error`.
         """
         if attempt in self._in_flight:  # however the call goes on, the span says where the stream broke
             attempt.record.extra["interrupted_after_chars"] = len(delivered_text)

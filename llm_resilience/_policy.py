@@ -309,7 +309,8 @@ class StreamingConfig(_Strict):
         "continue",
         description="continue: the next model of the chain finishes the text already sent (an assistant "
         "prefill where the model accepts one, else the text as an assistant turn plus continue_prompt); "
-        "only the missing remainder reaches the caller. raise: StreamInterrupted.",
+        "when no later model does (a one-model route), the model whose stream broke, once per call. "
+        "Only the missing remainder reaches the caller. raise: StreamInterrupted.",
     )
     continue_prompt: str = Field(
         DEFAULT_CONTINUE_PROMPT,

@@ -27,6 +27,12 @@ Events, per attempt of the call:
     ``on_all_invalid: return_best``) returned this answer (``call_outcome``
     ``returned_as_best``).
 
+``call_outcome`` says how the call ended: ``answered`` (``answered_by`` wrote the whole
+answer), ``continued`` (a stream broke after delivering text and ``answered_by`` was asked to
+continue it: the caller's answer is joined, its head from the broken stream), ``flagged``,
+``returned_as_best`` or ``failed``. A stream continued by the model whose stream broke (a
+one-model route, or a same-model retry) is, like a retry, no fallback and writes no line.
+
 ``time`` is when the attempt ended (UTC); ``trace_id`` the call span's trace id when it is
 recorded (else ``null``), so a line leads to its trace. ``to_latency_s`` is the latency of
 the attempt at ``to_model``, ``elapsed_s`` the whole call's. ``tokens_*`` are the
@@ -174,6 +180,10 @@ class ReviewLogHook(Hook):
             call_outcome = "returned_as_best"
         elif answered.outcome == "flagged":
             call_outcome = "flagged"
+        elif answered.extra.get("join"):
+            # A stream broke after delivering text and this attempt finished it: the answer is
+            # joined, its head from the broken stream(s), only the rest from ``answered_by``.
+            call_outcome = "continued"
         else:
             call_outcome = "answered"
         now = time.time()
@@ -245,8 +255,9 @@ class ReviewLogHook(Hook):
 
 
 def _is_retry(after: AttemptRecord, record: AttemptRecord) -> bool:
-    # A same-model retry (``retries:`` in the policy) is not a fallback: the model did not change.
-    return after.retry_of is not None and after.model == record.model
+    # A same-model retry (``retries:`` in the policy), or a model asked to continue its own broken
+    # stream (sent or skipped), is not a fallback: the model did not change.
+    return after.model == record.model
 
 
 def prompt_sha256(messages: Any) -> str:

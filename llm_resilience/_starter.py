@@ -130,7 +130,7 @@ routes:
       max_retries: 1
       retry_on: [server_error]  # not rate_limit: waiting out a Retry-After is slower than the next model
     streaming:  # a stream that breaks (cut, stalled) after text reached the caller
-      on_interrupt: continue  # the next model finishes it, only the missing rest reaches the caller
+      on_interrupt: continue  # the next model (else the same, once) finishes it; only the rest reaches the caller
       # (on_interrupt: raise gives the caller StreamInterrupted instead)
 
 # prompt_classes: timing per kind of request. The caller passes prompt_class="...", or the

@@ -990,6 +990,13 @@ def _async_client(kwargs: dict[str, Any]) -> Any:
     One client per loop and endpoint keeps connections alive between attempts. They are closed
     when the loop shuts down its async generators (``asyncio.run`` does): a generator parked in
     the loop holds the closing code, so a loop's connections never outlive it.
+
+    Living as long as the loop is right for the client, not for a stream's connection, and that
+    connection does not wait for it: a stream the caller stops reading (``aclose()``, dropped,
+    its task cancelled) or the driver abandons closes its response at once, and a response whose
+    body was not read to the end closes its connection (the pool cannot reuse it). What the
+    client keeps are idle keep-alive connections of streams read to the end, at most httpx's
+    keep-alive limit (20) per client.
     """
     try:
         credentials = _drivers.openai_credentials(kwargs)

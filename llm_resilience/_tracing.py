@@ -304,13 +304,17 @@ class TracingHook(Hook):
             f"chat {base['gen_ai.request.model']}", context=data[1], kind=SpanKind.CLIENT, attributes=attrs,
             start_time=started_ns,
         )  # fmt: skip
+        # The span ends when the attempt did, not when this hook runs (after the validators, and on a
+        # busy machine milliseconds later): its duration is the attempt's latency, as the path says.
+        ended_ns = started_ns + int(record.latency_s * 1e9)
+        # (Events are stamped then too, inside the span: the hook learns of them only now.)
         for info in record.breaker_events:  # open -> half-open (the probe), then what the outcome did
-            span.add_event(_BREAKER_EVENT, _transition_attributes(info))
+            span.add_event(_BREAKER_EVENT, _transition_attributes(info), timestamp=ended_ns)
         for name, event_attrs in record.events:
-            span.add_event(name, event_attrs)
+            span.add_event(name, event_attrs, timestamp=ended_ns)
         if failed:
             span.set_status(Status(StatusCode.ERROR, attempt_problem(record)))
-        span.end()
+        span.end(end_time=ended_ns)
 
     def _base(self, call: Call, record: AttemptRecord) -> tuple[Any, dict[str, Any]]:
         """The attributes fixed for a model on this route (and, for an ad-hoc model, its caller's endpoint)."""

@@ -675,3 +675,82 @@ def test_every_model_failing_before_content_is_all_attempts_failed_with_the_last
 
     assert isinstance(error, AllAttemptsFailed)
     assert error.__cause__ is errors[-1]
+
+
+# -- no later model continued: the model whose stream broke does, once --------------------------------
+
+
+def test_on_a_one_model_route_the_model_that_broke_is_asked_to_continue_its_own_stream_once() -> None:
+    call = start_stream(stream_planner(chain=("a",), prefill={"a": False}))
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+
+    call.on_interrupted(first, interruption("Hello, wor", connection_cut()), "Hello, wor", T0 + 4.9)
+    again = launch(call, T0 + 4.9)
+
+    assert again.spec.name == "a" and again.record.retry_of is None
+    assert again.kwargs["messages"] == [
+        *MESSAGES,
+        {"role": "assistant", "content": "Hello, wor"},
+        {"role": "user", "content": DEFAULT_CONTINUE_PROMPT},
+    ]
+    assert again.record.extra["continuation"] == "conversation"
+    assert again.timeout_s == pytest.approx(2.0)  # the deadline given anew by the break
+    first_content(call, again, T0 + 5.0)
+    assert call.summary()["joins"] == [{"from": 0, "at_chars": 10, "to": 1, "model": "a"}]
+
+    call.on_interrupted(again, interruption("Hello, world", connection_cut()), "Hello, world", T0 + 5.2)
+    error = final_error(call, T0 + 5.2)  # broke again: not asked a third time
+    assert isinstance(error, StreamInterrupted) and error.generated_content == "Hello, world"
+    assert len(call.records) == 2
+
+
+def test_the_last_model_of_a_chain_continues_its_own_broken_continuation() -> None:
+    call = start_stream(stream_planner(chain=("a", "b"), prefill={"b": True}))
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+    call.on_interrupted(first, interruption("Hel", connection_cut()), "Hel", T0 + 0.2)
+    second = launch(call, T0 + 0.2)
+    first_content(call, second, T0 + 0.3)
+
+    call.on_interrupted(second, interruption("Hello, wo", connection_cut()), "Hello, wo", T0 + 0.4)
+    third = launch(call, T0 + 0.4)
+
+    assert third.spec.name == "b"  # the model that broke last, not the first one
+    assert third.kwargs["messages"][-1] == {"role": "assistant", "content": "Hello, wo", "prefix": True}
+
+
+def test_a_model_whose_breaker_opened_on_the_break_is_not_asked_to_continue() -> None:
+    call = start_stream(stream_planner(chain=("a",), breakers={"fail_max": 1}))
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+
+    call.on_interrupted(first, interruption("Hello", connection_cut()), "Hello", T0 + 0.5)
+
+    assert isinstance(final_error(call, T0 + 0.5), StreamInterrupted)
+    assert [(r.model, r.outcome, r.reason) for r in call.records] == [
+        ("a", "failure", k.CONNECTION),
+        ("a", "skipped", k.BREAKER_OPEN),
+    ]
+
+
+def test_no_continuation_of_its_own_when_the_callers_timeout_leaves_no_room() -> None:
+    call = start_stream(stream_planner(chain=("a",)), timeout=5.0)
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+
+    call.on_interrupted(first, interruption("Hello", connection_cut()), "Hello", T0 + 4.999)
+
+    assert isinstance(final_error(call, T0 + 4.999), StreamInterrupted)
+    assert [(r.outcome, r.reason) for r in call.records] == [("failure", k.CONNECTION), ("skipped", k.DEADLINE)]
+
+
+def test_a_json_stream_is_not_continued_by_its_own_model_without_prefill() -> None:
+    call = start_stream(stream_planner(chain=("a",), prefill={"a": False}), response_format={"type": "json_object"})
+    first = launch(call, T0)
+    first_content(call, first, T0 + 0.1)
+
+    call.on_interrupted(first, interruption("{", connection_cut()), "{", T0 + 0.5)
+
+    assert isinstance(final_error(call, T0 + 0.5), StreamInterrupted)
+    assert len(call.records) == 1

@@ -119,6 +119,55 @@ def test_the_first_call_of_a_process_is_not_blamed_for_litellm_first_call_costs(
     assert result["failures"]["small"] == 0, result
 
 
+FIRST_CALL_AFTER_WARM_UP = """
+    import asyncio, json, sys
+    import llm_resilience
+    from llm_resilience.testing import FakeProvider
+
+    mode = sys.argv[1]
+    with FakeProvider() as provider:
+        engine = llm_resilience.Resilience.from_dict({
+            "models": {"big": {"litellm_params": {
+                "model": "openai/gpt-4o", "api_base": provider.base_url, "api_key": "sk-test"}}},
+            "routes": {"chat": {"chain": ["big"]}},
+        })
+        engine.warm_up()
+        messages = [{"role": "user", "content": "hi"}]
+        before = set(sys.modules)
+
+        async def first_async():
+            if mode == "async stream":
+                return "".join([c.choices[0].delta.content or "" async for c in
+                                await engine.acompletion("chat", messages, stream=True)])
+            return (await engine.acompletion("chat", messages)).choices[0].message.content
+
+        if mode == "sync stream":
+            text = "".join(c.choices[0].delta.content or "" for c in engine.completion("chat", messages, stream=True))
+        elif mode == "sync":
+            text = engine.completion("chat", messages).choices[0].message.content
+        else:
+            text = asyncio.run(first_async())
+        imported = sorted(set(sys.modules) - before)
+    print(json.dumps({"text": text, "imported": imported}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync stream", "async stream", "sync", "async"])
+def test_after_warm_up_the_first_call_of_each_kind_imports_nothing(mode: str) -> None:
+    # What litellm and the layer put off until a first call (imports of modules, of litellm's
+    # provider configurations, the stream driver, the chunk builder's cost lookups) is what
+    # warm_up exists to pay at start-up: a first call that still imports is charged for it.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FIRST_CALL_AFTER_WARM_UP), mode],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result["text"], result  # the call answered
+    assert result["imported"] == [], result
+
+
 EXIT_DURING_A_HEDGED_CALL = """
     import sys, threading
     import llm_resilience

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -272,4 +273,59 @@ def test_a_same_model_retry_is_not_a_fallback(
         ("big", "failure"),
         ("big", "success"),
     ]
+    assert read_lines(log_path) == []
+
+
+# -- a stream broken after content, continued ------------------------------------------------------
+
+WORDS = " ".join(f"w{i:02d}" for i in range(60))
+STREAM_CLASSES = {
+    "default": {"timeout_s": 5.0, "deadline_s": 10.0, "first_token_timeout_s": 4.0, "idle_timeout_s": 0.5}
+}
+
+
+def read_stream(mode: str, engine: Resilience) -> str:
+    if mode == "sync":
+        return "".join(c.choices[0].delta.content or "" for c in engine.completion("chat", MESSAGES, stream=True))
+
+    async def run() -> str:
+        stream = await engine.acompletion("chat", MESSAGES, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_finished_by_a_continuation_says_continued_not_answered(
+    mode: str,
+    big: FakeProvider,
+    small: FakeProvider,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    log_path: Path,
+) -> None:
+    engine = make_engine(with_log(policy_dict(["big", "small"], prompt_classes=STREAM_CLASSES), path=str(log_path)))
+    big.set(Behavior(content=WORDS, chunks=60, cut_after_chunks=20))
+    small.set(Behavior(content=WORDS, chunks=30, continuation="proper"))
+
+    assert read_stream(mode, engine) == WORDS
+
+    [line] = read_lines(log_path)
+    assert set(line) == FIELDS
+    assert (line["event"], line["from_model"], line["to_model"]) == ("fallback", "big", "small")
+    assert (line["outcome"], line["reason"]) == ("failure", "connection")
+    assert (line["answered_by"], line["call_outcome"]) == ("small", "continued")  # small wrote only the rest
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_the_same_model_continued_is_no_fallback(
+    mode: str, big: FakeProvider, make_engine: EngineFactory, policy_dict: PolicyBuilder, log_path: Path
+) -> None:
+    engine = make_engine(with_log(policy_dict(["big"], prompt_classes=STREAM_CLASSES), path=str(log_path)))
+    big.script(Behavior(content=WORDS, chunks=60, cut_after_chunks=20))
+    big.set(Behavior(content=WORDS, chunks=30, continuation="proper"))
+
+    assert read_stream(mode, engine) == WORDS
+
+    assert big.request_count == 2
     assert read_lines(log_path) == []

@@ -225,6 +225,91 @@ def test_a_continuation_cut_again_is_continued_by_the_next_model(
     assert [j["model"] for j in stream.llm_resilience["joins"]] == ["small", "tiny"]
 
 
+# -- a one-model route: the model finishes its own stream ----------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+@pytest.mark.parametrize("answers", ["proper", "restart"])
+def test_a_broken_stream_on_a_one_model_route_is_finished_by_the_same_model_and_read_once(
+    mode: str,
+    fault: str,
+    answers: str,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    engine = engine_for(make_engine, policy_dict, ("big",))
+    big.script(primary(cut_after_chunks=20) if fault == "cut" else primary(stall_after_chunks=20))
+    big.set(Behavior(content=ANSWER, chunks=30, continuation=answers))  # type: ignore[arg-type]
+
+    chunks, stream, error = read(mode, engine)
+
+    assert error is None
+    assert text(chunks) == ANSWER  # all 60 words, each once
+    broken, continuation = big.requests
+    assert continuation.messages[: len(MESSAGES)] == MESSAGES
+    assert any(m["role"] == "assistant" and m["content"] == AFTER_20 for m in continuation.messages)
+    reason = "connection" if fault == "cut" else "timeout"
+    assert attempts(stream) == [("big", "failure", reason), ("big", "success", None)]
+    assert stream.llm_resilience["joins"] == [{"from": 0, "at_chars": len(AFTER_20), "to": 1, "model": "big"}]
+    assert stream.response.choices[0].message.content == ANSWER
+    assert big.wait_idle(2.0) and broken.disconnected == (fault == "stall")  # the stalled one was closed
+    (call_span,) = [s for s in exporter.get_finished_spans() if s.name.startswith("llm_resilience.completion")]
+    assert call_span.name.endswith(" rescued")
+    assert "(join)" in str((call_span.attributes or {})["llm_resilience.path"])
+
+
+def test_a_model_continues_its_own_stream_once_per_call(
+    mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
+) -> None:
+    engine = engine_for(make_engine, policy_dict, ("big",))
+    big.script(primary(cut_after_chunks=20))
+    big.set(Behavior(content=ANSWER, chunks=40, continuation="proper", cut_after_chunks=10))  # cut again
+
+    chunks, stream, error = read(mode, engine)
+
+    assert isinstance(error, StreamInterrupted)
+    assert big.request_count == 2  # the model that broke twice is not asked a third time
+    assert ANSWER.startswith(text(chunks)) and len(text(chunks)) > len(AFTER_20)  # read once, in order
+    assert error.generated_content == text(chunks)
+    assert attempts(stream) == [("big", "failure", "connection"), ("big", "failure", "connection")]
+
+
+def test_a_model_whose_breaker_opened_on_the_break_does_not_continue_its_stream(
+    mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider
+) -> None:
+    policy = policy_dict(["big"], prompt_classes=CLASSES, fail_max=1)
+    engine = make_engine(policy)
+    big.script(primary(cut_after_chunks=20))
+    big.set(Behavior(content=ANSWER, chunks=30, continuation="proper"))
+
+    chunks, stream, error = read(mode, engine)
+
+    assert isinstance(error, StreamInterrupted) and text(chunks) == AFTER_20
+    assert big.request_count == 1
+    assert attempts(stream) == [("big", "failure", "connection"), ("big", "skipped", "breaker_open")]
+
+
+def test_when_no_later_model_can_continue_the_model_that_broke_finishes_its_stream(
+    mode: str, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+) -> None:
+    engine = engine_for(make_engine, policy_dict)
+    big.script(primary(cut_after_chunks=20))
+    big.set(Behavior(content=ANSWER, chunks=30, continuation="proper"))
+    small.set(Behavior.error(503))
+
+    chunks, stream, error = read(mode, engine)
+
+    assert error is None and text(chunks) == ANSWER
+    assert attempts(stream) == [
+        ("big", "failure", "connection"),
+        ("small", "failure", "server_error"),
+        ("big", "success", None),
+    ]
+    assert stream.llm_resilience["joins"] == [{"from": 0, "at_chars": len(AFTER_20), "to": 2, "model": "big"}]
+
+
 # -- tool calls and JSON ----------------------------------------------------------------------------
 
 TOOLS = [

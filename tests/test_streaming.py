@@ -652,6 +652,63 @@ def test_dropped_async_stream_is_closed_by_the_loop(
     _assert_cancelled(engine, big, small, exporter)
 
 
+def test_many_abandoned_async_streams_leave_no_connection_open_while_the_loop_runs(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, providers: Any
+) -> None:
+    # The loop's client lives as long as the loop (keep-alive between calls); what must not live on
+    # is the connection of a stream the caller stopped reading: its unread body makes it unusable,
+    # and the provider would keep generating (and billing) into it.
+    big, _small = providers
+    engine = make_engine(policy_dict(["big"], prompt_classes=stream_class(5.0, 5.0)))
+    words = " ".join(f"w{i}" for i in range(200))
+    big.set(Behavior(content=words, chunks=200, inter_chunk_s=0.05))  # 10 s per stream, read to the end
+
+    kept: list[Any] = []  # streams closed or cancelled but still referenced: only the close may free them
+
+    async def abandon(how: str) -> None:
+        stream = await engine.acompletion("chat", MESSAGES, stream=True)
+        if how == "aclose":
+            await stream.__anext__()
+            await stream.aclose()
+            kept.append(stream)
+        elif how == "drop":
+            await stream.__anext__()
+            del stream
+        elif how == "break":
+            async for _ in stream:
+                break
+        else:
+
+            async def read() -> None:
+                async for _ in stream:
+                    pass
+
+            task = asyncio.create_task(read())
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            kept.append(stream)
+
+    # Idle keep-alive connections of earlier tests' clients (in this process) may be open already.
+    before = big.open_connections
+
+    async def run() -> tuple[int, int]:
+        for _ in range(20):
+            for how in ("aclose", "drop", "break", "cancel"):
+                await abandon(how)
+        gc.collect()
+        settled = lambda: big.open_connections <= before + 1 and big.disconnects == 80  # noqa: E731
+        await wait_until_async(settled, timeout=10.0)
+        return big.open_connections, big.disconnects  # the loop still runs: its client is not closed yet
+
+    still_open, disconnects = asyncio.run(run())
+
+    assert big.request_count == 80
+    assert still_open <= before + 1  # at most one more idle keep-alive connection, not one per abandoned stream
+    assert disconnects == 80
+
+
 def test_sync_streams_leave_no_reader_thread_behind(engine: Resilience, big: FakeProvider) -> None:
     def readers() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "llm-resilience-stream"]

@@ -261,7 +261,9 @@ def test_a_stream_cut_mid_answer_says_so_and_how_much_had_been_delivered(
     make_engine: EngineFactory, policy_dict: PolicyBuilder, exporter: InMemorySpanExporter, big: FakeProvider
 ) -> None:
     big.set(Behavior(content="abcdefgh", chunks=4, cut_after_chunks=2))
-    engine = make_engine(policy_dict(["big"]))  # no model to continue it: the caller gets the break
+    policy = policy_dict(["big"])
+    policy["routes"]["chat"]["streaming"] = {"on_interrupt": "raise"}  # not even big itself: the caller gets it
+    engine = make_engine(policy)
 
     with pytest.raises(StreamInterrupted):
         list(engine.completion("chat", MESSAGES, stream=True))

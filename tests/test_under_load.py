@@ -228,8 +228,11 @@ def test_a_burst_against_healthy_providers_is_answered_and_opens_no_breaker(make
             # arrived, which no wire timing can tell from the provider's time (measured on the 2-core VM:
             # with p95 alone, 70 ms, big was "slow" in 2-4 runs of 6). The async burst still needs the
             # saturation excuse: its calls take 200-600 ms of wall time against the 0.2 s floor.
+            # deadline_s: 10 s, not 2: on a machine loaded by other processes (load 8-12 on 2 cores) the
+            # 50 async calls queue for the CPU for seconds; whether each is answered is the question
+            # here, not how fast, and the saturation excuse extends a bound at most to the deadline.
             "prompt_classes": {
-                "default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95, "floor_s": 0.2}}
+                "default": {"timeout_s": 0.3, "deadline_s": 10.0, "soft_timeout": {"percentile": 95, "floor_s": 0.2}}
             },
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
@@ -295,7 +298,8 @@ def test_thread_bursts_against_healthy_providers_open_no_breaker(make_engine: En
         policy: dict[str, Any] = {
             "models": {"big": model_entry("big", big_url), "small": model_entry("small", small_url)},
             "routes": {"chat": {"chain": ["big", "small"]}},
-            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 2.0, "soft_timeout": {"percentile": 95}}},
+            # (deadline_s 10 s: room for a loaded machine's queue; see the burst test above)
+            "prompt_classes": {"default": {"timeout_s": 0.3, "deadline_s": 10.0, "soft_timeout": {"percentile": 95}}},
             "breakers": {"default": {"fail_max": 3, "reset_timeout_s": 30}},
         }
         for _ in range(rounds):

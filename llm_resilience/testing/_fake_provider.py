@@ -388,6 +388,12 @@ class FakeProvider:
             return sum(1 for r in self._requests if r.disconnected)
 
     @property
+    def open_connections(self) -> int:
+        """TCP connections open to this provider now (kept-alive idle ones included; 0 when stopped)."""
+        server = self._server
+        return server.open_connections if server is not None else 0
+
+    @property
     def models(self) -> list[str]:
         with self._lock:
             return sorted(set(self._scripts.per_model) | set(self._scripts.per_model_queue))
@@ -495,6 +501,11 @@ class _Server(ThreadingHTTPServer):
     def untrack(self) -> None:
         with self._active_lock:
             self._active.pop(threading.current_thread(), None)
+
+    @property
+    def open_connections(self) -> int:
+        with self._active_lock:
+            return len(self._active)
 
     def begin_stop(self) -> None:
         self.stopping.set()
