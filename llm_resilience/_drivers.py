@@ -179,7 +179,7 @@ class _Lease:
         self.clock: Clock = time.monotonic
         self._sending_since: float | None = None  # the current request's first write began
         self._connecting: socket.socket | None = None  # a TCP connect in progress (see _WatchedBackend)
-        self._reading: tuple[socket.socket, int | None] | None = None  # a read in progress: kernel bytes at its start
+        self._reading: tuple[socket.socket, int | None] | None = None  # a read in progress: bytes taken before it
         http.event_hooks = {"request": [self._on_request]}
 
     def watch(self, attempt: Attempt, clock: Clock) -> None:
@@ -193,7 +193,7 @@ class _Lease:
         """
         attempt.io_measured = True
         self.attempt, self.clock = attempt, clock
-        self._sending_since = None
+        self._sending_since = self._connecting = None  # (a previous attempt's connect may have failed)
 
     def _on_request(self, request: Any) -> None:
         # httpcore reports each step of the request (and each new TCP connection) to a "trace"
@@ -282,10 +282,11 @@ class _Lease:
     def _watch_reads(self, stream: Any) -> None:
         """Note when each read of this connection begins and how much the kernel had received by then.
 
-        A thread blocked reading releases the GIL; when the answer comes in, the read returns in C
-        and the thread then waits for the GIL with the answer already out of the socket (so no unread
-        bytes show). The kernel's byte count tells it apart from a read still waiting for the provider:
-        bytes received since the read began are an answer the thread has not got to yet.
+        A thread blocked reading releases the GIL; when the answer comes in (or if it was there
+        already), the read returns in C and the thread then waits for the GIL with the answer out of
+        the socket (so no unread bytes show). The kernel's byte count tells it apart from a read still
+        waiting for the provider: bytes received that no read had taken when this one began are an
+        answer the thread has not got to yet.
         """
         read = getattr(stream, "read", None)
         sock = stream.get_extra_info("socket")
@@ -293,7 +294,8 @@ class _Lease:
             return
 
         def watched_read(max_bytes: int, timeout: float | None = None) -> bytes:
-            self._reading = (sock, _wire.received_bytes(sock))
+            # (what the kernel had received and this read had not taken yet is for this read too)
+            self._reading = (sock, _wire.taken_bytes(sock))
             try:
                 data: bytes = read(max_bytes, timeout)
                 return data

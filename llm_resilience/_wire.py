@@ -66,6 +66,12 @@ def received_bytes(sock: socket.socket) -> int | None:
     return int(struct.unpack_from("=Q", info, _BYTES_RECEIVED)[0])
 
 
+def taken_bytes(sock: socket.socket) -> int | None:
+    """How many of the bytes received on ``sock`` a read has taken from the kernel so far (``None``: unknown)."""
+    received = received_bytes(sock)
+    return None if received is None else received - _unread(sock)
+
+
 def established(sock: socket.socket) -> bool | None:
     """Whether ``sock``'s TCP handshake has completed (``None``: the OS does not say)."""
     info = _tcp_info(sock)
