@@ -42,8 +42,18 @@ PROVIDER_LATENCY_S = 0.05
 TIMEOUT_S = 60.0
 
 
+CROSSED = {
+    "llm-resilience sync + bare async": ("llm-resilience", "bare litellm"),
+    "bare sync + llm-resilience async": ("bare litellm", "llm-resilience"),
+}
+"""Each side of the layer beside bare litellm's other side: which side's cost moves the other's share."""
+
+
 def callers(system: str, base_url: str) -> tuple[Callable[[], Any], Callable[[], Coroutine[Any, Any, Any]]]:
-    """The sync and async call of one system, to the same provider."""
+    """The sync and async call of one system, to the same provider (a :data:`CROSSED` name mixes two)."""
+    if system in CROSSED:
+        sync_system, async_system = CROSSED[system]
+        return callers(sync_system, base_url)[0], callers(async_system, base_url)[1]
     if system == "llm-resilience":
         params = {"model": "openai/bench", "api_base": base_url, "api_key": "sk-bench"}
         engine = Resilience(
@@ -116,30 +126,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each system, alternating")
     parser.add_argument("--out", type=Path, default=c.RESULTS_DIR, help="directory for mixed-callers.md")
+    parser.add_argument(
+        "--no-crossed", dest="crossed", action="store_false", help="skip the runs that mix the layer's sync side "
+        "with bare litellm's async side and the reverse",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for name in ("LiteLLM", "llm_resilience", "asyncio"):  # litellm's loop-change notices, not results
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore")
 
     rows = []
+    runs = [(r, system) for r in range(1, args.rounds + 1) for system in ("bare litellm", "llm-resilience")]
+    if args.crossed:
+        runs += [(1, system) for system in CROSSED]
     with provider_process(PROVIDER_LATENCY_S) as base_url:
-        for round_ in range(1, args.rounds + 1):
-            for system in ("bare litellm", "llm-resilience"):
-                result = measure(system, base_url, args.threads, args.tasks, args.seconds)
-                elapsed = result["elapsed"][0]
-                for i, (kind, callers_n) in enumerate((("sync", args.threads), ("async", args.tasks))):
-                    done = result[kind]
-                    if not callers_n:
-                        continue
-                    rate = len(done) / elapsed
-                    rows.append(
-                        [
-                            system, round_, f"{kind} ({callers_n})", f"{rate:.0f}",
-                            c.fmt_s(c.median(done)), c.fmt_s(c.percentile(done, 90)),
-                            c.fmt_s(max(done) if done else None), int(result["errors"][i]),
-                        ]
-                    )  # fmt: skip
-                print(f"  {system} round {round_}: done", file=sys.stderr, flush=True)
+        for round_, system in runs:
+            result = measure(system, base_url, args.threads, args.tasks, args.seconds)
+            elapsed = result["elapsed"][0]
+            for i, (kind, callers_n) in enumerate((("sync", args.threads), ("async", args.tasks))):
+                done = result[kind]
+                if not callers_n:
+                    continue
+                rate = len(done) / elapsed
+                rows.append(
+                    [
+                        system, round_, f"{kind} ({callers_n})", f"{rate:.0f}",
+                        c.fmt_s(c.median(done)), c.fmt_s(c.percentile(done, 90)),
+                        c.fmt_s(max(done) if done else None), int(result["errors"][i]),
+                    ]
+                )  # fmt: skip
+            print(f"  {system} round {round_}: done", file=sys.stderr, flush=True)
     table = c.markdown_table(
         ["system", "round", "callers", "calls/s", "p50 s", "p90 s", "max s", "errors"], rows, "lllrrrrr"
     )

@@ -99,6 +99,7 @@ class MetricsHook(Hook):
         from . import __version__
 
         meter = (provider or default_meter_provider()).get_meter("llm_resilience", __version__)
+        self._meter = meter
         self._breakers = breakers
         self._seen_states: dict[str, str] = {}
         self._attr_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -143,7 +144,15 @@ class MetricsHook(Hook):
 
     # -- events ---------------------------------------------------------------------
 
+    def _recording(self) -> bool:
+        """False while the meter is the global proxy's and no application has set a provider yet: every
+        measurement would be dropped, so none is built (its attributes cost Python calls on every attempt).
+        The proxy follows a provider set later; so does this check."""
+        return getattr(self._meter, "_real_meter", self) is not None
+
     def attempt_ended(self, call: Call, record: AttemptRecord, response: Any) -> None:
+        if not self._recording():
+            return
         outcome = record.outcome or "unknown"
         self.attempts.add(1, self._attrs(call, record, (_OUTCOME, outcome), (_REASON, record.reason or "none")))
         extra = record.extra
@@ -176,6 +185,8 @@ class MetricsHook(Hook):
                     self.tokens.record(value, self._attrs(call, record, ("gen_ai.token.type", token_type)))
 
     def call_ended(self, call: Call, response: Any, error: BaseException | None) -> None:
+        if not self._recording():
+            return
         for record in call.records[:-1]:  # the last record has nothing after it to fall back to
             if record.outcome in ("failure", "soft_failure", "skipped") and record is not call.answered_by:
                 self.fallbacks.add(1, self._attrs(call, record, (_REASON, record.reason or "unknown")))
