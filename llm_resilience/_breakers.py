@@ -166,6 +166,10 @@ class ModelBreaker:
         self._cb = pybreaker.CircuitBreaker(
             fail_max=settings.fail_max, success_threshold=settings.success_threshold, listeners=[_Listener(self, clock)]
         )
+        self._storage = self._cb._state_storage  # its failure count, read directly (see record)
+        # pybreaker's state, kept here: every transition passes through _on_transition, and reading it
+        # through pybreaker costs two property calls, several times on every attempt's path.
+        self._state: str = str(self._cb.current_state)
         self._gate = threading.RLock()  # re-entered when a transition happens while it is held
         self._probe: ProbeTicket | None = None  # the ticket holding the half-open probe slot
         self.suspect = False
@@ -176,11 +180,11 @@ class ModelBreaker:
 
     @property
     def state(self) -> str:
-        return str(self._cb.current_state)
+        return self._state
 
     @property
     def fail_counter(self) -> int:
-        return int(self._cb.fail_counter)
+        return int(self._storage.counter)
 
     @property
     def evictable(self) -> bool:
@@ -191,7 +195,7 @@ class ModelBreaker:
         """
         if self._probe is not None:
             return False
-        state = self._cb.current_state
+        state = self._state
         if state == CLOSED:
             return True
         return state == OPEN and self._elapsed_clock() - self._opened_mono >= self.open_period_s
@@ -213,6 +217,7 @@ class ModelBreaker:
     def _on_transition(self, old: str, new: str) -> None:
         """Every state change passes here (pybreaker's listener): the one place the bookkeeping moves."""
         with self._gate:
+            self._state = new  # (pybreaker's storage follows once its listeners have run)
             self._generation += 1
             if old == HALF_OPEN and new == OPEN:
                 self._failed_probes += 1
@@ -270,11 +275,11 @@ class ModelBreaker:
             shared = fleet.admission(self.fleet_key)
             if shared is not FleetAdmission.DEFER:
                 return self._admit_fleet(fleet, shared, may_probe, probe_for_s)
-        if self._cb.current_state != CLOSED:
+        if self._state != CLOSED:
             with self._gate:
                 # Decided entirely under the gate: a probe that fails re-opens the breaker before it
                 # frees the slot, so whoever takes the slot next sees the new opened_at.
-                state = self._cb.current_state
+                state = self._state
                 if state == OPEN and not self._reset_timeout_elapsed():
                     return Admission.OPEN, _SKIPPED
                 if state != CLOSED:  # (closed by another thread meanwhile: admitted, with a stale ticket)
@@ -307,7 +312,7 @@ class ModelBreaker:
                 # This process holds the fleet's probe: one request, through the local gate.
                 if self._probe is None and may_probe is not None and not may_probe():
                     return Admission.PROBE_DEFERRED, _SKIPPED  # (unused, the key is given up after a second)
-                admission, ticket = self._take_probe_slot(self._cb.current_state != HALF_OPEN)
+                admission, ticket = self._take_probe_slot(self._state != HALF_OPEN)
                 if admission is Admission.PROBE:
                     fleet.hold_probe(self.fleet_key, probe_for_s if probe_for_s is not None else 0.0)
                 return admission, ticket
@@ -323,7 +328,7 @@ class ModelBreaker:
 
     def _open_for_s(self) -> float | None:
         """Seconds this breaker stays open by its own clock (``None``: not open); told to Redis on reconnect."""
-        if self._cb.current_state != OPEN:
+        if self._state != OPEN:
             return None
         left = self.open_period_s - (self._elapsed_clock() - self._opened_mono)
         return left if left > 0 else None
@@ -338,9 +343,9 @@ class ModelBreaker:
         with self._gate:  # the gate first, then pybreaker's lock: the order record() takes them in
             self._mirroring = True
             try:
-                if fleet_state == "open" and self._cb.current_state == CLOSED:
+                if fleet_state == "open" and self._state == CLOSED:
                     self._cb.open()
-                elif fleet_state == "closed" and self._cb.current_state != CLOSED:
+                elif fleet_state == "closed" and self._state != CLOSED:
                     self._cb.close()
             finally:
                 self._mirroring = False
@@ -363,10 +368,10 @@ class ModelBreaker:
         fleet = self.fleet
         try:
             with self._gate:
-                if ticket.generation != self._generation or self._cb.current_state == OPEN:
+                if ticket.generation != self._generation or self._state == OPEN:
                     return  # stale, or nothing to decide while open (only a probe may move it)
                 if failure_kind is None:
-                    if not (self._cb.current_state == CLOSED and not self._cb.fail_counter):
+                    if not (self._state == CLOSED and not self._storage.counter):
                         # (closed with no failures counted: a success changes nothing; pybreaker's
                         # call path costs ~12 Python calls on every answered request)
                         self._cb.call(_succeed)
@@ -423,9 +428,9 @@ class ModelBreaker:
     @property
     def opened_at(self) -> float | None:
         """When the breaker last opened (POSIX seconds; ``None``: never, or closed since)."""
-        if self._cb.current_state == CLOSED:
+        if self._state == CLOSED:
             return None
-        opened: datetime | None = self._cb._state_storage.opened_at
+        opened: datetime | None = self._storage.opened_at
         return opened.timestamp() if opened is not None else None
 
     # Suspect gating (docs/design.md, "Breakers"): a model with a slow or failed request in flight gets

@@ -257,7 +257,9 @@ class _Lease:
             # clock: the thread may have waited for the GIL before the connect, between the headers
             # and the body, or after the write returned.
             now = self.clock()
-            left = _wire.last_sent_at(self._live_sockets(), now)
+            # (Its own sockets, unfiltered and without the lock: only this thread changes the list,
+            # and the kernel's readings skip closed sockets.)
+            left = _wire.last_sent_at(self._sockets, now)
             floor = self._sending_since if self._sending_since is not None else now
             attempt.sent_at = now if left is None else min(now, max(floor, left))
             attempt.answered_at = None
@@ -265,7 +267,7 @@ class _Lease:
             # What follows (parsing, litellm's wrapping) is the client's, and so is the wait for
             # the GIL between the answer's arrival and this thread reading it.
             now = self.clock()
-            arrived = _wire.last_received_at(self._live_sockets(), now)
+            arrived = _wire.last_received_at(self._sockets, now)
             if arrived is None or arrived > now or (attempt.sent_at is not None and arrived < attempt.sent_at):
                 arrived = now
             attempt.answered_at = arrived

@@ -116,7 +116,8 @@ class Resilience:
         tracing = TracingHook(self._tracer_provider, record_content=policy.document.telemetry.record_content)
         review_log = ReviewLogHook.from_policy(policy, tracing)
         extra = [review_log] if review_log is not None else []
-        hooks = HookSet([tracing, self._metrics, self._logging, self._contexts, *extra, *self._user_hooks])
+        spans = [tracing] if tracing.may_record else []
+        hooks = HookSet([*spans, self._metrics, self._logging, self._contexts, *extra, *self._user_hooks])
         planner = Planner(
             policy=policy, breakers=self.breakers, hooks=hooks, fitter=TokenFitter(), validator=validator,
             latency=self.latency, budgets=self.budgets, saturation=self._saturation, contexts=self._contexts,

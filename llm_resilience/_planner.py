@@ -1356,6 +1356,8 @@ class Call:
         furthest model whose request counted (not a hedge that lost). A retry of the same model, a hedge
         that lost, and a panic attempt going back to a model passed over add none."""
         records = self.records
+        if len(records) < 2:
+            return 0  # one record passes over nothing (the common case: read on every answered call)
         order = {spec.name: position for position, spec in enumerate(self.route.chain)}
         counted = [r for r in records if r.outcome not in ("skipped", "cancelled")] or records
         reached = max((order.get(r.model, 0) for r in counted), default=0)

@@ -277,14 +277,19 @@ class Watchdog:
         self.samples = _Samples()
         self._heap: list[_Deadline] = []
         self._active = 0  # sync attempts in flight: the thread ticks while > 0
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # the heap, _active and _wake_at
+        # The parked thread's wake-up call: a lock used as a binary semaphore (released: a wake-up is
+        # pending; the thread takes it when it parks). Not a Condition: its wait, enter and exit are
+        # Python code, run on every tick and on every sync attempt.
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
         self._thread: threading.Thread | None = None
-        self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never)
+        self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never, or running)
 
     def schedule(self, at: float, callback: Callable[[float], float | None]) -> _Deadline:
         """Run ``callback(now)`` at ``at`` (monotonic); cancel with the returned entry's ``cancel()``."""
         entry = _Deadline(at, callback)
-        with self._cond:
+        with self._lock:
             heap = self._heap
             if len(heap) > 256 and len(heap) > 4 * self._active + 64:
                 # Bounds that were cancelled (the usual case: the attempt answered) pile up until
@@ -294,20 +299,26 @@ class Watchdog:
             heapq.heappush(heap, entry)
             self._ensure_thread()
             if self._wake_at is None or at < self._wake_at:  # earlier than the thread will wake: wake it
-                self._cond.notify()
+                self._notify()
         return entry
 
     def enter(self) -> None:
         """A sync attempt starts: sample thread lag while it runs."""
-        with self._cond:
+        with self._lock:
             self._active += 1
             self._ensure_thread()
             if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
-                self._cond.notify()
+                self._notify()
 
     def exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
+
+    def _notify(self) -> None:
+        # A wake-up call for the thread: it returns from its park at once, or from its next one if it is
+        # running (one more pass over the heap, which costs nothing but that pass).
+        with contextlib.suppress(RuntimeError):  # released already: a wake-up is pending
+            self._wakeup.release()
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -315,9 +326,9 @@ class Watchdog:
             self._thread.start()
 
     def _run(self) -> None:
-        cond, heap = self._cond, self._heap
+        lock, heap = self._lock, self._heap
         while True:
-            with cond:
+            with lock:
                 now = self.clock()
                 while heap and heap[0].done:
                     heapq.heappop(heap)
@@ -331,13 +342,16 @@ class Watchdog:
                         wake = tick
                     self.samples.pending_due = tick
                     self._wake_at = wake
-                    cond.wait(None if wake is None else max(0.0, wake - now))
-                    self._wake_at = None
-                    ran = self.clock()
-                    if tick is not None and ran >= tick:
-                        self.samples.add(tick, ran)
-                    self.samples.pending_due = None
-                    continue
+            if not due:
+                # Parked outside the lock: a deadline scheduled or an attempt entered from here on
+                # leaves a wake-up call (_notify) that this acquire takes, so none is missed.
+                self._wakeup.acquire(timeout=-1 if wake is None else max(0.0, wake - now))
+                self._wake_at = None
+                ran = self.clock()
+                if tick is not None and ran >= tick:
+                    self.samples.add(tick, ran)
+                self.samples.pending_due = None
+                continue
             for entry in due:  # outside the heap lock: a callback may schedule again
                 with entry.lock:
                     if entry.done:
@@ -351,7 +365,7 @@ class Watchdog:
                     else:
                         entry.at = again
                 if again is not None:
-                    with cond:
+                    with lock:
                         heapq.heappush(heap, entry)
 
 
@@ -422,14 +436,25 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class ProcessSaturation:
     """The :class:`SaturationSignal` engines use: always this process's current monitor."""
 
+    def __init__(self) -> None:
+        # A warm process stays warm (a forked child inherits it): once seen, the monitor need not
+        # be asked again, twice on every attempt.
+        self._warm = False
+
     def delay_s(self, since: float, now: float) -> float:
         return monitor().delay_s(since, now)
 
     def cold(self) -> bool:
-        return monitor().cold()
+        if self._warm:
+            return False
+        cold = monitor().cold()
+        self._warm = not cold
+        return cold
 
     def ended(self) -> None:
-        monitor().ended()
+        if not self._warm:
+            monitor().ended()
+            self._warm = True
 
 
 # -- which callers may judge a provider ----------------------------------------------------------

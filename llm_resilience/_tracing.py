@@ -213,6 +213,13 @@ class TracingHook(Hook):
         self._attempt_base: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
         self._names: dict[tuple[str, str], str] = {}
 
+    @property
+    def may_record(self) -> bool:
+        """False when the provider is OpenTelemetry's no-op one: no span of it is ever recorded, so the
+        engine leaves this hook out (``call_span`` then gives ``None``, as for a call it never saw).
+        A proxy provider may get a real one later: its hook stays."""
+        return not isinstance(self.tracer, trace.NoOpTracer)
+
     def call_started(self, call: Call) -> None:
         request = call.request
         # The call span's name and attributes repeat call after call: built once per combination.
