@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import re
 import shutil
@@ -54,8 +55,11 @@ LABELS = {
 }
 
 
-def child(calls: int) -> None:
-    """Run under callgrind: each phase's instructions go to a dump of its own (``callgrind_control -d``)."""
+def child(calls: int, ticks_path: Path | None = None) -> None:
+    """Run under callgrind: each phase's instructions go to a dump of its own (``callgrind_control -d``).
+
+    ``ticks_path``: where to write the lag probes' ticks per call of each phase (JSON).
+    """
     import litellm
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -64,9 +68,15 @@ def child(calls: int) -> None:
     from opentelemetry.trace import NoOpTracerProvider
 
     from llm_resilience import Hook, Policy, Resilience
+    from llm_resilience._saturation import monitor
     from llm_resilience.testing import provider_process
 
     pid = os.getpid()
+    ticks: dict[str, float] = {}
+
+    def probe_ticks() -> int:
+        lag = monitor()
+        return lag.watchdog.samples.added + sum(probe.samples.added for probe in list(lag._loops.values()))
 
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(pid)], stdout=subprocess.DEVNULL, check=False)
@@ -79,6 +89,7 @@ def child(calls: int) -> None:
             loop.run_until_complete(fn()) if is_async else fn()
         gc.collect()
         gc.disable()
+        before = probe_ticks()
         control("-i", "on")
         control("-z")
         if is_async:
@@ -93,6 +104,7 @@ def child(calls: int) -> None:
                 fn()
         control("-d", name)
         control("-i", "off")
+        ticks[name] = (probe_ticks() - before) / calls
         gc.enable()
 
     with provider_process(0.0) as base_url:
@@ -129,6 +141,8 @@ def child(calls: int) -> None:
             exporter.clear()
         phase("async_bare", lambda: litellm.acompletion(messages=MESSAGES, **bare), is_async=True)
         phase("async_on", lambda: engines["on"].acompletion("chat", MESSAGES), is_async=True)
+    if ticks_path is not None:
+        ticks_path.write_text(json.dumps(ticks))
 
 
 def parse(directory: Path) -> dict[str, int]:
@@ -143,7 +157,7 @@ def parse(directory: Path) -> dict[str, int]:
     return counts
 
 
-def report(per_call: dict[str, float], calls: int, load: tuple[str, str]) -> str:
+def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks: dict[str, float] | None = None) -> str:
     rows = []
     for name, label in LABELS.items():
         if name not in per_call:
@@ -159,7 +173,7 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str]) -> str
         f"`{c.command_line()}`: {calls} calls per phase, counted by valgrind's callgrind (every thread of the "
         "process; the garbage collector off during the counted calls; kernel work not counted). Repeatable "
         "within a few tenths of a percent from run to run whatever the machine's load, unlike the timings "
-        "of `overhead.py`.",
+        "of `overhead.py` (the lag probes' ticks, counted below, are the part that follows wall time).",
         "",
         table,
         "",
@@ -171,6 +185,17 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str]) -> str
         f"{ours_traced / 1e6:.3f} M on top of them ({100 * ours_traced / per_call['bare']:.2f} %; target <= 1 %), "
         f"with tracing off {(per_call['off'] - per_call['bare']) / 1e6:.3f} M "
         f"({100 * (per_call['off'] / per_call['bare'] - 1):.2f} %; target <= 1 %).",
+    ]
+    if ticks:
+        # The one part of the count that follows wall time rather than the calls themselves.
+        lines.append(
+            "- Lag-probe ticks per call (the watchdog's for sync calls, the event loop's for async ones: one every "
+            "10 ms while an attempt is in flight, so their number follows wall time, and a call lasts tens of "
+            "times longer under callgrind than without it): "
+            + ", ".join(f"{name} {ticks[name]:.1f}" for name in (*SYNC[1:], *ASYNC[1:]) if name in ticks)
+            + "."
+        )
+    lines += [
         "",
         f"{c.environment_line()}; load average (1 min) at start / end: {load[0]} / {load[1]} "
         "(instruction counts do not depend on it)",
@@ -183,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=40, help="calls per phase")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ticks", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=c.RESULTS_DIR, help="directory for instructions.md")
     args = parser.parse_args(argv)
     if args.child:
-        child(args.calls)
+        child(args.calls, args.ticks)
         return 0
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed: apt-get install valgrind", file=sys.stderr)
@@ -195,16 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         command = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/cg.%p",
-            sys.executable, __file__, "--child", "--calls", str(args.calls),
+            sys.executable, __file__, "--child", "--calls", str(args.calls), "--ticks", f"{tmp}/ticks.json",
         ]  # fmt: skip
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         counts = parse(Path(tmp))
+        ticks_file = Path(tmp) / "ticks.json"
+        ticks = json.loads(ticks_file.read_text()) if ticks_file.exists() else None
     missing = [name for name in LABELS if name not in counts]
     if missing:
         print(f"no count for {missing}", file=sys.stderr)
         return 1
     per_call = {name: count / args.calls for name, count in counts.items()}
-    text = report(per_call, args.calls, (load_start, f"{os.getloadavg()[0]:.1f}"))
+    text = report(per_call, args.calls, (load_start, f"{os.getloadavg()[0]:.1f}"), ticks)
     print(text)
     c.write_text(args.out / "instructions.md", text)
     return 0
