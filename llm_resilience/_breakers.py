@@ -31,6 +31,7 @@ that is the one place where the generation and the failed-probe count move.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -172,6 +173,7 @@ class ModelBreaker:
         self._state: str = str(self._cb.current_state)
         self._gate = threading.RLock()  # re-entered when a transition happens while it is held
         self._probe: ProbeTicket | None = None  # the ticket holding the half-open probe slot
+        self._probe_until = math.inf  # on _elapsed_clock: when the probe's call has no time left
         self.suspect = False
         """A request in flight is past its soft timeout, or a failure was counted while closed."""
         self._suspect_slots = 0  # requests admitted while suspect that are still in flight
@@ -283,18 +285,31 @@ class ModelBreaker:
                 if state == OPEN and not self._reset_timeout_elapsed():
                     return Admission.OPEN, _SKIPPED
                 if state != CLOSED:  # (closed by another thread meanwhile: admitted, with a stale ticket)
-                    if self._probe is None and may_probe is not None and not may_probe():
+                    if not self._probe_held() and may_probe is not None and not may_probe():
                         return Admission.PROBE_DEFERRED, _SKIPPED
-                    return self._take_probe_slot(state == OPEN)
+                    return self._take_probe_slot(state == OPEN, probe_for_s)
         return Admission.ADMIT, ProbeTicket(probe=False, generation=generation)
 
-    def _take_probe_slot(self, half_open_first: bool) -> tuple[Admission, ProbeTicket]:
+    def _probe_held(self) -> bool:
+        """A request of this process holds the probe slot, and its call still has time left.
+
+        A probe is bounded by its call's deadline; one still out past it belongs to a caller that
+        cannot run its own cut (an event loop starved by threads held one for 9 s in the soak,
+        deadline 3 s): its verdict, if one ever comes, answers no caller. The slot is free again
+        then, as the fleet's probe key already is, so a caller that can judge the model probes it.
+        """
+        return self._probe is not None and self._elapsed_clock() < self._probe_until
+
+    def _take_probe_slot(self, half_open_first: bool, probe_for_s: float | None) -> tuple[Admission, ProbeTicket]:
         """Under the gate: the probe, if no other request of this process holds the slot."""
-        if self._probe is not None:
+        if self._probe_held():
             return Admission.PROBE_BUSY, _SKIPPED
         if half_open_first:
             self._cb.half_open()
+        # (an overdue holder keeps its ticket: its outcome, if one comes, counts like any request's,
+        # and its release no longer frees the slot, which is not its own any more)
         self._probe = ProbeTicket(probe=True, generation=self._generation)
+        self._probe_until = math.inf if probe_for_s is None else self._elapsed_clock() + probe_for_s
         return Admission.PROBE, self._probe
 
     def _admit_fleet(
@@ -310,9 +325,9 @@ class ModelBreaker:
                 return Admission.OPEN, _SKIPPED
             if shared is FleetAdmission.PROBE:
                 # This process holds the fleet's probe: one request, through the local gate.
-                if self._probe is None and may_probe is not None and not may_probe():
+                if not self._probe_held() and may_probe is not None and not may_probe():
                     return Admission.PROBE_DEFERRED, _SKIPPED  # (unused, the key is given up after a second)
-                admission, ticket = self._take_probe_slot(self._state != HALF_OPEN)
+                admission, ticket = self._take_probe_slot(self._state != HALF_OPEN, probe_for_s)
                 if admission is Admission.PROBE:
                     fleet.hold_probe(self.fleet_key, probe_for_s if probe_for_s is not None else 0.0)
                 return admission, ticket
@@ -335,7 +350,7 @@ class ModelBreaker:
 
     def _probing(self) -> bool:
         """A probe of this process is in flight (the fleet's probe key is kept while it is)."""
-        return self._probe is not None
+        return self._probe_held()
 
     def _mirror(self, model: str, fleet_state: str) -> None:
         # Called on the fleet's sync thread when another process opened or closed the breaker:

@@ -728,11 +728,12 @@ class _AsyncBound:
     attempt in flight for the garbage collector to walk, thousands at once under a burst.
     """
 
-    __slots__ = ("attempt", "call", "clock", "handle", "loop", "scope")
+    __slots__ = ("attempt", "call", "clock", "handle", "loop", "scope", "task")
     handle: asyncio.TimerHandle
 
     def __init__(self, loop: asyncio.AbstractEventLoop, call: Call, attempt: Attempt, clock: Clock, scope: Any) -> None:
         self.loop, self.call, self.attempt, self.clock, self.scope = loop, call, attempt, clock, scope
+        self.task = asyncio.current_task(loop)
 
     def arm(self, after_s: float) -> None:
         self.handle = self.loop.call_at(self.loop.time() + after_s, self.fire)
@@ -740,8 +741,11 @@ class _AsyncBound:
     def fire(self) -> None:
         now = self.clock()
         later = self.call.at_bound(self.attempt, now)
-        if later is None:
-            self.scope.reschedule(self.loop.time())  # cut: cancels the request (closing its connection)
+        if later is None:  # cut: cancels the request (closing its connection)
+            if self.task is None:
+                self.scope.reschedule(self.loop.time())
+            else:
+                _litellm_calls.expire_after_dispatch(self.task, self.scope)
         else:
             self.arm(later - now)
 
@@ -789,7 +793,7 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
             action = call.next_action(clock())
             for task in _dropped(call, running) if running else ():
                 del running[task]
-                task.cancel()  # closes its connection
+                _litellm_calls.cancel_after_dispatch(task)  # closes its connection
             if isinstance(action, Launch):
                 sent = True
                 attempt = action.attempt
@@ -817,6 +821,6 @@ async def run_async(call: Call, clock: Clock = time.monotonic) -> Any:
                 raise action.error
     finally:
         for task, attempt in running.items():
-            task.cancel()  # closes the loser's connection
+            _litellm_calls.cancel_after_dispatch(task)  # closes the loser's connection
             call.on_cancelled(attempt, clock())
         call.cancel(clock())  # the caller cancelled its task: end the call's span too (no-op when decided)

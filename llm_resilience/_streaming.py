@@ -949,14 +949,27 @@ class _TaskReader:
         return sum(f.skipped for f in self.filters)
 
     async def read(self, timeout: float) -> _Event:
-        scope = asyncio.timeout(timeout)
+        opening = self._stream is None
+        # The opening request may be cut in litellm's dispatch step: its own timer cuts it cleanly.
+        scope = asyncio.timeout(None if opening else timeout)
         _filters.set(self.filters)  # the HTTP hook runs in this task: it reports to this attempt
         try:
             async with scope:
-                if self._stream is None:
-                    client = _async_client(self._kwargs)
-                    extra = {"client": client} if client is not None else {}
-                    self._stream = await _litellm_calls.acompletion(**self._kwargs, **extra)
+                if opening:
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + timeout
+                    task = asyncio.current_task()
+                    if task is None:
+                        scope.reschedule(deadline)
+                    timer = loop.call_at(deadline, _litellm_calls.expire_after_dispatch, task, scope) if task else None
+                    try:
+                        client = _async_client(self._kwargs)
+                        extra = {"client": client} if client is not None else {}
+                        self._stream = await _litellm_calls.acompletion(**self._kwargs, **extra)
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                    scope.reschedule(deadline)  # the first chunk: within the same timeout
                 chunk = await self._stream.__anext__()
         except StopAsyncIteration:
             return _END

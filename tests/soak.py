@@ -40,7 +40,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -137,9 +137,24 @@ class Tally:
         self.untried = 0  # failed calls that sent no request at all (every model skipped)
         self.by_side: Counter[str] = Counter()  # calls finished by the threads (sync) and the tasks (async)
         self.answered_by_side: Counter[str] = Counter()
+        # (end time, side, skipped a model because its half-open probe was in flight) per call: is there a
+        # stretch where the threads, which could judge a probe at once, all skip a model whose probe starved
+        # tasks hold?
+        self.probe_skips: list[tuple[float, str, bool]] = []
 
-    def add(self, outcome: str, elapsed: float, error: BaseException | None = None, side: str = "sync") -> None:
+    def add(
+        self,
+        outcome: str,
+        elapsed: float,
+        error: BaseException | None = None,
+        side: str = "sync",
+        attempts: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        skipped = any(a["reason"] == "probe_in_flight" for a in attempts) or (
+            isinstance(error, AllAttemptsFailed) and any(a.reason == "probe_in_flight" for a in error.attempts)
+        )
         with self.lock:
+            self.probe_skips.append((time.monotonic(), side, skipped))
             self.outcomes[outcome] += 1
             self.done += 1
             self.by_side[side] += 1
@@ -170,34 +185,56 @@ def classify(error: BaseException | None) -> str:
 def sync_call(engine: Resilience, stream: bool, tally: Tally) -> None:
     started = time.monotonic()
     error: BaseException | None = None
+    summary: Mapping[str, Any] = {}
     try:
         if stream:
             with engine.completion("chat", MESSAGES, stream=True) as s:
                 for _ in s:
                     pass
+            summary = s.llm_resilience
         else:
-            engine.completion("chat", MESSAGES)
+            summary = engine.completion("chat", MESSAGES)._hidden_params["llm_resilience"]
     except Exception as e:
         error = e
     outcome = classify(error)
-    tally.add(outcome, time.monotonic() - started, error, "sync")
+    tally.add(outcome, time.monotonic() - started, error, "sync", summary.get("attempts", ()))
 
 
 async def async_call(engine: Resilience, stream: bool, tally: Tally) -> None:
     started = time.monotonic()
     error: BaseException | None = None
+    summary: Mapping[str, Any] = {}
     try:
         if stream:
             s = await engine.acompletion("chat", MESSAGES, stream=True)
             async with s:
                 async for _ in s:
                     pass
+            summary = s.llm_resilience
         else:
-            await engine.acompletion("chat", MESSAGES)
+            summary = (await engine.acompletion("chat", MESSAGES))._hidden_params["llm_resilience"]
     except Exception as e:
         error = e
     outcome = classify(error)
-    tally.add(outcome, time.monotonic() - started, error, "async")
+    tally.add(outcome, time.monotonic() - started, error, "async", summary.get("attempts", ()))
+
+
+def all_skipping_stretch(calls: Sequence[tuple[float, str, bool]], side: str, min_calls: int = 5) -> float:
+    """The longest time over which every call of ``side`` (at least ``min_calls`` in a row) skipped a
+    model because its probe was in flight."""
+    longest, run_start, run_calls = 0.0, 0.0, 0
+    for at, call_side, skipped in calls:
+        if call_side != side:
+            continue
+        if not skipped:
+            run_calls = 0
+            continue
+        if run_calls == 0:
+            run_start = at
+        run_calls += 1
+        if run_calls >= min_calls:
+            longest = max(longest, at - run_start)
+    return longest
 
 
 class CallBudget:
@@ -458,6 +495,12 @@ def main() -> int:
         print(
             f"  {side} calls: {tally.by_side[side] / elapsed:.0f}/s, {mean_s[side]:.1f} s each on average (Little's"
             f" law); over deadline + 1 s: {len(late)} ({worst}); hang bound {hang_s[side]:.0f} s"
+        )
+    for side in ("sync", "async"):
+        skips = sum(1 for _at, call_side, skipped in tally.probe_skips if call_side == side and skipped)
+        print(
+            f"  {side} calls that skipped a model because its probe was in flight: {skips}/{tally.by_side[side]};"
+            f" longest stretch where every {side} call did: {all_skipping_stretch(tally.probe_skips, side):.1f} s"
         )
     print(f"  breaker transitions: {counts}")
     print(f"  what opened them: { {model: dict(why) for model, why in opened_by.items()} }")

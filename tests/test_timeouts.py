@@ -164,3 +164,42 @@ def test_callers_timeout_longer_than_the_class_does_not_extend_it(
     assert (model, reason) == ("big", "timeout") and outcome in ("failure", "client_overload")
     assert answered == ("small", "success", None)
     assert hidden(response)["attempts"][0]["timeout_s"] == 0.3
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_attempts_cut_in_litellms_dispatch_step_leave_no_coroutine_unawaited(
+    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, stream: bool
+) -> None:
+    """litellm's ``acompletion`` builds the request in the loop's executor and gets back the coroutine
+    that sends it. A cut landing in that step must not drop that coroutine: Python would print
+    "coroutine ... was never awaited" into the application's stderr, once per cut attempt.
+
+    150 concurrent calls with a 50 ms timeout keep the executor (a few threads) busy, so many cuts
+    land while a request is still being built.
+    """
+    import asyncio
+    import gc
+    import warnings
+
+    big.set(Behavior.ok(latency_s=0.02))
+    engine = make_engine(policy_dict(["big"], timeout_s=0.05, deadline_s=0.1, fail_max=100_000))
+
+    async def one() -> None:
+        try:
+            response = await engine.acompletion(model="chat", messages=MESSAGES, stream=stream)
+            if stream:
+                async for _chunk in response:
+                    pass
+        except AllAttemptsFailed:
+            pass
+
+    async def burst() -> None:
+        await asyncio.gather(*(one() for _ in range(150)))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            asyncio.run(burst())
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "was never awaited" in str(w.message)]
+    assert unawaited == []
