@@ -13,11 +13,13 @@ Phases, in this order in one process, ``--calls`` calls each, counted separately
 
 * ``bare litellm, no engine built``: ``litellm.completion`` before any engine registered its
   routes with litellm;
-* then three engines are built (tracing off, tracing off plus two bare SDK spans per call, tracing
-  on with a ``SimpleSpanProcessor`` and an in-memory exporter), and: ``bare litellm`` again (does a
-  built engine make every bare litellm call dearer?), ``llm-resilience, tracing off``, ``tracing
-  off + 2 bare SDK spans`` (the SDK's own floor), ``tracing on``, and the same for ``acompletion``
-  awaited one after another.
+* then four engines are built (tracing off; tracing off plus two bare SDK spans per call; the same
+  two spans carrying the attributes of the layer's own call and attempt spans, copied from one
+  traced call; tracing on with a ``SimpleSpanProcessor`` and an in-memory exporter), and: ``bare
+  litellm`` again (does a built engine make every bare litellm call dearer?), ``llm-resilience,
+  tracing off``, ``tracing off + 2 bare SDK spans`` (the SDK's own floor), ``+ 2 SDK spans with the
+  layer's attributes`` (the SDK's cost of the span schema itself), ``tracing on``, and the same for
+  ``acompletion`` awaited one after another.
 
 Run ``.venv/bin/python benchmarks/instructions.py [--calls N]`` (needs ``valgrind``; ~4 min).
 """
@@ -42,13 +44,14 @@ from typing import Any
 import _common as c  # first: sets litellm's offline switches before anything imports it
 
 MESSAGES = [{"role": "user", "content": "Summarise the quarterly report in one sentence."}]
-SYNC = ("bare", "off", "floor", "on")
+SYNC = ("bare", "off", "floor", "floor_attributes", "on")
 ASYNC = ("async_bare", "async_on")
 LABELS = {
     "bare_no_engine": "bare `litellm.completion`, before any engine was built",
     "bare": "bare `litellm.completion`",
     "off": "llm-resilience, tracing off",
     "floor": "llm-resilience, tracing off + 2 bare SDK spans (the SDK's floor)",
+    "floor_attributes": "llm-resilience, tracing off + 2 SDK spans with the layer's attributes",
     "on": "llm-resilience, tracing on",
     "async_bare": "bare `litellm.acompletion`",
     "async_on": "llm-resilience `acompletion`, tracing on",
@@ -123,19 +126,33 @@ def child(calls: int, ticks_path: Path | None = None) -> None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         floor_tracer = provider.get_tracer("sdk-floor")
 
-        class TwoBareSpans(Hook):
+        class TwoSpans(Hook):
+            """The SDK's own cost of the layer's two spans: ``attributes`` given as one dict at start,
+            the cheapest way the SDK takes them (empty: two bare spans)."""
+
+            def __init__(self, call_attributes: dict[str, Any], attempt_attributes: dict[str, Any]) -> None:
+                self.call_attributes, self.attempt_attributes = call_attributes, attempt_attributes
+
             def call_ended(self, call: Any, response: Any, error: BaseException | None) -> None:
-                parent = floor_tracer.start_span("call")
-                floor_tracer.start_span("chat", context=trace.set_span_in_context(parent)).end()
+                parent = floor_tracer.start_span("call", attributes=self.call_attributes)
+                context = trace.set_span_in_context(parent)
+                floor_tracer.start_span("chat", context=context, attributes=self.attempt_attributes).end()
                 parent.end()
 
         engines = {
             "off": Resilience(policy, tracer_provider=NoOpTracerProvider()),
-            "floor": Resilience(policy, tracer_provider=NoOpTracerProvider(), hooks=[TwoBareSpans()]),
+            "floor": Resilience(policy, tracer_provider=NoOpTracerProvider(), hooks=[TwoSpans({}, {})]),
             "on": Resilience(policy, tracer_provider=provider),
         }
+        # The attributes of the layer's own spans for one answered call: what the schema makes the SDK carry.
+        engines["on"].completion("chat", MESSAGES)
+        layer_spans = {span.parent is None: dict(span.attributes or {}) for span in exporter.get_finished_spans()}
+        exporter.clear()
+        engines["floor_attributes"] = Resilience(
+            policy, tracer_provider=NoOpTracerProvider(), hooks=[TwoSpans(layer_spans[True], layer_spans[False])]
+        )
         phase("bare", lambda: litellm.completion(messages=MESSAGES, **bare))
-        for name in ("off", "floor", "on"):
+        for name in ("off", "floor", "floor_attributes", "on"):
             engine = engines[name]
             phase(name, lambda engine=engine: engine.completion("chat", MESSAGES))
             exporter.clear()
@@ -167,6 +184,8 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks:
     table = c.markdown_table(["calls", "M instructions / call", "ratio to bare"], rows, "lrr")
     spans = per_call["floor"] - per_call["off"]
     ours_traced = per_call["on"] - per_call["bare"] - spans
+    spans_attributed = per_call["floor_attributes"] - per_call["off"]
+    ours_beside_attributed = per_call["on"] - per_call["bare"] - spans_attributed
     lines = [
         "# Instructions per call: llm-resilience vs bare litellm (callgrind)",
         "",
@@ -185,6 +204,10 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks:
         f"{ours_traced / 1e6:.3f} M on top of them ({100 * ours_traced / per_call['bare']:.2f} %; target <= 1 %), "
         f"with tracing off {(per_call['off'] - per_call['bare']) / 1e6:.3f} M "
         f"({100 * (per_call['off'] / per_call['bare'] - 1):.2f} %; target <= 1 %).",
+        f"- The same two spans carrying the attributes the span schema puts on the layer's call and attempt "
+        f"spans cost the SDK {spans_attributed / 1e6:.3f} M ({100 * spans_attributed / per_call['bare']:.2f} % "
+        f"of a bare call); beside them the layer with tracing on adds {ours_beside_attributed / 1e6:.3f} M "
+        f"({100 * ours_beside_attributed / per_call['bare']:.2f} %).",
     ]
     if ticks:
         # The one part of the count that follows wall time rather than the calls themselves.
