@@ -20,9 +20,9 @@ What this module adds, beside it rather than inside it:
   opened must not close it while the probe still hangs, and a late 503 must not re-open
   it during a successful probe. Stale outcomes are dropped (only their probe slot, if
   any, is released).
-* **Reset backoff (opt-in).** ``breakers.*.reset_backoff: {factor, max_s}`` lengthens
-  the open period after each failed probe, up to ``max_s``; a probe that succeeds resets
-  it. Without it every open period is ``reset_timeout_s``.
+* **Reset backoff.** ``breakers.*.reset_backoff: {factor, max_s}`` (built in: factor 2,
+  60 s) lengthens the open period after each failed probe, up to ``max_s``; a probe that
+  succeeds resets it. With ``factor: 1`` every open period is ``reset_timeout_s``.
 
 Every transition goes through :meth:`ModelBreaker._on_transition` (pybreaker's listener):
 that is the one place where the generation and the failed-probe count move.
