@@ -277,19 +277,14 @@ class Watchdog:
         self.samples = _Samples()
         self._heap: list[_Deadline] = []
         self._active = 0  # sync attempts in flight: the thread ticks while > 0
-        self._lock = threading.Lock()  # the heap, _active and _wake_at
-        # The parked thread's wake-up call: a lock used as a binary semaphore (released: a wake-up is
-        # pending; the thread takes it when it parks). Not a Condition: its wait, enter and exit are
-        # Python code, run on every tick and on every sync attempt.
-        self._wakeup = threading.Lock()
-        self._wakeup.acquire()
+        self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
-        self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never, or running)
+        self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never)
 
     def schedule(self, at: float, callback: Callable[[float], float | None]) -> _Deadline:
         """Run ``callback(now)`` at ``at`` (monotonic); cancel with the returned entry's ``cancel()``."""
         entry = _Deadline(at, callback)
-        with self._lock:
+        with self._cond:
             heap = self._heap
             if len(heap) > 256 and len(heap) > 4 * self._active + 64:
                 # Bounds that were cancelled (the usual case: the attempt answered) pile up until
@@ -299,26 +294,20 @@ class Watchdog:
             heapq.heappush(heap, entry)
             self._ensure_thread()
             if self._wake_at is None or at < self._wake_at:  # earlier than the thread will wake: wake it
-                self._notify()
+                self._cond.notify()
         return entry
 
     def enter(self) -> None:
         """A sync attempt starts: sample thread lag while it runs."""
-        with self._lock:
+        with self._cond:
             self._active += 1
             self._ensure_thread()
             if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
-                self._notify()
+                self._cond.notify()
 
     def exit(self) -> None:
-        with self._lock:
+        with self._cond:
             self._active -= 1
-
-    def _notify(self) -> None:
-        # A wake-up call for the thread: it returns from its park at once, or from its next one if it is
-        # running (one more pass over the heap, which costs nothing but that pass).
-        with contextlib.suppress(RuntimeError):  # released already: a wake-up is pending
-            self._wakeup.release()
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -326,9 +315,9 @@ class Watchdog:
             self._thread.start()
 
     def _run(self) -> None:
-        lock, heap = self._lock, self._heap
+        cond, heap = self._cond, self._heap
         while True:
-            with lock:
+            with cond:
                 now = self.clock()
                 while heap and heap[0].done:
                     heapq.heappop(heap)
@@ -342,16 +331,13 @@ class Watchdog:
                         wake = tick
                     self.samples.pending_due = tick
                     self._wake_at = wake
-            if not due:
-                # Parked outside the lock: a deadline scheduled or an attempt entered from here on
-                # leaves a wake-up call (_notify) that this acquire takes, so none is missed.
-                self._wakeup.acquire(timeout=-1 if wake is None else max(0.0, wake - now))
-                self._wake_at = None
-                ran = self.clock()
-                if tick is not None and ran >= tick:
-                    self.samples.add(tick, ran)
-                self.samples.pending_due = None
-                continue
+                    cond.wait(None if wake is None else max(0.0, wake - now))
+                    self._wake_at = None
+                    ran = self.clock()
+                    if tick is not None and ran >= tick:
+                        self.samples.add(tick, ran)
+                    self.samples.pending_due = None
+                    continue
             for entry in due:  # outside the heap lock: a callback may schedule again
                 with entry.lock:
                     if entry.done:
@@ -365,7 +351,7 @@ class Watchdog:
                     else:
                         entry.at = again
                 if again is not None:
-                    with lock:
+                    with cond:
                         heapq.heappush(heap, entry)
 
 
