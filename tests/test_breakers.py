@@ -245,14 +245,11 @@ def test_an_injected_clock_decides_when_an_open_breaker_lets_a_probe_through() -
     assert breaker.admit() is Admission.PROBE
 
 
-@pytest.mark.sans_io
-def test_a_probe_still_out_past_its_calls_deadline_no_longer_holds_the_slot() -> None:
-    # A starved event loop cannot run its own cut: in the soak one held a probe for 9 s (deadline 3 s)
-    # while every thread skipped the model as "probe in flight". Past the time its call had left, the
-    # slot is free for a caller that can judge the model; the late holder no longer frees the new one's.
+def _breaker_past_its_open_period() -> tuple[list[Any], Any]:
+    """A breaker on an injected clock (``now[0]``), opened by one failure, 1.1 s later: its 1 s open period is over."""
     from datetime import UTC, datetime, timedelta
 
-    from llm_resilience._breakers import Admission, BreakerRegistry, ProbeTicket
+    from llm_resilience._breakers import BreakerRegistry, ProbeTicket
     from llm_resilience._policy import BreakerSettings
 
     now = [datetime(2030, 1, 1, tzinfo=UTC)]
@@ -260,7 +257,19 @@ def test_a_probe_still_out_past_its_calls_deadline_no_longer_holds_the_slot() ->
     breaker = registry.get("big")
     breaker.record(ProbeTicket(probe=False), "server_error")
     now[0] += timedelta(seconds=1.1)
+    return now, breaker
 
+
+@pytest.mark.sans_io
+def test_a_probe_still_out_past_its_calls_deadline_no_longer_holds_the_slot() -> None:
+    # A starved event loop cannot run its own cut: in the soak one held a probe for 9 s (deadline 3 s)
+    # while every thread skipped the model as "probe in flight". Past the time its call had left, the
+    # slot is free for a caller that can judge the model; the late holder no longer frees the new one's.
+    from datetime import timedelta
+
+    from llm_resilience._breakers import Admission
+
+    now, breaker = _breaker_past_its_open_period()
     starved, starved_ticket = breaker.admit_with_ticket(probe_for_s=3.0)
     assert starved is Admission.PROBE and breaker.state == "half-open"
     now[0] += timedelta(seconds=2.9)
@@ -277,16 +286,11 @@ def test_a_probe_still_out_past_its_calls_deadline_no_longer_holds_the_slot() ->
 
 @pytest.mark.sans_io
 def test_a_probe_without_a_time_bound_holds_the_slot_until_it_reports() -> None:
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
-    from llm_resilience._breakers import Admission, BreakerRegistry, ProbeTicket
-    from llm_resilience._policy import BreakerSettings
+    from llm_resilience._breakers import Admission
 
-    now = [datetime(2030, 1, 1, tzinfo=UTC)]
-    registry = BreakerRegistry(lambda model: BreakerSettings(fail_max=1, reset_timeout_s=1.0), clock=lambda: now[0])
-    breaker = registry.get("big")
-    breaker.record(ProbeTicket(probe=False), "server_error")
-    now[0] += timedelta(seconds=1.1)
+    now, breaker = _breaker_past_its_open_period()
     assert breaker.admit() is Admission.PROBE
     now[0] += timedelta(hours=1)
     assert breaker.admit() is Admission.PROBE_BUSY
