@@ -194,6 +194,9 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks:
         "within a few tenths of a percent from run to run whatever the machine's load, unlike the timings "
         "of `overhead.py` (the lag probes' ticks, counted below, are the part that follows wall time).",
         "",
+        f"{c.environment_line()}; load average (1 min) at start / end: {load[0]} / {load[1]} "
+        "(instruction counts do not depend on it)",
+        "",
         table,
         "",
         f"- A built engine and bare litellm: {per_call['bare_no_engine'] / 1e6:.3f} M instructions per bare "
@@ -218,12 +221,7 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks:
             + ", ".join(f"{name} {ticks[name]:.1f}" for name in (*SYNC[1:], *ASYNC[1:]) if name in ticks)
             + "."
         )
-    lines += [
-        "",
-        f"{c.environment_line()}; load average (1 min) at start / end: {load[0]} / {load[1]} "
-        "(instruction counts do not depend on it)",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
 
 
