@@ -45,6 +45,7 @@ import _common as c  # first: sets litellm's offline switches before anything im
 
 MESSAGES = [{"role": "user", "content": "Summarise the quarterly report in one sentence."}]
 SYNC = ("bare", "off", "floor", "floor_attributes", "on")
+IDLE_S = 2.0  # how long each lag probe ticks alone, to count what a tick costs
 ASYNC = ("async_bare", "async_on")
 LABELS = {
     "bare_no_engine": "bare `litellm.completion`, before any engine was built",
@@ -158,6 +159,38 @@ def child(calls: int, ticks_path: Path | None = None) -> None:
             exporter.clear()
         phase("async_bare", lambda: litellm.acompletion(messages=MESSAGES, **bare), is_async=True)
         phase("async_on", lambda: engines["on"].acompletion("chat", MESSAGES), is_async=True)
+    # What one lag-probe tick costs: each probe ticking for IDLE_S with nothing else to do, beside the
+    # same wait without it (the dump's own subprocess is in both).
+    lag = monitor()
+
+    def idle(name: str, wait: Callable[[], Any], probe: Any = None) -> None:
+        gc.collect()
+        gc.disable()
+        before = probe_ticks()
+        control("-i", "on")
+        control("-z")
+        if probe is not None:
+            probe.enter()
+        wait()
+        if probe is not None:
+            probe.exit()
+        control("-d", name)
+        control("-i", "off")
+        ticks[name] = float(probe_ticks() - before)
+        gc.enable()
+
+    async def loop_ticking(ticking: bool) -> None:
+        probe = lag.loop_probe()
+        if ticking:
+            probe.enter()
+        await asyncio.sleep(IDLE_S)
+        if ticking:
+            probe.exit()
+
+    idle("idle", lambda: time.sleep(IDLE_S))
+    idle("watchdog_ticks", lambda: time.sleep(IDLE_S), lag.watchdog)
+    idle("async_idle", lambda: loop.run_until_complete(loop_ticking(False)))
+    idle("loop_ticks", lambda: loop.run_until_complete(loop_ticking(True)))
     if ticks_path is not None:
         ticks_path.write_text(json.dumps(ticks))
 
@@ -174,14 +207,44 @@ def parse(directory: Path) -> dict[str, int]:
     return counts
 
 
-def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks: dict[str, float] | None = None) -> str:
+def tick_costs(counts: dict[str, int], ticks: dict[str, float]) -> dict[str, float]:
+    """Instructions per lag-probe tick, ``sync`` (the watchdog's) and ``async`` (an event loop's): a probe
+    ticking alone, less the same wait without it."""
+    costs = {}
+    for kind, ticking, idle in (("sync", "watchdog_ticks", "idle"), ("async", "loop_ticks", "async_idle")):
+        if ticks.get(ticking):
+            costs[kind] = max(0.0, (counts[ticking] - counts[idle]) / ticks[ticking])
+    return costs
+
+
+def report(
+    per_call: dict[str, float],
+    calls: int,
+    load: tuple[str, str],
+    ticks: dict[str, float] | None = None,
+    tick_cost: dict[str, float] | None = None,
+) -> str:
+    ticks, tick_cost = ticks or {}, tick_cost or {}
+
+    def net(name: str) -> float:
+        """Instructions per call without the lag-probe ticks that fell into it."""
+        kind = "async" if name.startswith("async") else "sync"
+        return per_call[name] - ticks.get(name, 0.0) * tick_cost.get(kind, 0.0)
+
     rows = []
     for name, label in LABELS.items():
         if name not in per_call:
             continue
-        ref = per_call["async_bare"] if name.startswith("async") else per_call["bare"]
-        rows.append([label, f"{per_call[name] / 1e6:.3f}", f"**{per_call[name] / ref:.4f}**"])
-    table = c.markdown_table(["calls", "M instructions / call", "ratio to bare"], rows, "lrr")
+        ref = "async_bare" if name.startswith("async") else "bare"
+        rows.append([
+            label, f"{per_call[name] / 1e6:.3f}", f"**{per_call[name] / per_call[ref]:.4f}**",
+            f"{ticks.get(name, 0.0):.1f}", f"**{net(name) / net(ref):.4f}**",
+        ])  # fmt: skip
+    table = c.markdown_table(
+        ["calls", "M instructions / call", "ratio to bare", "lag-probe ticks / call", "ratio net of ticks"],
+        rows,
+        "lrrrr",
+    )
     spans = per_call["floor"] - per_call["off"]
     ours_traced = per_call["on"] - per_call["bare"] - spans
     spans_attributed = per_call["floor_attributes"] - per_call["off"]
@@ -212,14 +275,16 @@ def report(per_call: dict[str, float], calls: int, load: tuple[str, str], ticks:
         f"of a bare call); beside them the layer with tracing on adds {ours_beside_attributed / 1e6:.3f} M "
         f"({100 * ours_beside_attributed / per_call['bare']:.2f} %).",
     ]
-    if ticks:
+    if tick_cost:
         # The one part of the count that follows wall time rather than the calls themselves.
         lines.append(
-            "- Lag-probe ticks per call (the watchdog's for sync calls, the event loop's for async ones: one every "
-            "10 ms while an attempt is in flight, so their number follows wall time, and a call lasts tens of "
-            "times longer under callgrind than without it): "
-            + ", ".join(f"{name} {ticks[name]:.1f}" for name in (*SYNC[1:], *ASYNC[1:]) if name in ticks)
-            + "."
+            "- Lag-probe ticks (the watchdog's for sync calls, the event loop's for async ones) come one every "
+            "10 ms while an attempt is in flight: their number follows wall time, and a call lasts tens of times "
+            "longer under callgrind than without it. One tick costs "
+            + ", ".join(f"{cost / 1e3:.1f} K instructions ({kind})" for kind, cost in tick_cost.items())
+            + f", counted with each probe ticking alone for {IDLE_S:.0f} s: about "
+            + ", ".join(f"{100 * cost / 1e6:.1f} M ({kind})" for kind, cost in tick_cost.items())
+            + " per second of attempts in flight, whatever their number. The last column takes them out."
         )
     lines.append("")
     return "\n".join(lines)
@@ -253,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no count for {missing}", file=sys.stderr)
         return 1
     per_call = {name: count / args.calls for name, count in counts.items()}
-    text = report(per_call, args.calls, (load_start, f"{os.getloadavg()[0]:.1f}"), ticks)
+    costs = tick_costs(counts, ticks) if ticks and "idle" in counts and "async_idle" in counts else None
+    text = report(per_call, args.calls, (load_start, f"{os.getloadavg()[0]:.1f}"), ticks, costs)
     print(text)
     c.write_text(args.out / "instructions.md", text)
     return 0

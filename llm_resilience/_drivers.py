@@ -16,7 +16,8 @@ for sync, the process's watchdog thread (``_saturation.Watchdog``), which shuts 
 sockets of the attempt's leased client (below). A sync attempt whose provider cannot take
 our client runs in a worker thread instead, so that the caller's wait is still bounded (the
 worker ends at litellm's per-read timeout). Both drivers report to the saturation monitor
-which attempts are in flight, so it samples scheduling lag only while it matters.
+which attempts it must judge are in flight, so it samples scheduling lag only while it matters
+(not for a sync attempt timed at the wire: :class:`_Lease`).
 
 Cancelling a losing hedge must close its connection, so the provider stops working on
 it (and billing it). Async: cancelling the task does that (httpx closes the connection
@@ -143,27 +144,12 @@ def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any])
         call.on_response(attempt, response, clock())
 
 
-# httpcore trace events (``<connection|http11|http2>.<step>.<started|complete>``) that time a request.
-_CONNECTING = ("connect_tcp.started", "start_tls.started")
-_CONNECTED = ("connect_tcp.complete", "start_tls.complete")
-_SENDING = "send_request_headers.started"
-_SENT = "send_request_body.complete"
-_ANSWERED = "receive_response_body.complete"
-_UNTIMED = frozenset(
-    f"{layer}.{step}"
-    for layer in ("http11", "http2")
-    for step in (
-        "send_request_headers.complete", "send_request_body.started", "receive_response_headers.started",
-        "receive_response_headers.complete", "receive_response_body.started", "response_closed.started",
-        "response_closed.complete",
-    )
-)  # fmt: skip
-"""Steps that time nothing: 7 of the 10 events of a request on a kept-alive connection, skipped with one
-set look-up (httpcore calls the trace for each; matching each name against the steps above cost more)."""
-
-
 class _Lease:
-    """An httpx client lent to one sync attempt at a time; its sockets can be shut down from any thread."""
+    """An httpx client lent to one sync attempt at a time; its sockets can be shut down from any thread.
+
+    Its connections are made by :class:`_WatchedBackend`, whose streams (:class:`_WireStream`) tell
+    the lease when the attempt's bytes go and come (see :meth:`watch`).
+    """
 
     def __init__(self, key: str, http: Any) -> None:
         self.key = key
@@ -174,13 +160,12 @@ class _Lease:
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.http = http
-        self._watched_connects = _WatchedBackend.install(http, self)
+        self._wired = _WatchedBackend.install(http, self)
         self.attempt: Attempt | None = None  # whose request timing this lease reports (see watch())
         self.clock: Clock = time.monotonic
-        self._sending_since: float | None = None  # the current request's first write began
+        self._sending_since: float | None = None  # the current request's first write began (None: not sending)
         self._connecting: socket.socket | None = None  # a TCP connect in progress (see _WatchedBackend)
         self._reading: tuple[socket.socket, int | None] | None = None  # a read in progress: bytes taken before it
-        http.event_hooks = {"request": [self._on_request]}
 
     def watch(self, attempt: Attempt, clock: Clock) -> None:
         """Report where ``attempt``'s time goes: handshakes, the request leaving, the answer arriving.
@@ -190,123 +175,89 @@ class _Lease:
         a 60 ms provider take 70-95 ms each on 2 cores, a delay no lag probe sees. The times are
         the kernel's where Linux says (``_wire.py``): a thread that waits for the GIL writes its
         request and reads its answer late, but the socket knows when the bytes went and came.
+        A client whose connections are not made by our backend (another httpx or httpcore layout,
+        HTTP/2) reports nothing: the planner then judges the attempt by the lag probes.
         """
-        attempt.io_measured = True
+        attempt.io_measured = self._wired
         self.attempt, self.clock = attempt, clock
         self._sending_since = self._connecting = None  # (a previous attempt's connect may have failed)
-
-    def _on_request(self, request: Any) -> None:
-        # httpcore reports each step of the request (and each new TCP connection) to a "trace"
-        # callback: that is how the sockets of this client (including a reused keep-alive one) are
-        # known, and when the request really left.
-        request.extensions["trace"] = self._trace
 
     def _live_sockets(self) -> list[socket.socket]:
         with self._lock:
             return [s for s in self._sockets if s.fileno() != -1]
 
-    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
-        if event in _UNTIMED:
-            return
+    # -- what the backend and its streams report (in the attempt's own thread) ----------------
+
+    def connecting(self, sock: socket.socket | None) -> None:
+        """A handshake with the provider's host begins (``sock``: a TCP connect, about to call
+        ``connect()``; ``None``: TLS on a connected socket). The provider's side has the time from
+        now on, until the handshake completes; the time before (resolving the name, the GIL after
+        it) was the client's."""
+        self._connecting = sock
         attempt = self.attempt
         if attempt is not None:
-            self._time(attempt, event, info)
-        if not event.endswith(_CONNECTED):
-            return
-        stream = info.get("return_value")
-        if stream is not None:
-            self._watch_reads(stream)
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if isinstance(sock, socket.socket):  # (TLS wraps the TCP socket in a new one, detaching the first)
-            with self._lock:
-                self._sockets = [s for s in self._sockets if s.fileno() != -1]
-                self._sockets.append(sock)
-                aborted = self.aborted
-            if aborted:  # connected after abort() ran: it must not get through either
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _time(self, attempt: Attempt, event: str, info: Mapping[str, Any]) -> None:
-        """Move ``attempt``'s wire times on for one httpcore step (see :func:`._planner._client_time`)."""
-        if event.endswith(_CONNECTING):
             attempt.on_wire = True
-            # A hanging handshake is the provider's side. With our backend, a TCP connect's time
-            # starts at connect() itself (connecting()): resolving the name and the GIL after it are not.
-            if attempt.sent_at is None and not (self._watched_connects and event.endswith("connect_tcp.started")):
+            if attempt.sent_at is None:
                 attempt.connecting_since = self.clock()
-        elif event.endswith(_CONNECTED):
+
+    def connected(self, sock: socket.socket | None, tls: bool) -> None:
+        """The handshake :meth:`connecting` announced completed; ``sock`` carries the connection from now on
+        (``None``: a stream without a socket of its own, e.g. TLS inside a proxy's TLS)."""
+        self._connecting = None
+        attempt = self.attempt
+        if attempt is not None and attempt.connecting_since is not None:  # (else note_wire() timed it already)
             since, attempt.connecting_since = attempt.connecting_since, None
-            self._connecting = None
-            if since is None:  # (note_wire() saw the handshake complete already)
-                return
             now = self.clock()
-            network: float | None = now - since
-            stream = info.get("return_value")
-            sock = stream.get_extra_info("socket") if stream is not None else None
-            if isinstance(sock, socket.socket):
-                rtt = _wire.handshake_s(sock, since, now)
-                if rtt is not None:
-                    # A TCP handshake is one round trip; TLS's takes one or two more.
-                    network = rtt if event.endswith("connect_tcp.complete") else min(now - since, 2 * rtt)
-            attempt.network_s += network or 0.0
-        elif event.endswith(_SENDING):
-            attempt.on_wire = True
+            network = now - since
+            rtt = _wire.handshake_s(sock, since, now) if sock is not None else None
+            if rtt is not None:
+                # A TCP handshake is one round trip; TLS's takes one or two more.
+                network = min(network, 2 * rtt) if tls else rtt
+            attempt.network_s += network
+        if sock is None:
+            return
+        with self._lock:  # (TLS wraps the TCP socket in a new one, detaching the first)
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]
+            self._sockets.append(sock)
+            aborted = self.aborted
+        if aborted:  # connected after abort() ran: it must not get through either
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def writing(self) -> None:
+        """A write of the request begins (the first of a request marks when it began to go out)."""
+        if self._sending_since is None:
             self._sending_since = self.clock()
-        elif event.endswith(_SENT):
+            if self.attempt is not None:
+                self.attempt.on_wire = True
+
+    def reading(self, sock: socket.socket | None) -> None:
+        """A read begins; the first after a request's writes means the whole request has gone."""
+        attempt = self.attempt
+        if attempt is not None and self._sending_since is not None:
             # The provider's clock starts when the last byte of the request left, by the kernel's
             # clock: the thread may have waited for the GIL before the connect, between the headers
             # and the body, or after the write returned.
             now = self.clock()
-            # (Its own sockets, unfiltered and without the lock: only this thread changes the list,
-            # and the kernel's readings skip closed sockets.)
-            left = _wire.last_sent_at(self._sockets, now)
-            floor = self._sending_since if self._sending_since is not None else now
-            attempt.sent_at = now if left is None else min(now, max(floor, left))
+            left = _wire.last_sent_at((sock,), now) if sock is not None else None
+            attempt.sent_at = now if left is None else min(now, max(self._sending_since, left))
             attempt.answered_at = None
-        elif event.endswith(_ANSWERED):
-            # What follows (parsing, litellm's wrapping) is the client's, and so is the wait for
-            # the GIL between the answer's arrival and this thread reading it.
-            now = self.clock()
-            arrived = _wire.last_received_at(self._sockets, now)
-            if arrived is None or arrived > now or (attempt.sent_at is not None and arrived < attempt.sent_at):
-                arrived = now
-            attempt.answered_at = arrived
+        self._sending_since = None
+        # (what the kernel had received and no read had taken yet is for this read too: note_wire())
+        self._reading = (sock, _wire.taken_bytes(sock)) if sock is not None else None
 
-    def connecting(self, sock: socket.socket) -> None:
-        """``sock`` is about to connect (:class:`_WatchedBackend`): the provider's side has the time
-        from now on, until the kernel says the handshake completed. The time before (resolving the
-        name, and the GIL after it) was the client's."""
-        self._connecting = sock
+    def read(self, sock: socket.socket | None, data: bytes) -> None:
+        """A read returned ``data``: the answer (so far) arrived when the kernel received its last
+        bytes. What follows (parsing, litellm's wrapping, the GIL) is the client's."""
+        self._reading = None
         attempt = self.attempt
-        if attempt is not None and attempt.sent_at is None:
-            attempt.connecting_since = self.clock()
-
-    def _watch_reads(self, stream: Any) -> None:
-        """Note when each read of this connection begins and how much the kernel had received by then.
-
-        A thread blocked reading releases the GIL; when the answer comes in (or if it was there
-        already), the read returns in C and the thread then waits for the GIL with the answer out of
-        the socket (so no unread bytes show). The kernel's byte count tells it apart from a read still
-        waiting for the provider: bytes received that no read had taken when this one began are an
-        answer the thread has not got to yet.
-        """
-        read = getattr(stream, "read", None)
-        sock = stream.get_extra_info("socket")
-        if read is None or not isinstance(sock, socket.socket) or getattr(read, "_llm_resilience", False):
+        if attempt is None or attempt.sent_at is None or not data:
             return
-
-        def watched_read(max_bytes: int, timeout: float | None = None) -> bytes:
-            # (what the kernel had received and this read had not taken yet is for this read too)
-            self._reading = (sock, _wire.taken_bytes(sock))
-            try:
-                data: bytes = read(max_bytes, timeout)
-                return data
-            finally:
-                self._reading = None
-
-        watched_read._llm_resilience = True  # type: ignore[attr-defined]
-        with contextlib.suppress(AttributeError):  # a stream class with __slots__: the unread check still works
-            stream.read = watched_read
+        now = self.clock()
+        arrived = _wire.last_received_at((sock,), now) if sock is not None else None
+        if arrived is None or arrived > now or arrived < attempt.sent_at:
+            arrived = now
+        attempt.answered_at = arrived
 
     def note_wire(self) -> None:
         """Bring the attempt's wire times up to what the kernel knows now (called before the planner
@@ -355,13 +306,73 @@ class _Lease:
             self.http.close()
 
 
+class _WireStream:
+    """httpcore's sync network stream, reporting to its lease when a request's bytes go and come.
+
+    httpcore writes a request (headers, then body) and then reads its answer, on whatever connection
+    the pool gives it: the stream sees exactly that, with no help from httpcore (its ``trace``
+    extension would tell the same, at ten callbacks per request, each with a dict and an f-string).
+    """
+
+    __slots__ = ("_inner", "_lease", "_sock")
+
+    def __init__(self, inner: Any, sock: socket.socket | None, lease: weakref.ref[_Lease]) -> None:
+        self._inner = inner
+        self._sock = sock
+        self._lease = lease
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        lease = self._lease()
+        if lease is not None:
+            lease.writing()
+        self._inner.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        lease = self._lease()
+        if lease is None:
+            data: bytes = self._inner.read(max_bytes, timeout)
+            return data
+        lease.reading(self._sock)
+        data = b""
+        try:
+            data = self._inner.read(max_bytes, timeout)
+        finally:
+            lease.read(self._sock, data)
+        return data
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        lease = self._lease()
+        if lease is not None:
+            lease.connecting(None)
+        stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return _WireStream.over(stream, self._lease, tls=True)
+
+    @staticmethod
+    def over(stream: Any, lease_ref: weakref.ref[_Lease], tls: bool) -> _WireStream:
+        """``stream``, a connection that has just completed its handshake, reporting to the lease."""
+        sock = stream.get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            sock = None
+        lease = lease_ref()
+        if lease is not None:
+            lease.connected(sock, tls)
+        return _WireStream(stream, sock, lease_ref)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class _WatchedBackend:
-    """httpcore's sync network backend, except that the lease knows a socket while it connects.
+    """httpcore's sync network backend, except that the lease sees its connections' bytes go and come.
 
     httpcore hands over a new connection's socket only once ``connect()`` has returned *and* the
     thread holds the GIL again: in a thread burst that is hundreds of ms after the handshake
     completed, all of it counted as the provider's. With the socket known from the start, the
-    kernel says when the handshake completed (:meth:`_Lease.note_wire`).
+    kernel says when the handshake completed (:meth:`_Lease.note_wire`). Each connection's stream
+    is a :class:`_WireStream`, which reports the request's writes and the answer's reads.
     """
 
     def __init__(self, lease: _Lease, inner: Any, stream: Callable[[socket.socket], Any]) -> None:
@@ -371,18 +382,27 @@ class _WatchedBackend:
 
     @classmethod
     def install(cls, http: Any, lease: _Lease) -> bool:
-        # httpx builds its httpcore pool without a way to pass a backend; a pool of another shape
-        # (a proxy, another httpx or httpcore version) keeps its own, and its connects are timed
-        # from their return.
-        pool = getattr(getattr(http, "_transport", None), "_pool", None)
-        inner = getattr(pool, "_network_backend", None)
-        if type(pool).__name__ != "ConnectionPool" or type(inner).__name__ != "SyncBackend":
-            return False
+        """Make every connection pool of ``http`` (its own, and a proxy's from the environment) use
+        this backend; ``False`` when one of them cannot (the lease then times nothing)."""
+        # httpx builds its httpcore pools without a way to pass a backend: it is swapped in. A pool
+        # of another shape (another httpx or httpcore version) or speaking HTTP/2 (whose streams
+        # interleave writes and reads of one request: window updates) keeps its own.
         try:
+            import httpcore
             from httpcore._backends.sync import SyncStream
         except ImportError:
             return False
-        pool._network_backend = cls(lease, inner, SyncStream)  # type: ignore[union-attr]
+        transports = [getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()]
+        pools = [getattr(transport, "_pool", None) for transport in transports if transport is not None]
+        if not pools or not all(
+            isinstance(pool, httpcore.ConnectionPool)
+            and type(getattr(pool, "_network_backend", None)).__name__ == "SyncBackend"
+            and not getattr(pool, "_http2", True)
+            for pool in pools
+        ):
+            return False
+        for pool in pools:
+            pool._network_backend = cls(lease, pool._network_backend, SyncStream)  # type: ignore[union-attr]
         return True
 
     def connect_tcp(
@@ -416,7 +436,7 @@ class _WatchedBackend:
                 for option in socket_options or ():
                     sock.setsockopt(*option)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return self._stream(sock)
+                return _WireStream.over(self._stream(sock), self._lease, tls=False)
         except TimeoutError as failed:
             raise httpcore.ConnectTimeout(str(failed)) from failed
         except OSError as failed:
@@ -601,15 +621,17 @@ if _register_thread_exit is not None:
     _register_thread_exit(_abort_daemon_callers_attempts)
 
 
-def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
+def _send_leased(kwargs: dict[str, Any], lease: _Lease | None, lag_probed: bool) -> Any:
     watchdog = monitor().watchdog
-    watchdog.enter()
+    if lag_probed:
+        watchdog.enter()
     try:
         if lease is None:
             return _litellm_calls.completion(**kwargs)
         return _litellm_calls.completion(**kwargs, client=lease.client)
     finally:
-        watchdog.exit()
+        if lag_probed:
+            watchdog.exit()
         if lease is not None:
             _leases.give_back(lease)
 
@@ -627,7 +649,9 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
 
     lease.watch(attempt, clock)
     bound = watchdog.schedule(attempt.bound_at, at_bound) if attempt.bound_at is not None else None
-    watchdog.enter()
+    lag_probed = not attempt.io_measured
+    if lag_probed:
+        watchdog.enter()
     try:
         response = _litellm_calls.completion(**_send_kwargs(attempt), client=lease.client)
     except Exception as error:
@@ -648,7 +672,8 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
             bound.cancel()
         call.on_response(attempt, response, clock())
     finally:
-        watchdog.exit()
+        if lag_probed:
+            watchdog.exit()
         _leases.give_back(lease)
 
 
@@ -690,7 +715,9 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                     if lease is not None:
                         lease.watch(attempt, clock)  # a queued pool thread is the client's time too
                         _pooled[id(lease)] = (lease, threading.current_thread())
-                    running[_thread_pool().submit(_send_leased, kwargs, lease)] = (attempt, lease)
+                    # (the lag probe is for attempts the wire does not time: the planner reads it for no other)
+                    future = _thread_pool().submit(_send_leased, kwargs, lease, not attempt.io_measured)
+                    running[future] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())
                 if not running:  # a retry's backoff

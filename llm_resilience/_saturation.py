@@ -10,8 +10,11 @@ scheduled for a given time.
   ``PROBE_INTERVAL_S``; how late it runs (``loop.time()`` minus its due time) is the time any
   ready callback of that loop waits, e.g. the one that would read the provider's answer.
 * **Threads**: the process-wide :class:`Watchdog` thread (which also enforces the whole-attempt
-  bound of sync calls) ticks at the same interval while sync attempts are in flight; how late
-  it wakes is what a thread waiting for the GIL or a core waits.
+  bound of sync calls) ticks at the same interval while sync attempts that the wire does not time
+  are in flight (a stream, a provider reached without the driver's own client); how late it wakes
+  is what a thread waiting for the GIL or a core waits. An attempt timed at the wire is judged on
+  that measurement alone, so its thread pays for no ticks (each costs the process ~0.1 ms of CPU on
+  a VM, mostly the wake-up: 10 ms of CPU per second of a slow call).
 
 The planner asks :meth:`SaturationMonitor.lag_s` for the worst lag seen during an attempt, and
 :meth:`SaturationMonitor.cold` whether an attempt has ended in this process yet (litellm's first
@@ -267,7 +270,7 @@ class _Deadline:
 
 class Watchdog:
     """One thread per process: runs deadline callbacks (whole-attempt bounds of sync calls) and,
-    while sync attempts are in flight, samples the process's thread scheduling lag.
+    while sync attempts that need it are in flight (:meth:`enter`), samples the process's thread scheduling lag.
 
     Started on first use; it parks on a condition when there is nothing to do.
     """
