@@ -748,6 +748,14 @@ async def _send_async(attempt: Attempt) -> Any:
         probe.exit()
 
 
+def running_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any]:
+    """The task running an ``asyncio.timeout`` scope just entered (it refuses to run outside one)."""
+    task = asyncio.current_task(loop)
+    if task is None:
+        raise RuntimeError("an attempt's timeout scope runs outside a task")
+    return task
+
+
 class _AsyncBound:
     """The loop timer of an attempt awaited inline: asks :meth:`Call.at_bound` when its bound passes.
 
@@ -758,9 +766,11 @@ class _AsyncBound:
     __slots__ = ("attempt", "call", "clock", "handle", "loop", "scope", "task")
     handle: asyncio.TimerHandle
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, call: Call, attempt: Attempt, clock: Clock, scope: Any) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, call: Call, attempt: Attempt, clock: Clock, scope: asyncio.Timeout
+    ) -> None:
         self.loop, self.call, self.attempt, self.clock, self.scope = loop, call, attempt, clock, scope
-        self.task = asyncio.current_task(loop)
+        self.task = running_task(loop)
 
     def arm(self, after_s: float) -> None:
         self.handle = self.loop.call_at(self.loop.time() + after_s, self.fire)
@@ -769,10 +779,7 @@ class _AsyncBound:
         now = self.clock()
         later = self.call.at_bound(self.attempt, now)
         if later is None:  # cut: cancels the request (closing its connection)
-            if self.task is None:
-                self.scope.reschedule(self.loop.time())
-            else:
-                _litellm_calls.expire_after_dispatch(self.task, self.scope)
+            _litellm_calls.expire_after_dispatch(self.task, self.scope)
         else:
             self.arm(later - now)
 

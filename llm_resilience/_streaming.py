@@ -958,17 +958,14 @@ class _TaskReader:
                 if opening:
                     loop = asyncio.get_running_loop()
                     deadline = loop.time() + timeout
-                    task = asyncio.current_task()
-                    if task is None:
-                        scope.reschedule(deadline)
-                    timer = loop.call_at(deadline, _litellm_calls.expire_after_dispatch, task, scope) if task else None
+                    task = _drivers.running_task(loop)
+                    timer = loop.call_at(deadline, _litellm_calls.expire_after_dispatch, task, scope)
                     try:
                         client = _async_client(self._kwargs)
                         extra = {"client": client} if client is not None else {}
                         self._stream = await _litellm_calls.acompletion(**self._kwargs, **extra)
                     finally:
-                        if timer is not None:
-                            timer.cancel()
+                        timer.cancel()
                     scope.reschedule(deadline)  # the first chunk: within the same timeout
                 chunk = await self._stream.__anext__()
         except StopAsyncIteration:
