@@ -274,7 +274,7 @@ class _Lease:
         now = self.clock()
         since, connecting = attempt.connecting_since, self._connecting
         if since is not None and connecting is not None and _wire.established(connecting):
-            attempt.connecting_since = None  # (connect_tcp.complete, when the thread gets there, adds nothing)
+            attempt.connecting_since = None  # (connected(), when the thread gets there, adds nothing)
             attempt.network_s += _wire.handshake_s(connecting, since, now) or 0.0
         if attempt.sent_at is None:
             return
@@ -621,17 +621,15 @@ if _register_thread_exit is not None:
     _register_thread_exit(_abort_daemon_callers_attempts)
 
 
-def _send_leased(kwargs: dict[str, Any], lease: _Lease | None, lag_probed: bool) -> Any:
+def _send_leased(kwargs: dict[str, Any], lease: _Lease | None, timed_at_wire: bool) -> Any:
     watchdog = monitor().watchdog
-    if lag_probed:
-        watchdog.enter()
+    watchdog.enter(timed_at_wire)
     try:
         if lease is None:
             return _litellm_calls.completion(**kwargs)
         return _litellm_calls.completion(**kwargs, client=lease.client)
     finally:
-        if lag_probed:
-            watchdog.exit()
+        watchdog.exit(timed_at_wire)
         if lease is not None:
             _leases.give_back(lease)
 
@@ -649,9 +647,8 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
 
     lease.watch(attempt, clock)
     bound = watchdog.schedule(attempt.bound_at, at_bound) if attempt.bound_at is not None else None
-    lag_probed = not attempt.io_measured
-    if lag_probed:
-        watchdog.enter()
+    timed_at_wire = attempt.io_measured
+    watchdog.enter(timed_at_wire)
     try:
         response = _litellm_calls.completion(**_send_kwargs(attempt), client=lease.client)
     except Exception as error:
@@ -672,8 +669,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
             bound.cancel()
         call.on_response(attempt, response, clock())
     finally:
-        if lag_probed:
-            watchdog.exit()
+        watchdog.exit(timed_at_wire)
         _leases.give_back(lease)
 
 
@@ -715,8 +711,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                     if lease is not None:
                         lease.watch(attempt, clock)  # a queued pool thread is the client's time too
                         _pooled[id(lease)] = (lease, threading.current_thread())
-                    # (the lag probe is for attempts the wire does not time: the planner reads it for no other)
-                    future = _thread_pool().submit(_send_leased, kwargs, lease, not attempt.io_measured)
+                    future = _thread_pool().submit(_send_leased, kwargs, lease, attempt.io_measured)
                     running[future] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())

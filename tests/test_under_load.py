@@ -327,6 +327,21 @@ def test_the_thread_lag_probe_ticks_only_for_sync_attempts_the_wire_does_not_tim
     assert engine.completion("chat", MESSAGES).choices[0].message.content == "measured"
     assert samples.added == before
 
+    # Beside an event loop's attempt it ticks all the same (its wake-ups keep the loop's share of the GIL).
+    answered: list[str] = []
+    beside = threading.Thread(
+        target=lambda: answered.append(asyncio.run(engine.acompletion("chat", MESSAGES)).choices[0].message.content)
+    )
+    sent = big.request_count
+    beside.start()
+    assert wait_until(lambda: big.request_count > sent)
+    assert engine.completion("chat", MESSAGES).choices[0].message.content == "measured"
+    beside.join(10)
+    assert answered == ["measured"]
+    assert samples.added - before >= 5, "the watchdog did not tick while an event loop's attempt ran beside"
+    time.sleep(0.05)
+    before = samples.added
+
     # Through an HTTP session the application gave litellm, the driver has no client of its own to
     # time: the watchdog samples the threads' lag for the planner.
     monkeypatch.setattr(litellm, "client_session", httpx.Client())
