@@ -16,8 +16,7 @@ for sync, the process's watchdog thread (``_saturation.Watchdog``), which shuts 
 sockets of the attempt's leased client (below). A sync attempt whose provider cannot take
 our client runs in a worker thread instead, so that the caller's wait is still bounded (the
 worker ends at litellm's per-read timeout). Both drivers report to the saturation monitor
-which attempts it must judge are in flight, so it samples scheduling lag only while it matters
-(not for a sync attempt timed at the wire: :class:`_Lease`).
+which attempts are in flight, so it samples scheduling lag only while it matters.
 
 Cancelling a losing hedge must close its connection, so the provider stops working on
 it (and billing it). Async: cancelling the task does that (httpx closes the connection
@@ -621,15 +620,15 @@ if _register_thread_exit is not None:
     _register_thread_exit(_abort_daemon_callers_attempts)
 
 
-def _send_leased(kwargs: dict[str, Any], lease: _Lease | None, timed_at_wire: bool) -> Any:
+def _send_leased(kwargs: dict[str, Any], lease: _Lease | None) -> Any:
     watchdog = monitor().watchdog
-    watchdog.enter(timed_at_wire)
+    watchdog.enter()
     try:
         if lease is None:
             return _litellm_calls.completion(**kwargs)
         return _litellm_calls.completion(**kwargs, client=lease.client)
     finally:
-        watchdog.exit(timed_at_wire)
+        watchdog.exit()
         if lease is not None:
             _leases.give_back(lease)
 
@@ -647,8 +646,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
 
     lease.watch(attempt, clock)
     bound = watchdog.schedule(attempt.bound_at, at_bound) if attempt.bound_at is not None else None
-    timed_at_wire = attempt.io_measured
-    watchdog.enter(timed_at_wire)
+    watchdog.enter()
     try:
         response = _litellm_calls.completion(**_send_kwargs(attempt), client=lease.client)
     except Exception as error:
@@ -669,7 +667,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
             bound.cancel()
         call.on_response(attempt, response, clock())
     finally:
-        watchdog.exit(timed_at_wire)
+        watchdog.exit()
         _leases.give_back(lease)
 
 
@@ -711,8 +709,7 @@ def run_sync(call: Call, clock: Clock = time.monotonic) -> Any:
                     if lease is not None:
                         lease.watch(attempt, clock)  # a queued pool thread is the client's time too
                         _pooled[id(lease)] = (lease, threading.current_thread())
-                    future = _thread_pool().submit(_send_leased, kwargs, lease, attempt.io_measured)
-                    running[future] = (attempt, lease)
+                    running[_thread_pool().submit(_send_leased, kwargs, lease)] = (attempt, lease)
             elif isinstance(action, Wait):
                 timeout = None if action.until is None else max(0.0, action.until - clock())
                 if not running:  # a retry's backoff

@@ -10,12 +10,8 @@ scheduled for a given time.
   ``PROBE_INTERVAL_S``; how late it runs (``loop.time()`` minus its due time) is the time any
   ready callback of that loop waits, e.g. the one that would read the provider's answer.
 * **Threads**: the process-wide :class:`Watchdog` thread (which also enforces the whole-attempt
-  bound of sync calls) ticks at the same interval while a sync attempt that the wire does not time
-  is in flight (a stream, a provider reached without the driver's own client), or sync attempts
-  beside an event loop's (:meth:`Watchdog.loop_entered`); how late it wakes is what a thread waiting
-  for the GIL or a core waits. A sync attempt timed at the wire is judged on that measurement alone,
-  so a process of threads whose calls all are pays for no ticks while they wait (each costs ~0.1 ms
-  of CPU on a VM, mostly the wake-up: 10 ms of CPU per second of a slow call).
+  bound of sync calls) ticks at the same interval while sync attempts are in flight; how late
+  it wakes is what a thread waiting for the GIL or a core waits.
 
 The planner asks :meth:`SaturationMonitor.lag_s` for the worst lag seen during an attempt, and
 :meth:`SaturationMonitor.cold` whether an attempt has ended in this process yet (litellm's first
@@ -217,29 +213,21 @@ def _ran(sample: tuple[float, ...]) -> float:
 
 
 class _LoopProbe:
-    """Lag probe of one event loop; runs only while attempts are in flight on it.
+    """Lag probe of one event loop; runs only while attempts are in flight on it."""
 
-    While it runs beside sync attempts, the process's watchdog ticks (:meth:`Watchdog.loop_entered`).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, watchdog: Watchdog) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.active = 0
         self.samples = _Samples()
         self._handle: asyncio.TimerHandle | None = None
-        self._watchdog = watchdog
 
     def enter(self) -> None:
         self.active += 1
-        if self.active == 1:
-            self._watchdog.loop_entered()
         if self._handle is None:
             self._schedule()
 
     def exit(self) -> None:
         self.active -= 1
-        if self.active == 0:
-            self._watchdog.loop_left()
 
     def _schedule(self) -> None:
         due = self.loop.time() + PROBE_INTERVAL_S
@@ -279,7 +267,7 @@ class _Deadline:
 
 class Watchdog:
     """One thread per process: runs deadline callbacks (whole-attempt bounds of sync calls) and,
-    while attempts that need it are in flight (:meth:`enter`), samples the process's thread scheduling lag.
+    while sync attempts are in flight, samples the process's thread scheduling lag.
 
     Started on first use; it parks on a condition when there is nothing to do.
     """
@@ -288,9 +276,7 @@ class Watchdog:
         self.clock = clock
         self.samples = _Samples()
         self._heap: list[_Deadline] = []
-        self._active = 0  # sync attempts in flight that the wire does not time: the thread ticks while > 0
-        self._wire_timed = 0  # sync attempts in flight that it does
-        self._loops = 0  # event loops with attempts in flight
+        self._active = 0  # sync attempts in flight: the thread ticks while > 0
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never)
@@ -300,7 +286,7 @@ class Watchdog:
         entry = _Deadline(at, callback)
         with self._cond:
             heap = self._heap
-            if len(heap) > 256 and len(heap) > 4 * (self._active + self._wire_timed) + 64:
+            if len(heap) > 256 and len(heap) > 4 * self._active + 64:
                 # Bounds that were cancelled (the usual case: the attempt answered) pile up until
                 # their time; drop them now and then rather than on every cancel.
                 heap[:] = [e for e in heap if not e.done]
@@ -311,51 +297,24 @@ class Watchdog:
                 self._cond.notify()
         return entry
 
-    def enter(self, timed_at_wire: bool = False) -> None:
-        """A sync attempt starts: sample thread lag while it runs, unless the wire times it (its
-        planner then reads no samples) and no event loop of the process has attempts in flight."""
-        with self._cond:
-            if timed_at_wire:
-                self._wire_timed += 1
-            else:
-                self._active += 1
-            self._tick_now()
+    def enter(self) -> None:
+        """A sync attempt starts: sample thread lag while it runs.
 
-    def exit(self, timed_at_wire: bool = False) -> None:
-        with self._cond:
-            if timed_at_wire:
-                self._wire_timed -= 1
-            else:
-                self._active -= 1
-
-    def loop_entered(self) -> None:
-        """An event loop has attempts in flight (again).
-
-        Beside sync attempts, the ticks go on even when the wire times them all: the loop's
-        attempts read these samples too (:meth:`SaturationMonitor.delay_s`), and the watchdog's
-        wake-ups keep the loop's share of the GIL. In the 32-threads-plus-500-tasks shape
-        (``benchmarks/mixed_callers.py``, run after bare litellm's runs in the same process), with
-        the watchdog idle the loop's calls fell from 39 to 6-22 per second, the threads' rose from
-        53 to 67-88.
+        Also while the wire times the attempt, though its planner then reads no samples: the ticks
+        keep an event loop's share of the GIL beside busy threads (any loop of the process, running
+        our calls or not). In the 32-threads-plus-500-tasks shape (``benchmarks/mixed_callers.py``),
+        with the watchdog idle for such attempts the loop's calls fell from 39 to 6-22 per second and
+        the threads' rose from 53 to 67-88; a loop of bare litellm calls beside them fell from 40 to 30.
         """
         with self._cond:
-            self._loops += 1
-            self._tick_now()
+            self._active += 1
+            self._ensure_thread()
+            if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
+                self._cond.notify()
 
-    def loop_left(self) -> None:
+    def exit(self) -> None:
         with self._cond:
-            self._loops -= 1
-
-    def _ticking(self) -> bool:
-        return self._active > 0 or (self._wire_timed > 0 and self._loops > 0)
-
-    def _tick_now(self) -> None:
-        # (with the lock held) wake the thread if it should tick and would not wake in time by itself
-        if not self._ticking():
-            return
-        self._ensure_thread()
-        if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
-            self._cond.notify()
+            self._active -= 1
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -373,7 +332,7 @@ class Watchdog:
                 while heap and heap[0].at <= now:
                     due.append(heapq.heappop(heap))
                 if not due:
-                    tick = now + PROBE_INTERVAL_S if self._ticking() else None
+                    tick = now + PROBE_INTERVAL_S if self._active > 0 else None
                     wake = heap[0].at if heap else None
                     if tick is not None and (wake is None or tick < wake):
                         wake = tick
@@ -425,7 +384,7 @@ class SaturationMonitor:
         loop = asyncio.get_running_loop()
         probe = self._loops.get(loop)
         if probe is None:
-            probe = self._loops[loop] = _LoopProbe(loop, self.watchdog)
+            probe = self._loops[loop] = _LoopProbe(loop)
         return probe
 
     def delay_s(self, since: float, now: float) -> float:

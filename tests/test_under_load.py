@@ -23,14 +23,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import litellm
 import pytest
 from conftest import MESSAGES, Caller, EngineFactory, PolicyBuilder, hidden, model_entry, outcomes, wait_until
 
 from llm_resilience import AllAttemptsFailed, AttemptRecord, Hook, Resilience
 from llm_resilience._breakers import ProbeTicket
-from llm_resilience._saturation import monitor
 from llm_resilience.testing import Behavior, FakeProvider, provider_process
 
 TRICKLE = Behavior(trickle_byte_s=0.05)  # headers at once, then one byte every 50 ms: ~20 s for the body
@@ -312,42 +310,6 @@ def test_thread_bursts_against_healthy_providers_open_no_breaker(make_engine: En
             results = _thread_burst(engine, threads)
             assert len(results) == threads and all(isinstance(r, str) for r in results), results
             assert set(engine.breaker_states().values()) == {"closed"}, counted.records[:6]
-
-
-def test_the_thread_lag_probe_ticks_only_for_sync_attempts_the_wire_does_not_time(
-    make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A tick wakes the watchdog every 10 ms (~0.1 ms of CPU each on a VM): 30 of them for a 300 ms
-    # call, though the planner judges an attempt timed at the wire by the wire alone.
-    big.set(Behavior.slow(0.3, "measured"))
-    engine = make_engine(policy_dict(["big"], timeout_s=2.0, deadline_s=4.0))
-    samples = monitor().watchdog.samples
-    time.sleep(0.05)  # a tick still due for an earlier test's attempt
-    before = samples.added
-    assert engine.completion("chat", MESSAGES).choices[0].message.content == "measured"
-    assert samples.added == before
-
-    # Beside an event loop's attempt it ticks all the same (its wake-ups keep the loop's share of the GIL).
-    answered: list[str] = []
-    beside = threading.Thread(
-        target=lambda: answered.append(asyncio.run(engine.acompletion("chat", MESSAGES)).choices[0].message.content)
-    )
-    sent = big.request_count
-    beside.start()
-    assert wait_until(lambda: big.request_count > sent)
-    assert engine.completion("chat", MESSAGES).choices[0].message.content == "measured"
-    beside.join(10)
-    assert answered == ["measured"]
-    assert samples.added - before >= 5, "the watchdog did not tick while an event loop's attempt ran beside"
-    time.sleep(0.05)
-    before = samples.added
-
-    # Through an HTTP session the application gave litellm, the driver has no client of its own to
-    # time: the watchdog samples the threads' lag for the planner.
-    monkeypatch.setattr(litellm, "client_session", httpx.Client())
-    response = engine.completion("chat", MESSAGES)
-    assert response.choices[0].message.content == "measured"
-    assert samples.added - before >= 5, "the watchdog did not tick while the unmeasured attempt ran"
 
 
 # -- a call that fails without sending anything still yields to the event loop -------------------
