@@ -305,13 +305,9 @@ class _Lease:
             self.http.close()
 
 
-class _WireStream:
-    """httpcore's sync network stream, reporting to its lease when a request's bytes go and come.
-
-    httpcore writes a request (headers, then body) and then reads its answer, on whatever connection
-    the pool gives it: the stream sees exactly that, with no help from httpcore (its ``trace``
-    extension would tell the same, at ten callbacks per request, each with a dict and an f-string).
-    """
+class _SocketStream:
+    """httpcore's sync network stream, showing its lease the socket it runs on (a TLS upgrade brings a
+    new one), so that :meth:`_Lease.abort` can shut it down from another thread."""
 
     __slots__ = ("_inner", "_lease", "_sock")
 
@@ -319,6 +315,48 @@ class _WireStream:
         self._inner = inner
         self._sock = sock
         self._lease = lease
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data: bytes = self._inner.read(max_bytes, timeout)
+        return data
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        lease = self._lease()
+        if lease is not None:
+            lease.connecting(None)
+        stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return type(self).over(stream, self._lease, tls=True)
+
+    @classmethod
+    def over(cls, stream: Any, lease_ref: weakref.ref[_Lease], tls: bool) -> _SocketStream:
+        """``stream``, a connection that has just completed its handshake, shown to the lease."""
+        sock = stream.get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            sock = None
+        lease = lease_ref()
+        if lease is not None:
+            lease.connected(sock, tls)
+        return cls(stream, sock, lease_ref)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _WireStream(_SocketStream):
+    """A :class:`_SocketStream` that also reports to its lease when a request's bytes go and come.
+
+    httpcore writes a request (headers, then body) and then reads its answer, on whatever connection
+    the pool gives it: the stream sees exactly that, with no help from httpcore (its ``trace``
+    extension would tell the same, at ten callbacks per request, each with a dict and an f-string).
+    """
+
+    __slots__ = ()
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         lease = self._lease()
@@ -339,30 +377,6 @@ class _WireStream:
             lease.read(self._sock, data)
         return data
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
-        lease = self._lease()
-        if lease is not None:
-            lease.connecting(None)
-        stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
-        return _WireStream.over(stream, self._lease, tls=True)
-
-    @staticmethod
-    def over(stream: Any, lease_ref: weakref.ref[_Lease], tls: bool) -> _WireStream:
-        """``stream``, a connection that has just completed its handshake, reporting to the lease."""
-        sock = stream.get_extra_info("socket")
-        if not isinstance(sock, socket.socket):
-            sock = None
-        lease = lease_ref()
-        if lease is not None:
-            lease.connected(sock, tls)
-        return _WireStream(stream, sock, lease_ref)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
 
 class _WatchedBackend:
     """httpcore's sync network backend, except that the lease sees its connections' bytes go and come.
@@ -371,21 +385,27 @@ class _WatchedBackend:
     thread holds the GIL again: in a thread burst that is hundreds of ms after the handshake
     completed, all of it counted as the provider's. With the socket known from the start, the
     kernel says when the handshake completed (:meth:`_Lease.note_wire`). Each connection's stream
-    is a :class:`_WireStream`, which reports the request's writes and the answer's reads.
+    is a :class:`_WireStream`, which reports the request's writes and the answer's reads (a
+    :class:`_SocketStream`, which reports its sockets only, on a pool the lease does not time).
     """
 
-    def __init__(self, lease: _Lease, inner: Any, stream: Callable[[socket.socket], Any]) -> None:
+    def __init__(
+        self, lease: _Lease, inner: Any, stream: Callable[[socket.socket], Any], wrap: type[_SocketStream]
+    ) -> None:
         self._lease = weakref.ref(lease)  # the lease owns the client that owns this backend
         self._inner = inner
         self._stream = stream
+        self._wrap = wrap
 
     @classmethod
     def install(cls, http: Any, lease: _Lease) -> bool:
         """Make every connection pool of ``http`` (its own, and a proxy's from the environment) use
-        this backend; ``False`` when one of them cannot (the lease then times nothing)."""
+        this backend. Whether the lease times the wire: ``False`` when a pool cannot take the
+        backend, or speaks HTTP/2 (whose streams interleave the writes and reads of several
+        requests: window updates). Where the backend is in, the lease sees every socket, timed or not:
+        :meth:`_Lease.abort` needs them (without them a body trickling in outlives the deadline)."""
         # httpx builds its httpcore pools without a way to pass a backend: it is swapped in. A pool
-        # of another shape (another httpx or httpcore version) or speaking HTTP/2 (whose streams
-        # interleave writes and reads of one request: window updates) keeps its own.
+        # of another shape (another httpx or httpcore version) keeps its own.
         try:
             import httpcore
             from httpcore._backends.sync import SyncStream
@@ -393,16 +413,17 @@ class _WatchedBackend:
             return False
         transports = [getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()]
         pools = [getattr(transport, "_pool", None) for transport in transports if transport is not None]
-        if not pools or not all(
-            isinstance(pool, httpcore.ConnectionPool)
-            and type(getattr(pool, "_network_backend", None)).__name__ == "SyncBackend"
-            and not getattr(pool, "_http2", True)
+        known = [
+            pool
             for pool in pools
-        ):
-            return False
-        for pool in pools:
-            pool._network_backend = cls(lease, pool._network_backend, SyncStream)  # type: ignore[union-attr]
-        return True
+            if isinstance(pool, httpcore.ConnectionPool)
+            and type(getattr(pool, "_network_backend", None)).__name__ == "SyncBackend"
+        ]
+        timed = bool(pools) and len(known) == len(pools) and not any(getattr(p, "_http2", True) for p in known)
+        for pool in known:
+            wrap = _WireStream if timed else _SocketStream
+            pool._network_backend = cls(lease, pool._network_backend, SyncStream, wrap)  # type: ignore[assignment]
+        return timed
 
     def connect_tcp(
         self,
@@ -435,7 +456,7 @@ class _WatchedBackend:
                 for option in socket_options or ():
                     sock.setsockopt(*option)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return _WireStream.over(self._stream(sock), self._lease, tls=False)
+                return self._wrap.over(self._stream(sock), self._lease, tls=False)
         except TimeoutError as failed:
             raise httpcore.ConnectTimeout(str(failed)) from failed
         except OSError as failed:
@@ -645,8 +666,7 @@ def _run_inline(call: Call, attempt: Attempt, lease: _Lease, clock: Clock) -> No
         return later
 
     lease.watch(attempt, clock)
-    bound = watchdog.schedule(attempt.bound_at, at_bound) if attempt.bound_at is not None else None
-    watchdog.enter()
+    bound = watchdog.enter(attempt.bound_at, at_bound)
     try:
         response = _litellm_calls.completion(**_send_kwargs(attempt), client=lease.client)
     except Exception as error:

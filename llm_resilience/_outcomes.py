@@ -163,6 +163,22 @@ def _transport_failure(exc: BaseException) -> str | None:
     return None
 
 
+def hidden_params(response: Any) -> dict[str, Any] | None:
+    """litellm's ``_hidden_params`` dict of ``response`` (``None``: it has none).
+
+    On litellm's pydantic responses it is a private attribute, and reading it the ordinary way
+    misses twice inside pydantic's ``__getattr__`` (two ``AttributeError``s raised and caught:
+    ~5 µs, a fifth of what the layer adds to a call). Its slot is read directly instead.
+    """
+    private = getattr(response, "__pydantic_private__", None)
+    if isinstance(private, dict):
+        hidden = private.get("_hidden_params")
+        if isinstance(hidden, dict):
+            return hidden
+    hidden = getattr(response, "_hidden_params", None)
+    return hidden if isinstance(hidden, dict) else None
+
+
 @dataclass
 class AttemptRecord:
     """One step of a call: a request sent to a model, or a model skipped.

@@ -34,7 +34,7 @@ from ._breakers import CLOSED, OPEN, Admission, BreakerRegistry, ProbeTicket
 from ._budget import Budgets
 from ._exceptions import AllAttemptsFailed, LLMResilienceError, UnknownPromptClass
 from ._hooks import HookSet
-from ._outcomes import AttemptRecord, classify_error
+from ._outcomes import AttemptRecord, classify_error, hidden_params
 from ._policy import ModelSpec, Policy, PromptClass, ResolvedRoute, caller_timeout_class
 from ._saturation import NotSaturated, SaturationSignal
 
@@ -1483,7 +1483,7 @@ def retry_after_s(error: BaseException | None) -> float | None:
 
 
 def _attach_summary(response: Any, call: Call) -> None:
-    hidden = getattr(response, "_hidden_params", None)
+    hidden = hidden_params(response)
     if hidden is None:
         try:
             response._hidden_params = hidden = {}

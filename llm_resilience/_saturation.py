@@ -281,45 +281,48 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._wake_at: float | None = None  # when the parked thread wakes by itself (None: never)
 
-    def schedule(self, at: float, callback: Callable[[float], float | None]) -> _Deadline:
-        """Run ``callback(now)`` at ``at`` (monotonic); cancel with the returned entry's ``cancel()``."""
-        entry = _Deadline(at, callback)
-        with self._cond:
-            heap = self._heap
-            if len(heap) > 256 and len(heap) > 4 * self._active + 64:
-                # Bounds that were cancelled (the usual case: the attempt answered) pile up until
-                # their time; drop them now and then rather than on every cancel.
-                heap[:] = [e for e in heap if not e.done]
-                heapq.heapify(heap)
-            heapq.heappush(heap, entry)
-            self._ensure_thread()
-            if self._wake_at is None or at < self._wake_at:  # earlier than the thread will wake: wake it
-                self._cond.notify()
-        return entry
+    def enter(
+        self, at: float | None = None, callback: Callable[[float], float | None] | None = None
+    ) -> _Deadline | None:
+        """A sync attempt starts: sample thread lag while it runs, and run ``callback(now)`` at ``at``
+        (monotonic; its bound) unless the returned entry's ``cancel()`` comes first. Pair with :meth:`exit`.
 
-    def enter(self) -> None:
-        """A sync attempt starts: sample thread lag while it runs.
+        One lock and at most one wake-up of the thread for both: waking it costs about a tick.
 
-        Also while the wire times the attempt, though its planner then reads no samples: the ticks
+        Ticks also while the wire times the attempt, though its planner then reads no samples: the ticks
         keep an event loop's share of the GIL beside busy threads (any loop of the process, running
         our calls or not). In the 32-threads-plus-500-tasks shape (``benchmarks/mixed_callers.py``),
         with the watchdog idle for such attempts the loop's calls fell from 39 to 6-22 per second and
         the threads' rose from 53 to 67-88; a loop of bare litellm calls beside them fell from 40 to 30.
         """
+        entry = _Deadline(at, callback) if at is not None and callback is not None else None
         with self._cond:
             self._active += 1
-            self._ensure_thread()
-            if self._wake_at is None or self._wake_at > self.clock() + 2 * PROBE_INTERVAL_S:
+            if entry is not None:
+                heap = self._heap
+                if len(heap) > 256 and len(heap) > 4 * self._active + 64:
+                    # Bounds that were cancelled (the usual case: the attempt answered) pile up until
+                    # their time; drop them now and then rather than on every cancel.
+                    heap[:] = [e for e in heap if not e.done]
+                    heapq.heapify(heap)
+                heapq.heappush(heap, entry)
+            if self._thread is None:
+                self._start_thread()
+            # Woken if it would not tick soon enough, or not by the new bound.
+            needed_by = self.clock() + 2 * PROBE_INTERVAL_S
+            if entry is not None and entry.at < needed_by:
+                needed_by = entry.at
+            if self._wake_at is None or self._wake_at > needed_by:
                 self._cond.notify()
+        return entry
 
     def exit(self) -> None:
         with self._cond:
             self._active -= 1
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="llm-resilience-watchdog", daemon=True)
-            self._thread.start()
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llm-resilience-watchdog", daemon=True)
+        self._thread.start()
 
     def _run(self) -> None:
         cond, heap = self._cond, self._heap

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._hooks import Hook
-from ._outcomes import AttemptRecord
+from ._outcomes import AttemptRecord, hidden_params
 from ._planner import Call
 
 log = logging.getLogger("llm_resilience")
@@ -678,7 +678,7 @@ def _response_attributes(attrs: dict[str, Any], response: Any, spec: Any, record
             spec.output_cost_per_token or 0.0
         )
     else:
-        hidden = getattr(response, "_hidden_params", None) or {}
+        hidden = hidden_params(response) or {}
         cost = hidden.get("response_cost")
     if isinstance(cost, int | float):
         attrs[f"{NS}.cost_usd"] = float(f"{cost:.6g}")  # 9.75e-05, not 9.750000000000001e-05
