@@ -729,7 +729,11 @@ class Call:
         if spec.adhoc:  # the caller's own model string: its endpoint arguments are the caller's to give
             kwargs = dict(self._base_kwargs)
         else:
-            kwargs = {key: v for key, v in self._base_kwargs.items() if not _is_endpoint_kwarg(key)}
+            kwargs = {
+                key: v
+                for key, v in self._base_kwargs.items()
+                if key not in _ENDPOINT_KWARGS and not key.startswith(_ENDPOINT_PREFIXES)  # (inline: a call per key)
+            }
         kwargs.update(params)
         if isinstance(kwargs.get("metadata"), dict):
             # litellm writes into `metadata` (timings, hidden params): each attempt gets its own copy,
@@ -1508,7 +1512,3 @@ def content_text(content: Any) -> str:
             str(part.get("text", "")) for part in content if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return ""
-
-
-def _is_endpoint_kwarg(key: str) -> bool:
-    return key in _ENDPOINT_KWARGS or key.startswith(_ENDPOINT_PREFIXES)

@@ -54,11 +54,12 @@ def _u32(info: bytes | None, offset: int) -> int | None:
 
 
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 
 
 def _ms_since(sock: socket.socket, offset: int) -> float | None:
-    # _tcp_info and _u32 in one: this runs twice on every sync attempt (when its request left, when
-    # its answer came), where three Python calls cost more than the system call.
+    # _tcp_info and _u32 in one: this runs on every sync attempt (when its answer came), where
+    # three Python calls cost more than the system call.
     if _TCP_INFO is None:
         return None
     try:
@@ -78,10 +79,18 @@ def received_bytes(sock: socket.socket) -> int | None:
     return int(struct.unpack_from("=Q", info, _BYTES_RECEIVED)[0])
 
 
-def taken_bytes(sock: socket.socket) -> int | None:
-    """How many of the bytes received on ``sock`` a read has taken from the kernel so far (``None``: unknown)."""
-    received = received_bytes(sock)
-    return None if received is None else received - _unread(sock)
+def read_begins(sock: socket.socket, now: float) -> tuple[float | None, int | None]:
+    """What a read on ``sock`` that begins ``now`` needs, from one ``TCP_INFO``: when (on ``now``'s
+    clock) the kernel last sent data on it (the request's last byte, once a request was written),
+    and how many of the bytes received so far reads have taken (received, less what sits unread).
+    Each ``None`` where the OS does not say. This runs on every sync attempt: one system call for both."""
+    info = _tcp_info(sock)
+    if info is None:
+        return None, None
+    size = len(info)
+    left = now - _U32.unpack_from(info, _LAST_DATA_SENT)[0] / 1000.0 if size >= _LAST_DATA_SENT + 4 else None
+    taken = _U64.unpack_from(info, _BYTES_RECEIVED)[0] - _unread(sock) if size >= _BYTES_RECEIVED + 8 else None
+    return left, taken
 
 
 def established(sock: socket.socket) -> bool | None:
@@ -124,9 +133,10 @@ def _unread(sock: socket.socket) -> int:
     return int.from_bytes(buf, sys.byteorder)
 
 
-def last_sent_at(sockets: Iterable[socket.socket], now: float) -> float | None:
-    """When (on ``now``'s clock) the kernel last sent data on any of ``sockets``."""
-    return _latest(sockets, now, _LAST_DATA_SENT)
+def received_at(sock: socket.socket, now: float) -> float | None:
+    """When (on ``now``'s clock) the kernel last received data on ``sock``."""
+    ms = _ms_since(sock, _LAST_DATA_RECV)
+    return None if ms is None else now - ms / 1000.0
 
 
 def last_received_at(sockets: Iterable[socket.socket], now: float) -> float | None:

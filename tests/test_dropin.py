@@ -15,7 +15,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 import llm_resilience
 from llm_resilience import Resilience
-from llm_resilience.testing import Behavior, FakeProvider
+from llm_resilience.testing import Behavior, FakeProvider, credential_digest
 
 
 def test_unknown_litellm_model_string_is_a_one_model_route(call: Caller, engine: Resilience, big: FakeProvider) -> None:
@@ -29,6 +29,29 @@ def test_unknown_litellm_model_string_is_a_one_model_route(call: Caller, engine:
     summary = hidden(response)
     assert (summary["route"], summary["model"]) == ("openai/some-model", "openai/some-model")
     assert outcomes(response) == [("openai/some-model", "success", None)]
+
+
+def test_an_ad_hoc_model_follows_the_openai_environment_from_call_to_call(
+    call: Caller, engine: Resilience, big: FakeProvider, small: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As litellm does: OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_ORGANIZATION are read on every call,
+    # so a key rotated (or an endpoint moved) between two calls is the one the next call sends.
+    monkeypatch.setenv("OPENAI_BASE_URL", big.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-first")
+    call(engine, "openai/some-model", MESSAGES)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-rotated")
+    monkeypatch.setenv("OPENAI_ORGANIZATION", "org-ops")
+    call(engine, "openai/some-model", MESSAGES)
+    monkeypatch.setenv("OPENAI_BASE_URL", small.base_url)
+    call(engine, "openai/some-model", MESSAGES)
+
+    assert [r.credential_sha256 for r in big.requests] == [
+        credential_digest("Bearer sk-first"),
+        credential_digest("Bearer sk-rotated"),
+    ]
+    assert "openai-organization" not in big.requests[0].headers
+    assert big.requests[1].headers["openai-organization"] == "org-ops"
+    assert [r.credential_sha256 for r in small.requests] == [credential_digest("Bearer sk-rotated")]
 
 
 def test_model_name_from_models_section_is_a_one_model_route(
