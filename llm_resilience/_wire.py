@@ -76,7 +76,7 @@ def received_bytes(sock: socket.socket) -> int | None:
     info = _tcp_info(sock)
     if info is None or len(info) < _BYTES_RECEIVED + 8:
         return None
-    return int(struct.unpack_from("=Q", info, _BYTES_RECEIVED)[0])
+    return int(_U64.unpack_from(info, _BYTES_RECEIVED)[0])
 
 
 def read_begins(sock: socket.socket, now: float) -> tuple[float | None, int | None]:

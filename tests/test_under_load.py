@@ -49,9 +49,20 @@ def test_the_deadline_holds_while_the_body_trickles(
     assert outcomes(failed.value.attempts) == [("big", "failure", "timeout")]
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2-on"])
 def test_the_attempt_timeout_holds_while_the_body_trickles_and_the_next_model_answers(
-    call: Caller, make_engine: EngineFactory, policy_dict: PolicyBuilder, big: FakeProvider, small: FakeProvider
+    call: Caller,
+    make_engine: EngineFactory,
+    policy_dict: PolicyBuilder,
+    big: FakeProvider,
+    small: FakeProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    http2: bool,
 ) -> None:
+    if http2:
+        # LITELLM_HTTP2 makes litellm's (and so the leases') clients HTTP/2-capable: the driver cannot time
+        # those requests on the wire, but it must still cut the attempt off (it went on for ~20 s before).
+        monkeypatch.setenv("LITELLM_HTTP2", "true")
     big.set(TRICKLE)
     engine = make_engine(policy_dict(["big", "small"], timeout_s=0.5, deadline_s=5.0))
 
@@ -61,6 +72,8 @@ def test_the_attempt_timeout_holds_while_the_body_trickles_and_the_next_model_an
     assert time.monotonic() - started < 0.5 + SLACK_S
     assert outcomes(response) == [("big", "failure", "timeout"), ("small", "success", None)]
     assert big.wait_idle(2.0) and big.disconnects == 1  # the trickling connection was closed, not left running
+    big.set(Behavior())  # recovered: answered on the same clients
+    assert outcomes(call(engine, "chat", MESSAGES)) == [("big", "success", None)]
 
 
 def test_the_callers_timeout_holds_while_the_body_trickles(
@@ -74,30 +87,6 @@ def test_the_callers_timeout_holds_while_the_body_trickles(
         call(engine, "chat", MESSAGES, timeout=1.0)
 
     assert time.monotonic() - started < 1.0 + SLACK_S
-
-
-def test_with_http2_switched_on_the_attempt_timeout_still_holds_while_the_body_trickles(
-    call: Caller,
-    make_engine: EngineFactory,
-    policy_dict: PolicyBuilder,
-    big: FakeProvider,
-    small: FakeProvider,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # LITELLM_HTTP2 makes litellm's (and so the leases') clients HTTP/2-capable: the driver cannot time
-    # those requests on the wire, but it must still cut the attempt off (it went on for ~20 s before).
-    monkeypatch.setenv("LITELLM_HTTP2", "true")
-    big.set(TRICKLE)
-    engine = make_engine(policy_dict(["big", "small"], timeout_s=0.5, deadline_s=5.0))
-
-    started = time.monotonic()
-    response = call(engine, "chat", MESSAGES)
-
-    assert time.monotonic() - started < 0.5 + SLACK_S
-    assert outcomes(response) == [("big", "failure", "timeout"), ("small", "success", None)]
-    assert big.wait_idle(2.0) and big.disconnects == 1  # the trickling connection was closed, not left running
-    big.set(Behavior())  # recovered: answered on those clients as on any other
-    assert outcomes(call(engine, "chat", MESSAGES)) == [("big", "success", None)]
 
 
 def test_a_hedged_sync_call_where_every_model_trickles_ends_at_the_deadline(
