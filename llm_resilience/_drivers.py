@@ -146,8 +146,8 @@ def _settle(call: Call, attempt: Attempt, clock: Clock, send: Callable[[], Any])
 class _Lease:
     """An httpx client lent to one sync attempt at a time; its sockets can be shut down from any thread.
 
-    Its connections are made by :class:`_WatchedBackend`, whose streams (:class:`_WireStream`) tell
-    the lease when the attempt's bytes go and come (see :meth:`watch`).
+    Its connections are made by :class:`_WatchedBackend`, whose streams show the lease their sockets
+    and (:class:`_WireStream`, not on HTTP/2) when the attempt's bytes go and come (see :meth:`watch`).
     """
 
     def __init__(self, key: str, http: Any) -> None:
@@ -420,8 +420,8 @@ class _WatchedBackend:
             and type(getattr(pool, "_network_backend", None)).__name__ == "SyncBackend"
         ]
         timed = bool(pools) and len(known) == len(pools) and not any(getattr(p, "_http2", True) for p in known)
+        wrap = _WireStream if timed else _SocketStream
         for pool in known:
-            wrap = _WireStream if timed else _SocketStream
             pool._network_backend = cls(lease, pool._network_backend, SyncStream, wrap)  # type: ignore[assignment]
         return timed
 
